@@ -1,0 +1,261 @@
+"""Decode one radiograph file (PNG, JPEG, other Pillow formats, DICOM) into a float image.
+
+Every reader returns ``float32 (H, W)`` in ``[0, 1]``, one channel:
+
+- **PNG/JPEG/TIFF** (Pillow): integer pixels are divided by the maximum of their bit depth
+  (255 for 8-bit, 65535 for 16-bit ``I;16`` / ``I`` PNGs), so the stored display intensities are
+  kept as they are; float images (mode ``F``) are min-max scaled.
+- **Colour** images (RGB, RGBA, palette, CMYK, YCbCr) are converted to luminance with the ITU-R
+  BT.601 weights ``0.299 R + 0.587 G + 0.114 B`` (what Pillow's ``convert("L")`` uses); any alpha
+  channel is ignored. Radiographs saved as colour files carry the same value in every channel, so
+  this returns that value.
+- **DICOM** (pydicom, pylibjpeg handlers for compressed transfer syntaxes): modality LUT
+  (RescaleSlope / RescaleIntercept) then VOI LUT or WindowCenter / WindowWidth are applied, the
+  result is min-max scaled to ``[0, 1]``, and MONOCHROME1 images are inverted so that bone is
+  bright. A file is DICOM when it has ``DICM`` at byte 128 or a ``.dcm`` / ``.dicom`` extension.
+
+Every failure raises :class:`cxrdistill.errors.ImageReadError` with the path and a specific
+reason. DICOM patient identifiers are never put into a message.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cxrdistill.errors import ImageReadError
+
+#: Largest image accepted, in pixels (H * W). 50 megapixels is well above any chest radiograph
+#: (a 43 x 43 cm detector at 0.1 mm pitch is about 18.5 MP) and stops decompression bombs early.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+_DICOM_SUFFIXES = {".dcm", ".dicom"}
+_DICOM_MAGIC_OFFSET = 128
+_LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+#: DICOM elements that identify a patient; their values are scrubbed from every message.
+_IDENTIFYING_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs")
+
+
+def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode ``path`` into ``float32 (H, W)`` in ``[0, 1]``.
+
+    Raises ImageReadError for a missing, empty, truncated, non-image or constant file, a DICOM
+    without pixels or with an unsupported transfer syntax, NaN/inf pixels, or more than
+    ``max_pixels`` pixels.
+    """
+    path = Path(path)
+    _check_file(path)
+    if _is_dicom(path):
+        pixels = _read_dicom(path, max_pixels)
+    else:
+        pixels = _read_pillow(path, max_pixels)
+    return pixels
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of the image in ``path``, read from the header without decoding pixels."""
+    path = Path(path)
+    _check_file(path)
+    if _is_dicom(path):
+        ds = _dcmread(path, stop_before_pixels=True)
+        rows, cols = ds.get("Rows"), ds.get("Columns")
+        if rows is None or cols is None:
+            raise ImageReadError(path, "DICOM header has no Rows/Columns (not an image)")
+        return int(rows), int(cols)
+    with _open_pillow(path) as image:
+        width, height = image.size
+    return height, width
+
+
+# ---------------------------------------------------------------------------------------------
+# shared checks
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise ImageReadError(path, "file not found")
+    if path.is_dir():
+        raise ImageReadError(path, "is a directory, not an image file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "file is empty (0 bytes)")
+
+
+def _check_pixel_count(path: Path, height: int, width: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise ImageReadError(
+            path,
+            f"image is {height}x{width} = {height * width} pixels, above max_pixels={max_pixels}",
+        )
+
+
+def _check_finite_and_varying(path: Path, pixels: np.ndarray, stage: str = "") -> None:
+    if not np.isfinite(pixels).all():
+        bad = int((~np.isfinite(pixels)).sum())
+        raise ImageReadError(path, f"{bad} NaN/inf pixel value(s){stage}")
+    low, high = float(pixels.min()), float(pixels.max())
+    if low == high:
+        raise ImageReadError(path, f"all pixels equal ({low:g}){stage}: no image content")
+
+
+def _min_max(pixels: np.ndarray) -> np.ndarray:
+    low, high = pixels.min(), pixels.max()
+    return ((pixels - low) / (high - low)).astype(np.float32)
+
+
+def _luminance(pixels: np.ndarray) -> np.ndarray:
+    """``(H, W, C>=3)`` colour → ``(H, W)`` BT.601 luminance; channels past the third are ignored."""
+    return pixels[..., :3].astype(np.float64) @ _LUMA_WEIGHTS
+
+
+# ---------------------------------------------------------------------------------------------
+# Pillow (PNG, JPEG, TIFF ...)
+
+# Divisor that maps each integer mode to [0, 1].
+_MODE_SCALE = {"1": 1.0, "L": 255.0, "LA": 255.0, "I;16": 65535.0, "I;16L": 65535.0,
+               "I;16B": 65535.0, "I;16N": 65535.0}
+
+
+def _open_pillow(path: Path) -> Image.Image:
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not a recognised image file (expected PNG, JPEG or DICOM)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"image too large for Pillow: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(path, f"truncated or corrupt image header: {exc}") from None
+
+
+def _read_pillow(path: Path, max_pixels: int) -> np.ndarray:
+    with _open_pillow(path) as image:
+        width, height = image.size
+        _check_pixel_count(path, height, width, max_pixels)
+        fmt = image.format or "image"
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageReadError(path, f"truncated or corrupt {fmt} data: {exc}") from None
+        pixels, scale = _pillow_to_array(image)
+    _check_finite_and_varying(path, pixels)
+    if scale is None:  # float or 32-bit data with no fixed range
+        return _min_max(pixels)
+    return np.clip(pixels / scale, 0.0, 1.0).astype(np.float32)
+
+
+def _pillow_to_array(image: Image.Image) -> tuple[np.ndarray, float | None]:
+    """Pixels as ``float64 (H, W)`` and the divisor that maps them to ``[0, 1]`` (None: min-max)."""
+    mode = image.mode
+    if mode in _MODE_SCALE:
+        pixels = np.asarray(image.getchannel(0) if mode == "LA" else image)
+        return pixels.astype(np.float64), _MODE_SCALE[mode]
+    if mode == "I":
+        pixels = np.asarray(image).astype(np.float64)
+        # 16-bit PNGs may open as 32-bit "I": keep the 16-bit scale when the values fit it.
+        fits_16_bit = pixels.size and pixels.min() >= 0 and pixels.max() <= 65535
+        return pixels, (65535.0 if fits_16_bit else None)
+    if mode == "F":
+        return np.asarray(image).astype(np.float64), None
+    if mode in ("RGB", "RGBA"):
+        return _luminance(np.asarray(image)), 255.0
+    # Palette, CMYK, YCbCr, LAB, HSV ...: let Pillow produce RGB first.
+    return _luminance(np.asarray(image.convert("RGB"))), 255.0
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(_DICOM_MAGIC_OFFSET)
+        return handle.read(4) == b"DICM"
+
+
+def _is_dicom(path: Path) -> bool:
+    return path.suffix.lower() in _DICOM_SUFFIXES or _has_dicom_magic(path)
+
+
+def _dcmread(path: Path, *, stop_before_pixels: bool = False):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+    except InvalidDicomError as exc:
+        raise ImageReadError(path, f"not a valid DICOM file: {exc}") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ImageReadError(path, f"corrupt DICOM header ({type(exc).__name__})") from None
+    if not _has_dicom_magic(path) and "SOPClassUID" not in ds and "Rows" not in ds:
+        # force=True parses almost any bytes; without the marker, demand real image elements.
+        raise ImageReadError(path, "not a DICOM file: no 'DICM' marker and no DICOM image elements")
+    return ds
+
+
+def _redact(message: str, ds: object) -> str:
+    """Remove the values of patient-identifying elements of ``ds`` from ``message``."""
+    for keyword in _IDENTIFYING_KEYWORDS:
+        value = getattr(ds, keyword, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            text = str(item).strip() if item is not None else ""
+            if len(text) >= 2:
+                message = re.sub(re.escape(text), "<redacted>", message, flags=re.IGNORECASE)
+    return message
+
+
+def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = _dcmread(path)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageReadError(path, "DICOM file has no PixelData element (not an image)")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows == 0 or cols == 0:
+        raise ImageReadError(path, "DICOM header has no Rows/Columns")
+    _check_pixel_count(path, rows, cols, max_pixels)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise ImageReadError(path, f"multi-frame DICOM ({frames} frames); expected one radiograph")
+    _check_transfer_syntax(path, ds)
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:  # pydicom/pylibjpeg raise many types for bad pixel data
+        reason = _redact(f"{type(exc).__name__}: {exc}", ds)
+        raise ImageReadError(path, f"cannot decode DICOM pixel data: {reason}") from None
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if raw.ndim == 3:  # colour (RGB after pydicom's YBR conversion): luminance, no LUTs
+        pixels = _luminance(raw)
+    else:
+        pixels = apply_modality_lut(raw, ds).astype(np.float64)
+        _check_finite_and_varying(path, pixels, " after RescaleSlope/Intercept")
+        pixels = np.asarray(apply_voi_lut(pixels, ds), dtype=np.float64)
+    _check_finite_and_varying(path, pixels, " after VOI LUT/windowing")
+    scaled = _min_max(pixels)
+    if photometric == "MONOCHROME1":
+        scaled = (1.0 - scaled).astype(np.float32)
+    return scaled
+
+
+def _check_transfer_syntax(path: Path, ds: object) -> None:
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    uid = UID(str(getattr(meta, "TransferSyntaxUID", "") or "1.2.840.10008.1.2.1"))
+    name = f"{uid.name} ({uid})" if uid.name != str(uid) else str(uid)
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        raise ImageReadError(path, f"unsupported transfer syntax {name}: no pixel decoder") from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a plugin"
+        raise ImageReadError(
+            path, f"unsupported transfer syntax {name}: decoder needs {missing}"
+        )
+
+
+__all__ = ["DEFAULT_MAX_PIXELS", "read_image", "read_image_size"]
