@@ -1,0 +1,73 @@
+"""`cxrdistill train --config X.yaml [key=value ...]`: run a registered recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cxrdistill.errors import CxrDistillError
+
+
+def train(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML run config."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Overrides such as train.lr=3e-4 method.params.kappa=0.5"),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from checkpoints (default: train.resume)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run directory (default: output_dir in the config)."),
+) -> None:
+    """Train with a recipe; finished stages are skipped and interrupted ones resume."""
+    console = Console()
+    try:
+        metrics = run_training(config, overrides or [], resume=resume, output_dir=output_dir, console=console)
+    except CxrDistillError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    table = Table(title="final metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def run_training(
+    config: Path,
+    overrides: list[str],
+    *,
+    resume: bool | None = None,
+    output_dir: Path | None = None,
+    console: Console | None = None,
+) -> dict[str, float]:
+    """Load the config, prepare the run directory, seed, and call the recipe; returns its metrics."""
+    from lightning_fabric.utilities.seed import seed_everything
+
+    from cxrdistill.config import load_config
+    from cxrdistill.engine.context import RunContext
+    from cxrdistill.engine.run_dir import RunDirectory
+    from cxrdistill.methods.registry import get_method, validate_method_params
+
+    cfg = load_config(config, overrides)
+    if output_dir is not None:
+        cfg.output_dir = output_dir
+    if resume is not None:
+        cfg.train.resume = resume
+    spec = get_method(cfg.method.name)
+    params = validate_method_params(cfg.method.name, cfg.method.params)
+    run_dir = RunDirectory(cfg.output_dir)
+    ctx = RunContext.create(cfg, run_dir, console)
+    if ctx.fabric.is_global_zero:
+        run_dir.write_config(cfg)
+        run_dir.write_environment()
+    seed_everything(cfg.train.seed, verbose=False)
+    metrics = dict(spec.run(cfg, params, ctx))
+    if ctx.fabric.is_global_zero:
+        (run_dir.path / "final_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)

@@ -1,0 +1,262 @@
+"""Typed run configs: YAML files plus `a.b.c=value` overrides, validated by pydantic.
+
+A run config has five sections::
+
+    data:    where images come from (a manifest, or the built-in synthetic world)
+    model:   which network to build
+    train:   optimisation, precision, checkpointing (read by `cxrdistill.engine.loop.Trainer`)
+    method:  the recipe's name and its own parameters (validated by the recipe's pydantic class)
+    output_dir: the run directory
+
+Every section forbids unknown keys. A typo raises `ConfigError` naming the key and the nearest
+valid one; a wrong type names the key, the expected type and the value given.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cxrdistill.errors import ConfigError
+
+Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the images come from. With no `manifest`, the built-in synthetic world is used."""
+
+    manifest: Path | None = None
+    synthetic: dict[str, Any] = Field(default_factory=dict)
+    image_size: int = Field(256, gt=0)
+    cache_dir: Path | None = None
+    on_error: Literal["strict", "lenient"] = "strict"
+    num_workers: int = Field(0, ge=0)
+
+
+class ModelConfig(_Section):
+    """Which network to build; `options` go to the model's own constructor."""
+
+    kind: Literal["detector", "heatmap", "classifier", "report"] = "detector"
+    depth: int = 18
+    base_width: int = Field(32, gt=0)
+    pretrained: Path | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(_Section):
+    """Optimisation and bookkeeping for `Trainer.fit`. Steps count optimizer steps."""
+
+    max_steps: int = Field(1000, ge=0)
+    batch_size: int = Field(4, gt=0)
+    unlabeled_batch_size: int = Field(0, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Cosine schedule ends at `lr * min_lr_ratio`."""
+    step_milestones: list[int] = Field(default_factory=list)
+    """Step schedule: multiply the lr by `step_gamma` at each of these steps."""
+    step_gamma: float = Field(0.1, gt=0)
+    precision: Precision = "32-true"
+    accumulate: int = Field(1, gt=0)
+    """Micro-batches per optimizer step (gradient accumulation)."""
+    grad_clip: float | None = Field(None, gt=0)
+    """Clip the global gradient norm to this value (None: no clipping)."""
+    seed: int = 0
+    eval_every: int = Field(0, ge=0)
+    """Call `evaluate()` every this many steps (0: only at the end)."""
+    checkpoint_every: int = Field(100, gt=0)
+    log_every: int = Field(10, gt=0)
+    devices: int | str | list[int] = "auto"
+    strategy: str = "auto"
+    resume: bool = True
+    best_metric: str | None = None
+    """Key of `evaluate()`'s dict that selects `best.pt` (None: no best checkpoint)."""
+    best_mode: Literal["max", "min"] = "max"
+    progress: bool = True
+    """Show a Rich progress bar (never shown when stdout is not a terminal or under CI)."""
+    tensorboard: bool = True
+
+
+class MethodConfig(_Section):
+    """The recipe: a registered method name and its parameters (see `methods.registry`)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunConfig(_Section):
+    """A whole run: what `cxrdistill train --config X.yaml` reads."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    method: MethodConfig
+    output_dir: Path = Path("runs/default")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config, apply `a.b.c=value` overrides (values parsed as YAML), validate.
+
+    The method's `params` are validated by the method's own class, so a typo there fails here too.
+    Raises `ConfigError` for an unreadable file, a malformed override, an unknown key or a bad value.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from err
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a run config must be a mapping, got {type(loaded).__name__}")
+        raw = loaded or {}
+    for override in overrides:
+        apply_override(raw, override)
+    cfg = validate_config(raw, source=str(path) if path is not None else "config")
+    from cxrdistill.methods.registry import validate_method_params
+
+    validate_method_params(cfg.method.name, cfg.method.params)
+    return cfg
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a plain dict as a `RunConfig`, turning pydantic errors into one `ConfigError`."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, RunConfig, source)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `raw[a][b][c] = yaml(value)` for the override `"a.b.c=value"`, creating sub-mappings."""
+    key, sep, value = override.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r}: expected the form a.b.c=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: value is not valid YAML: {err}") from err
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"override {override!r}: {where} is a value ({child!r}), not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def dump_config(cfg: RunConfig, path: Path | str) -> None:
+    """Write the resolved config (every default filled in) as YAML that `load_config` reads back."""
+    data = cfg.model_dump(mode="json")
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- error messages
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], source: str, prefix: str = "") -> str:
+    """One line per bad key: unknown keys with a suggestion, wrong types with expected type and value."""
+    lines: dict[str, str] = {}
+    for item in err.errors():
+        owner, field_path, rest = _walk(model, item["loc"])
+        key = ".".join(str(p) for p in (*([prefix] if prefix else []), *field_path))
+        if item["type"] == "extra_forbidden":
+            name = str(field_path[-1]) if field_path else str(rest[0] if rest else "?")
+            if owner is None:
+                continue
+            lines.setdefault(key, f"{key}: unknown key{_suggest(name, list(owner.model_fields))}")
+        elif item["type"] == "missing":
+            lines.setdefault(key, f"{key}: required key is missing")
+        else:
+            expected = _describe(_field_annotation(model, field_path))
+            value = item.get("input")
+            lines.setdefault(
+                key,
+                f"{key}: expected {expected}, got {value!r} ({type(value).__name__}): {item['msg']}",
+            )
+    body = "\n  ".join(lines.values())
+    return f"{source}: invalid run config:\n  {body}"
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} (valid keys: {', '.join(valid)})"
+
+
+def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, list[Any], list[Any]]:
+    """Follow `loc` through nested models: (model owning the last field, field path, leftover loc)."""
+    current: type[BaseModel] | None = model
+    owner: type[BaseModel] | None = model
+    path: list[Any] = []
+    for index, part in enumerate(loc):
+        if current is None or not isinstance(part, str):
+            return owner, path, list(loc[index:])
+        owner = current
+        path.append(part)
+        field = current.model_fields.get(part)
+        if field is None:  # an unknown key: `owner` is where it was written
+            return owner, path, list(loc[index + 1 :])
+        current = _model_in(field.annotation)
+    return owner, path, []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _field_annotation(model: type[BaseModel], path: list[Any]) -> Any:
+    current: Any = model
+    annotation: Any = None
+    for part in path:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return annotation
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        current = annotation
+    return annotation
+
+
+def _describe(annotation: Any) -> str:
+    """A short human name for a type annotation: `int`, `one of 'a', 'b'`, `float or None`."""
+    if annotation is None:
+        return "a valid value"
+    if annotation is type(None):
+        return "None"
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        args = ", ".join(_describe(a) for a in typing.get_args(annotation))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    return getattr(annotation, "__name__", str(annotation))

@@ -1,0 +1,80 @@
+"""Checkpoint files: nested dicts of tensors and plain values, written atomically, loaded safely.
+
+`save_checkpoint` writes to a temporary file in the same directory, fsyncs it and renames it over
+the target with `os.replace`, so a crash mid-write leaves the previous checkpoint intact.
+`load_checkpoint` uses `torch.load(weights_only=True)`: a file that would run code when unpickled
+is refused with `CheckpointError`, like a truncated or corrupt one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrdistill.errors import CheckpointError
+
+
+def save_checkpoint(path: Path | str, state: dict[str, Any]) -> Path:
+    """Write `state` (state dicts, tensors, numbers, strings, lists, dicts) to `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU; `CheckpointError` if missing, truncated, corrupt or unsafe."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds objects other than tensors and plain values "
+            f"(it could run code when unpickled). Only load checkpoints you trust, and re-save them "
+            f"as state dicts. Detail: {_first_line(err)}"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: checkpoint is truncated or corrupt ({_first_line(err)}). Delete it to start "
+            f"this stage over, or restore it from a copy."
+        ) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of state, found {type(state).__name__}")
+    return state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,107 @@
+"""Scalar metrics of a run: `metrics.csv` (always) and TensorBoard (when it imports).
+
+`metrics.csv` is wide: columns `step, stage`, then every metric name seen so far, in order of
+first appearance (loss terms, `lr`, eval metrics, `<name>/<class>` counts). A row holds the values
+logged at that step; other cells are empty. Several stages share the file, told apart by `stage`.
+When a new metric name appears the file is rewritten with the wider header (rare: first log,
+first eval), so it always stays a valid CSV for pandas / spreadsheets.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+_log = logging.getLogger(__name__)
+
+FIXED_COLUMNS = ("step", "stage")
+
+
+class MetricsLogger:
+    """Append rows `{step, stage, **values}` to a CSV and, optionally, TensorBoard."""
+
+    def __init__(self, csv_path: Path | str, stage: str, tensorboard_dir: Path | str | None = None) -> None:
+        self.csv_path = Path(csv_path)
+        self.stage = stage
+        self._columns: list[str] = list(FIXED_COLUMNS)
+        self._rows: list[dict[str, str]] = []
+        if self.csv_path.exists() and self.csv_path.stat().st_size > 0:
+            with self.csv_path.open(newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                self._columns = list(reader.fieldnames or FIXED_COLUMNS)
+                self._rows = list(reader)
+        self._writer = _open_tensorboard(tensorboard_dir) if tensorboard_dir is not None else None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        """Write one row for `step`; non-finite values are written as `nan` / `inf`, never dropped."""
+        row = {"step": str(step), "stage": self.stage}
+        for name, value in values.items():
+            row[name] = _format(value)
+        new = [name for name in values if name not in self._columns]
+        self._rows.append(row)
+        if new:
+            self._columns.extend(new)
+            self._rewrite()
+        else:
+            with self.csv_path.open("a", newline="", encoding="utf-8") as handle:
+                csv.DictWriter(handle, self._columns).writerow(row)
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.add_scalar(f"{self.stage}/{name}", float(value), step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop this stage's rows logged after `step` (a resumed run logs them again)."""
+        kept = [r for r in self._rows if r.get("stage") != self.stage or int(r["step"]) <= step]
+        if len(kept) != len(self._rows):
+            self._rows = kept
+            self._rewrite()
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _rewrite(self) -> None:
+        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, self._columns)
+            writer.writeheader()
+            writer.writerows(self._rows)
+        os.replace(tmp, self.csv_path)
+
+
+def read_metrics(csv_path: Path | str, stage: str | None = None) -> list[dict[str, Any]]:
+    """Rows of `metrics.csv` (optionally one stage) with numbers parsed; empty cells left out."""
+    rows: list[dict[str, Any]] = []
+    with Path(csv_path).open(newline="", encoding="utf-8") as handle:
+        for raw in csv.DictReader(handle):
+            if stage is not None and raw["stage"] != stage:
+                continue
+            row: dict[str, Any] = {"step": int(raw["step"]), "stage": raw["stage"]}
+            row.update({k: float(v) for k, v in raw.items() if k not in FIXED_COLUMNS and v != ""})
+            rows.append(row)
+    return rows
+
+
+def _format(value: Any) -> str:
+    value = float(value)
+    if math.isfinite(value) and value == int(value) and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
+
+
+def _open_tensorboard(directory: Path | str) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:  # tensorboard is optional: the CSV always has everything
+        _log.warning("TensorBoard logging is off: %s", err)
+        return None
+    return SummaryWriter(log_dir=str(directory))

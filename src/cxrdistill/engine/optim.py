@@ -1,0 +1,48 @@
+"""Optimizer and learning-rate schedule from `TrainConfig`.
+
+The schedule is a factor on `train.lr`, per optimizer step `s` (0-based):
+
+    warm-up (s < warmup_steps):  (s + 1) / warmup_steps
+    cosine:   min_lr_ratio + (1 - min_lr_ratio) * (1 + cos(pi * t)) / 2,
+              t = (s - warmup_steps) / (max_steps - warmup_steps)
+    step:     step_gamma ** (number of step_milestones <= s)
+    constant: 1
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from cxrdistill.config import TrainConfig
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """`cfg.optimizer` ("adamw" | "adam" | "sgd") over `params` with `cfg.lr` and `cfg.weight_decay`."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, cfg: TrainConfig, max_steps: int) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (see module docstring)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        span = max(1, max_steps - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** bisect.bisect_right(sorted(cfg.step_milestones), step)
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, max_steps: int) -> LambdaLR:
+    """A `LambdaLR` applying `lr_factor`; step it once per optimizer step."""
+    return LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
