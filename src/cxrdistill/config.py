@@ -41,6 +41,11 @@ class DataConfig(_Section):
     cache_dir: Path | None = None
     on_error: Literal["strict", "lenient"] = "strict"
     num_workers: int = Field(0, ge=0)
+    boxed_fraction: float | None = Field(None, ge=0, le=1)
+    """Re-split the training images: this fraction of patients keeps boxes (None: as in the manifest)."""
+    weak_fraction: float = Field(0.0, ge=0, le=1)
+    """With `boxed_fraction`: this fraction keeps image-level labels only; the rest become unlabeled."""
+    split_seed: int = 0
 
 
 class ModelConfig(_Section):

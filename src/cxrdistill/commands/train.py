@@ -46,6 +46,7 @@ def run_training(
     from lightning_fabric.utilities.seed import seed_everything
 
     from cxrdistill.config import load_config
+    from cxrdistill.data.study import resolve_data_config
     from cxrdistill.engine.context import RunContext
     from cxrdistill.engine.run_dir import RunDirectory
     from cxrdistill.methods.registry import get_method, validate_method_params
@@ -59,6 +60,10 @@ def run_training(
     params = validate_method_params(cfg.method.name, cfg.method.params)
     run_dir = RunDirectory(cfg.output_dir)
     ctx = RunContext.create(cfg, run_dir, console)
+    if ctx.fabric.is_global_zero:
+        resolve_data_config(cfg.data)  # the synthetic world, built once, is named in config.yaml
+    ctx.fabric.barrier()
+    resolve_data_config(cfg.data)
     if ctx.fabric.is_global_zero:
         run_dir.write_config(cfg)
         run_dir.write_environment()

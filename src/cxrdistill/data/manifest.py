@@ -191,7 +191,8 @@ class Manifest:
         keep = {im.id for im in images}
         return {"info": {}, "categories": [{"id": c.id, "name": c.name} for c in self.categories],
                 "images": [{"id": im.id, "file_name": im.file_name, "width": im.width,
-                            "height": im.height} for im in images],
+                            "height": im.height, "split": im.split, "supervision": im.supervision,
+                            "labels": list(im.labels)} for im in images],
                 "annotations": [a.to_dict() for a in self.annotations if a.image_id in keep]}
 
     def save(self, path: str | Path) -> Path:

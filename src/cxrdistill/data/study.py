@@ -41,6 +41,18 @@ def synthetic_world(options: dict[str, Any], cache_root: Path) -> Path:
     return manifest
 
 
+def resolve_data_config(data_cfg: Any, cache_root: Path | None = None) -> Any:
+    """Fill `data_cfg.manifest` (and `cache_dir`) in place: the synthetic world when no manifest is set.
+
+    After this the resolved config names every file the run reads, so `config.yaml` reproduces it.
+    """
+    if data_cfg.cache_dir is None:
+        data_cfg.cache_dir = (cache_root or default_cache_root()).resolve()
+    if data_cfg.manifest is None:
+        data_cfg.manifest = synthetic_world(dict(data_cfg.synthetic), Path(data_cfg.cache_dir))
+    return data_cfg
+
+
 @dataclass
 class StudyData:
     manifest: Manifest
@@ -63,11 +75,9 @@ class StudyData:
     @classmethod
     def from_config(cls, data_cfg: Any, cache_root: Path | None = None) -> "StudyData":
         """Open the data a run config's `data` section describes (synthetic world when no manifest)."""
-        root = Path(data_cfg.cache_dir) if data_cfg.cache_dir is not None else (cache_root or default_cache_root())
-        manifest = data_cfg.manifest
-        if manifest is None:
-            manifest = synthetic_world(dict(data_cfg.synthetic), root)
-        return cls.open(Path(manifest), image_size=data_cfg.image_size, cache_dir=root / "images",
+        resolve_data_config(data_cfg, cache_root)
+        return cls.open(Path(data_cfg.manifest), image_size=data_cfg.image_size,
+                        cache_dir=Path(data_cfg.cache_dir) / "images",
                         on_error=data_cfg.on_error,
                         boxed_fraction=getattr(data_cfg, "boxed_fraction", None),
                         weak_fraction=getattr(data_cfg, "weak_fraction", 0.0),

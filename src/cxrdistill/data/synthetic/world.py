@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,9 +10,10 @@ import numpy as np
 from PIL import Image
 
 from cxrdistill.data.synthetic.anatomy import sample_anatomy
-from cxrdistill.data.synthetic.lesions import SYNTHETIC_CLASSES, Lesion, sample_lesion
+from cxrdistill.data.synthetic.lesions import SYNTHETIC_CLASSES, sample_lesion
 from cxrdistill.data.synthetic.render import render_image
 from cxrdistill.data.synthetic.reports import write_report
+from cxrdistill.data.manifest import write_json_atomic
 from cxrdistill.errors import ConfigError
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -67,7 +67,7 @@ def make_world(out_dir: str | Path, *, n_images: int = 200, image_size: int = 12
         "categories": [{"id": k + 1, "name": c} for k, c in enumerate(classes)],
         "images": images, "annotations": annotations}
     path = out_dir / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    write_json_atomic(path, manifest)  # written last and atomically: its presence means complete
     return path
 
 
