@@ -196,9 +196,18 @@ class Manifest:
                 "annotations": [a.to_dict() for a in self.annotations if a.image_id in keep]}
 
     def save(self, path: str | Path) -> Path:
-        """Write the manifest atomically. `file_name`s stay relative to `root`."""
+        """Write the manifest atomically. `file_name`s stay relative to `root`; when the file goes
+        elsewhere, `info.image_root` records where `root` is (relative to the file)."""
         path = Path(path)
-        write_json_atomic(path, self.to_dict())
+        payload = self.to_dict()
+        info = dict(payload.get("info", {}))
+        info.pop("image_root", None)
+        here, root = path.parent.resolve(), self.root.resolve()
+        if here != root:
+            info["image_root"] = os.path.relpath(root, here)
+        if info:
+            payload = {"info": info, **{k: v for k, v in payload.items() if k != "info"}}
+        write_json_atomic(path, payload)
         return path
 
 
@@ -223,7 +232,8 @@ def load_manifest(path: str | Path, *, root: str | Path | None = None, on_error:
                   allow_outside_root: bool = False) -> Manifest:
     """Read and validate a manifest file.
 
-    `root` defaults to the manifest's directory; `file_name`s are relative to it.
+    `root` defaults to `info.image_root` when the manifest declares one (absolute or relative to
+    the manifest), else the manifest's directory; `file_name`s are relative to it.
     `check_files` checks every image exists; `check_images` also reads each header and checks
     width/height. A `file_name` that escapes `root` is refused unless `allow_outside_root`.
     """
@@ -236,9 +246,22 @@ def load_manifest(path: str | Path, *, root: str | Path | None = None, on_error:
         raise ManifestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    return manifest_from_dict(raw, root=Path(root) if root is not None else path.parent,
+    if root is None:
+        root = _declared_root(raw, path)
+    return manifest_from_dict(raw, root=Path(root),
                               on_error=on_error, check_files=check_files, check_images=check_images,
                               allow_outside_root=allow_outside_root, source=str(path))
+
+
+def _declared_root(raw: Any, path: Path) -> Path:
+    """The image root: `info.image_root` (absolute, or relative to the manifest), else its folder."""
+    info = raw.get("info") if isinstance(raw, dict) else None
+    declared = info.get("image_root") if isinstance(info, dict) else None
+    if declared is None:
+        return path.parent
+    if not isinstance(declared, str) or not declared:
+        raise ManifestError(f"{path}: info.image_root must be a folder path, got {declared!r}")
+    return (path.parent / declared) if not os.path.isabs(declared) else Path(declared)
 
 
 def manifest_from_dict(raw: Any, *, root: str | Path, on_error: OnError = "strict",

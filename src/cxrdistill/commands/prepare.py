@@ -1,0 +1,118 @@
+"""`cxrdistill prepare`: build a validated manifest and the semi-supervised split a study needs.
+
+    cxrdistill prepare --coco boxes.json --images DIR -o manifest.json --boxed-fraction 0.1
+    cxrdistill prepare --csv labels.csv --images DIR --option labels_col=Finding -o manifest.json
+    cxrdistill prepare --source nih --root /data/nih -o nih.json --weak-fraction 0.5
+    cxrdistill prepare --manifest manifest.json -o split10.json --boxed-fraction 0.1
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+
+from cxrdistill.errors import CxrDistillError
+
+
+def _parse_options(options: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CxrDistillError(f"--option {item!r}: expected key=value")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def prepare_manifest(*, out: Path, source: str | None = None, root: Path | None = None,
+                     coco: Path | None = None, csv: Path | None = None, images: Path | None = None,
+                     manifest: Path | None = None, options: dict[str, Any] | None = None,
+                     val_fraction: float = 0.15, test_fraction: float = 0.15,
+                     boxed_fraction: float | None = None, weak_fraction: float = 0.0, seed: int = 0,
+                     on_error: str = "strict", check_images: bool = False,
+                     allow_outside_root: bool = False, console: Console | None = None):
+    """Build, validate, split and save a manifest; returns it. Problems are printed, never dropped."""
+    from cxrdistill.data.manifest import Issue, load_manifest, manifest_from_dict
+    from cxrdistill.data.sources import get_source
+    from cxrdistill.data.splits import make_semi_split, make_splits
+    from cxrdistill.data.summary import summary_table
+
+    console = console or Console()
+    options = dict(options or {})
+    chosen = [name for name, v in (("--source", source), ("--coco", coco), ("--csv", csv),
+                                   ("--manifest", manifest)) if v is not None]
+    if len(chosen) != 1:
+        raise CxrDistillError(f"give exactly one of --source, --coco, --csv, --manifest (got {chosen or 'none'})")
+    if manifest is not None:
+        m = load_manifest(manifest, on_error=on_error, check_images=check_images,
+                          allow_outside_root=allow_outside_root)  # type: ignore[arg-type]
+    else:
+        if coco is not None:
+            source, root = "coco", Path(images or coco.parent)
+            options.setdefault("annotations", str(coco.resolve()))
+        elif csv is not None:
+            source, root = "csv", Path(images or csv.parent)
+            options.setdefault("csv_path", str(csv.resolve()))
+        if root is None:
+            raise CxrDistillError("--source needs --root (the dataset folder)")
+        try:
+            loader = get_source(str(source))
+        except ValueError as err:
+            raise CxrDistillError(str(err)) from None
+        try:
+            raw = loader(root, on_error=on_error, **options)
+        except TypeError as err:
+            raise CxrDistillError(f"source {source!r}: {err} (see its module docstring for the options)") from None
+        source_skipped = raw.pop("skipped", [])
+        m = manifest_from_dict(raw, root=root, on_error=on_error,  # type: ignore[arg-type]
+                               check_images=check_images, allow_outside_root=allow_outside_root,
+                               source=f"{source} source")
+        m.skipped[:0] = [Issue(str(s).split(": ", 1)[0], str(s).split(": ", 1)[-1]) for s in source_skipped]
+    m = make_splits(m, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    if boxed_fraction is not None:
+        m = make_semi_split(m, boxed_fraction=boxed_fraction, weak_fraction=weak_fraction, seed=seed)
+    for issue in m.skipped:
+        console.print(f"[yellow]skipped[/] {issue}", highlight=False, soft_wrap=True)
+    m.save(out)
+    console.print(summary_table(m, title=f"{out}"))
+    console.print(f"wrote {out} ({len(m.images)} images, {len(m.annotations)} boxes, "
+                  f"{len(m.skipped)} record(s) skipped)", highlight=False)
+    return m
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def prepare(
+        out: Path = typer.Option(..., "--out", "-o", help="Manifest JSON to write."),
+        source: Optional[str] = typer.Option(None, "--source", help="Dataset adapter: nih, mimic, vindr, chexpert, rsna, tbx11k, coco, csv."),
+        root: Optional[Path] = typer.Option(None, "--root", help="Dataset folder for --source."),
+        coco: Optional[Path] = typer.Option(None, "--coco", help="A COCO JSON of boxes (with --images)."),
+        csv: Optional[Path] = typer.Option(None, "--csv", help="A CSV of images with labels and/or reports (with --images)."),
+        images: Optional[Path] = typer.Option(None, "--images", help="Image folder for --coco / --csv."),
+        manifest: Optional[Path] = typer.Option(None, "--manifest", help="Re-split an existing manifest."),
+        option: Optional[list[str]] = typer.Option(None, "--option", help="Adapter option key=value (repeatable), e.g. labels_col=Finding."),
+        val_fraction: float = typer.Option(0.15, help="Patients for validation when the source has no split."),
+        test_fraction: float = typer.Option(0.15, help="Patients for test when the source has no split."),
+        boxed_fraction: Optional[float] = typer.Option(None, help="Training patients that keep their boxes."),
+        weak_fraction: float = typer.Option(0.0, help="Training patients that keep image-level labels only."),
+        seed: int = typer.Option(0, help="Seed of the splits."),
+        lenient: bool = typer.Option(False, "--lenient/--strict", help="Skip bad records (listed) instead of stopping."),
+        check_images: bool = typer.Option(False, "--check-images", help="Open every image header (slower)."),
+        allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Permit file names outside the data root."),
+    ) -> None:
+        """Build a validated manifest from a dataset, with patient-level stratified splits."""
+        console = Console()
+        try:
+            prepare_manifest(out=out, source=source, root=root, coco=coco, csv=csv, images=images,
+                             manifest=manifest, options=_parse_options(option or []),
+                             val_fraction=val_fraction, test_fraction=test_fraction,
+                             boxed_fraction=boxed_fraction, weak_fraction=weak_fraction, seed=seed,
+                             on_error="lenient" if lenient else "strict", check_images=check_images,
+                             allow_outside_root=allow_outside_root, console=console)
+        except CxrDistillError as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None

@@ -1,0 +1,67 @@
+"""`cxrdistill prepare`: COCO + folder, CSV + folder, re-split; the written manifest loads anywhere."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxrdistill.cli import app
+from cxrdistill.data.manifest import load_manifest
+
+
+def _images(folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray((np.random.default_rng(i).random((40, 50)) * 255).astype(np.uint8)).save(folder / f"im{i}.png")
+
+
+def test_prepare_from_coco_writes_a_split_manifest_elsewhere(tmp_path):
+    _images(tmp_path / "data" / "imgs", 40)
+    coco = {"categories": [{"id": 1, "name": "nodule"}, {"id": 2, "name": "mass"}],
+            "images": [{"id": i + 1, "file_name": f"imgs/im{i}.png", "width": 50, "height": 40} for i in range(40)],
+            "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1 + i % 2, "bbox": [5, 5, 10, 8]}
+                            for i in range(30)]}
+    (tmp_path / "data" / "boxes.json").write_text(json.dumps(coco))
+    out = tmp_path / "out" / "m.json"
+    res = CliRunner().invoke(app, ["prepare", "--coco", str(tmp_path / "data" / "boxes.json"), "--images",
+                                   str(tmp_path / "data"), "-o", str(out), "--boxed-fraction", "0.25",
+                                   "--weak-fraction", "0.25", "--check-images"])
+    assert res.exit_code == 0, res.output
+    m = load_manifest(out, check_images=True)
+    assert len(m.images) == 40 and len(m.annotations) == 30
+    assert {im.split for im in m.images} == {"train", "val", "test"}
+    assert {im.supervision for im in m.select(split="train")} == {"box", "image", "none"}
+
+
+def test_prepare_reports_bad_rows_and_honours_strict_and_lenient(tmp_path):
+    _images(tmp_path / "imgs", 6)
+    rows = ["image,finding,report"] + [f"imgs/im{i}.png,nodule,Small nodule." for i in range(5)]
+    rows.append("imgs/missing.png,nodule,Nodule.")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    args = ["prepare", "--csv", str(tmp_path / "labels.csv"), "--images", str(tmp_path), "-o",
+            str(tmp_path / "m.json"), "--option", "labels_col=finding", "--option", "report_col=report"]
+    strict = CliRunner().invoke(app, args)
+    assert strict.exit_code == 2 and "missing.png" in strict.output
+    lenient = CliRunner().invoke(app, [*args, "--lenient"])
+    assert lenient.exit_code == 0, lenient.output
+    assert "missing.png" in lenient.output and "1 record(s) skipped" in lenient.output
+    m = load_manifest(tmp_path / "m.json")
+    assert len(m.images) == 5 and all(im.report == "Small nodule." for im in m.images)
+
+
+def test_prepare_resplits_an_existing_manifest(tmp_path):
+    _images(tmp_path / "imgs", 20)
+    coco = {"categories": [{"id": 1, "name": "a"}],
+            "images": [{"id": i + 1, "file_name": f"imgs/im{i}.png", "width": 50, "height": 40,
+                        "split": "train" if i < 16 else "test"} for i in range(20)],
+            "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [1, 1, 5, 5]} for i in range(20)]}
+    (tmp_path / "m.json").write_text(json.dumps(coco))
+    res = CliRunner().invoke(app, ["prepare", "--manifest", str(tmp_path / "m.json"), "-o",
+                                   str(tmp_path / "s.json"), "--boxed-fraction", "0.5"])
+    assert res.exit_code == 0, res.output
+    m = load_manifest(tmp_path / "s.json")
+    assert len(m.select(split="test")) == 4  # existing splits kept
+    assert len(m.select(split="train", supervision="box")) == 8
