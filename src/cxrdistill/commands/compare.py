@@ -1,0 +1,53 @@
+"""`cxrdistill compare --study configs/studies/X.yaml`: run a study matrix and print its table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from cxrdistill.errors import CxrDistillError
+
+
+def compare(
+    study: Path = typer.Option(..., "--study", "-s", help="Study YAML (recipes × fractions × seeds)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Overrides for every cell, e.g. train.max_steps=50"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Study directory (default: the study's output_dir)."),
+    print_jobs: bool = typer.Option(False, "--print-jobs", help="Print one `cxrdistill train` command per missing cell and exit."),
+    table_only: bool = typer.Option(False, "--table-only", help="Run nothing: rebuild the table from the finished cells."),
+    isolate: bool = typer.Option(False, "--isolate", help="Run each cell in its own subprocess."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report."),
+) -> None:
+    """Run the missing cells of a study (finished ones are skipped), then print and save one table."""
+    from cxrdistill.study.runner import job_commands, run_study, study_cells
+    from cxrdistill.study.spec import load_study
+    from cxrdistill.study.table import build_table, print_table, write_table
+
+    console = Console()
+    try:
+        spec = load_study(study, overrides or [])
+        if print_jobs:
+            for line in job_commands(spec, output_dir):
+                typer.echo(line)
+            return
+        if table_only:
+            root = Path(output_dir or spec.output_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            table = build_table(spec, study_cells(spec, root))
+            print_table(table, console)
+            console.print(f"table: {write_table(table, root)}", highlight=False)
+            return
+        result = run_study(spec, output_dir, console, isolate=isolate, report=report)
+    except CxrDistillError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    console.print(f"table: {result.table_path}", highlight=False)
+    if result.failed:
+        console.print(f"[red]{len(result.failed)} cell(s) failed[/]; rerun the command to retry them", highlight=False)
+        raise typer.Exit(code=1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(compare)

@@ -1,0 +1,148 @@
+"""STAC (Sohn et al., "A Simple Semi-Supervised Learning Framework for Object Detection", 2020),
+on the same RetinaNet as every other detection recipe.
+
+1. Train a teacher on the box images D_B (the `supervised_detector` baseline)     stage ``teacher``
+2. Predict the unlabeled training images once (no augmentation) and store the detections in the
+   pseudo-label store (``pseudo/generation_000``; never recomputed on a rerun)
+3. Keep the boxes with confidence ≥ τ (τ = 0.9, the paper's value: `pseudo.thresholds`)
+4. Train a fresh student on D_B (weak view) and on the unlabeled images under **strong
+   augmentation** (geometry + intensity, the kept boxes carried along with
+   `data.views.project_boxes`): L = L_s + λ_u · L_u, λ_u = 2 (paper)         stage ``student``
+
+An unlabeled image whose boxes all fall below τ still trains the student: as background.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from cxrdistill.config import RunConfig
+from cxrdistill.data.dataset import CXRDataset
+from cxrdistill.data.study import StudyData
+from cxrdistill.data.views import ViewConfig
+from cxrdistill.engine.context import RunContext
+from cxrdistill.engine.optim import build_optimizer
+from cxrdistill.errors import ConfigError
+from cxrdistill.eval.runs import evaluate_detector, predict_detections
+from cxrdistill.methods.registry import register_method
+from cxrdistill.methods.supervised import (
+    Augment,
+    augment_batch,
+    boxed_indices,
+    build_detector,
+    evaluate_final,
+    labeled_loader,
+    step_generator,
+    train_detector,
+    view_config,
+)
+from cxrdistill.models.detector import RetinaNet
+from cxrdistill.pseudo.store import PseudoLabelStore
+from cxrdistill.pseudo.thresholds import detections_to_targets, filter_detections
+
+
+class StacParams(BaseModel):
+    """`method.params` of ``stac``; defaults are the paper's values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = Field(0.9, ge=0.0, le=1.0)
+    """τ: a teacher box becomes a pseudo-label when its score is at least this (paper: 0.9)."""
+    unsup_weight: float = Field(2.0, ge=0.0)
+    """λ_u of L = L_s + λ_u L_u (paper: 2)."""
+    strong_augment: bool = True
+    """Strong augmentation of the unlabeled images (False: the labeled images' weak view; ablation)."""
+    augment: Augment = "flip"
+    """Augmentation of the labeled images (teacher and student)."""
+    teacher_steps: int | None = Field(None, ge=1)
+    """Optimizer steps of the teacher (None: `train.max_steps`)."""
+    unlabeled_supervision: list[str] = Field(default_factory=lambda: ["image", "none"])
+    """Training images (other than D_B) that receive pseudo-labels."""
+    train_split: str = "train"
+    eval_split: str = "test"
+    n_boot: int = Field(1000, ge=0)
+
+
+def pseudo_targets(records: dict[Any, dict[str, Tensor]], image_ids: list[int], threshold: float) -> list[dict[str, Tensor]]:
+    """Hard detector targets of ``image_ids`` from stored teacher detections: the boxes scoring ≥ τ."""
+    dets = [records[i] for i in image_ids]
+    return detections_to_targets(filter_detections(dets, threshold), soft=False)
+
+
+def store_teacher_detections(ctx: RunContext, teacher: RetinaNet, unlabeled: CXRDataset, store: PseudoLabelStore,
+                             recompute: bool) -> dict[Any, dict[str, Tensor]]:
+    """Teacher detections (cache pixels, score ≥ 0.05) of every unlabeled image, stored once.
+
+    ``recompute``: the teacher was trained in this run, so labels of an earlier teacher are stale.
+    """
+    ids = [im.id for im in unlabeled.images]
+    if ctx.fabric.is_global_zero:
+        if recompute and store.path.exists():
+            shutil.rmtree(store.path)
+        if not store.is_complete():
+            dets = predict_detections(teacher, unlabeled)
+            with store.writer() as writer:
+                for image_id in ids:
+                    writer.add(image_id, dets[image_id])
+            store.mark_complete(expected_ids=ids, metadata={"kind": "detections", "score_thresh": 0.05})
+    ctx.fabric.barrier()
+    return store.read()
+
+
+@register_method("stac", StacParams)
+def run(cfg: RunConfig, params: StacParams, ctx: RunContext) -> dict[str, float]:
+    """Teacher on D_B → stored pseudo-boxes (τ) → student on D_B + strongly augmented unlabeled images."""
+    data = StudyData.from_config(cfg.data)
+    train = data.dataset(params.train_split, supervision=["box", *params.unlabeled_supervision])
+    boxed = boxed_indices(train)
+    unlabeled_rows = [i for i, im in enumerate(train.images) if im.supervision != "box"]
+    if not unlabeled_rows:
+        raise ConfigError("stac: no unlabeled training image; lower data.boxed_fraction")
+
+    # 1. teacher
+    teacher = build_detector(cfg.model, data.num_classes)
+    fit = train_detector(ctx, "teacher", teacher, train, params.augment, params.teacher_steps)
+    # 2. offline pseudo-labels
+    unlabeled = data.dataset(params.train_split, supervision=params.unlabeled_supervision)
+    records = store_teacher_detections(ctx, teacher, unlabeled, PseudoLabelStore(ctx.run_dir.path / "pseudo", 0),
+                                       recompute=not fit.skipped)
+    # 3-4. student
+    student = build_detector(cfg.model, data.num_classes)
+    t = cfg.train
+    loader, sampler = labeled_loader(train, boxed, unlabeled_rows, t.batch_size, t.unlabeled_batch_size or t.batch_size,
+                                     t.seed, ctx)
+    weak = view_config(params.augment)
+    strong = ViewConfig.martins_silva() if params.strong_augment else weak
+    trainer = ctx.trainer("student")
+    student.train()
+
+    def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
+        is_l = batch["has_boxes"]
+        n_l = int(is_l.sum())
+        images, targets = augment_batch(batch["image"][:n_l], batch["boxes"][:n_l], batch["labels"][:n_l], weak,
+                                        step_generator(t.seed, step))
+        sup = student.loss(student(images), targets)
+        ids = batch["image_id"][n_l:].tolist()
+        pseudo = pseudo_targets(records, ids, params.threshold)
+        u_images, u_targets = augment_batch(batch["image"][n_l:], [p["boxes"].to(images.device) for p in pseudo],
+                                            [p["labels"].to(images.device) for p in pseudo], strong,
+                                            step_generator(t.seed, step, stream=1))
+        unsup = student.loss(student(u_images), u_targets)
+        trainer.log_counts("pseudo_boxes", {data.class_names[c]: int(sum((p["labels"] == c).sum() for p in pseudo))
+                                            for c in range(data.num_classes)})
+        return {"sup_cls": sup["cls"], "sup_box": sup["box"],
+                "unsup_cls": params.unsup_weight * unsup["cls"], "unsup_box": params.unsup_weight * unsup["box"]}
+
+    trainer.fit(step_fn, {"student": student}, build_optimizer(student.parameters(), t), loader, t.max_steps,
+                sampler=sampler)
+    held_out = data.dataset(params.eval_split)
+    return evaluate_final(ctx, lambda: evaluate_detector(student, held_out, ctx.run_dir.eval, split=params.eval_split,
+                                                         n_boot=params.n_boot), "STAC student")
+
+
+__all__ = ["StacParams", "pseudo_targets", "run", "store_teacher_detections"]

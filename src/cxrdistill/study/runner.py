@@ -1,0 +1,145 @@
+"""Run the cells of a study that are missing, skip the finished ones, then build the table.
+
+A cell is finished when its ``final_metrics.json`` exists (`cxrdistill train` writes it last).
+An interrupted cell is simply run again: the engine resumes it from its stage checkpoints, and
+finished stages and stored pseudo-labels are not recomputed. So a study killed at any moment is
+continued by running the same command again.
+
+Locally the cells run one after another, in this process (``isolate=False``, the fastest) or one
+``python -m cxrdistill.cli train`` subprocess per cell (``isolate=True``). On a cluster,
+:func:`job_commands` gives one independent ``cxrdistill train`` command per missing cell.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from cxrdistill.errors import CxrDistillError
+from cxrdistill.study.spec import StudySpec
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the study: a recipe at a labeled fraction and a seed."""
+
+    recipe: str
+    fraction: float
+    seed: int
+    config: Path
+    overrides: tuple[str, ...]
+    run_dir: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "final_metrics.json").is_file()
+
+    def train_args(self) -> list[str]:
+        """Arguments of ``cxrdistill train`` that run this cell."""
+        return ["train", "--config", str(self.config), *self.overrides, "--output-dir", str(self.run_dir)]
+
+
+@dataclass
+class StudyResult:
+    """What `run_study` did and what it found."""
+
+    spec: StudySpec
+    cells: list[Cell]
+    ran: list[Cell] = field(default_factory=list)
+    skipped: list[Cell] = field(default_factory=list)
+    failed: dict[Cell, str] = field(default_factory=dict)
+    table: dict[str, Any] = field(default_factory=dict)
+    """The aggregated table (`study.table.build_table`)."""
+    table_path: Path | None = None
+    report_path: Path | None = None
+    seconds: float = 0.0
+
+
+def fraction_tag(fraction: float) -> str:
+    """Folder name of a fraction: ``f0.1``, ``f0.25``, ``f1``."""
+    return f"f{fraction:g}"
+
+
+def study_cells(spec: StudySpec, out_dir: Path | None = None) -> list[Cell]:
+    """Every cell of the matrix, seed-major: a partly run study has every recipe at the first seeds."""
+    root = Path(out_dir or spec.output_dir)
+    cells = []
+    for seed in spec.seeds:
+        for fraction in spec.fractions:
+            for recipe, entry in spec.recipes.items():
+                overrides = (*spec.overrides, *entry.overrides, f"{spec.fraction_key}={fraction:g}",
+                             *(f"{key}={seed}" for key in spec.seed_keys))
+                run_dir = root / recipe / fraction_tag(fraction) / f"seed{seed}"
+                cells.append(Cell(recipe, fraction, seed, spec.config_path(recipe), overrides, run_dir))
+    return cells
+
+
+def job_commands(spec: StudySpec, out_dir: Path | None = None, program: str = "cxrdistill") -> list[str]:
+    """One shell command per missing cell (for a job array); finished cells are left out."""
+    return [shlex.join([program, *cell.train_args()]) for cell in study_cells(spec, out_dir) if not cell.done]
+
+
+def run_cell(cell: Cell, *, isolate: bool = False, console: Console | None = None) -> None:
+    """Train one cell (in this process, or in a subprocess when ``isolate``); raises on failure."""
+    if isolate:
+        cmd = [sys.executable, "-m", "cxrdistill.cli", *cell.train_args()]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
+            raise CxrDistillError(f"{cell.run_dir}: `cxrdistill train` exited with {done.returncode}:\n"
+                                  + "\n".join(tail))
+        return
+    from cxrdistill.commands.train import run_training
+
+    run_training(cell.config, list(cell.overrides), output_dir=cell.run_dir, console=console)
+
+
+def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | None = None, *,
+              isolate: bool = False, keep_going: bool = True, report: bool = True) -> StudyResult:
+    """Run the missing cells, skip the finished ones, write ``table.{json,md}`` (and the HTML report).
+
+    ``keep_going``: a failing cell is recorded and the study goes on (the table leaves it out);
+    otherwise the first failure raises. Returns a :class:`StudyResult`.
+    """
+    from cxrdistill.study.table import build_table, print_table, write_table
+
+    console = console or Console()
+    root = Path(out_dir or spec.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    cells = study_cells(spec, root)
+    result = StudyResult(spec, cells)
+    todo = [c for c in cells if not c.done]
+    result.skipped = [c for c in cells if c.done]
+    console.print(f"study {spec.name!r}: {len(cells)} cells, {len(result.skipped)} finished, {len(todo)} to run "
+                  f"→ {root}", highlight=False)
+    for n, cell in enumerate(todo, 1):
+        console.print(f"[{n}/{len(todo)}] {cell.recipe} fraction={cell.fraction:g} seed={cell.seed}", highlight=False)
+        try:
+            run_cell(cell, isolate=isolate, console=console)
+            result.ran.append(cell)
+        except (CxrDistillError, ValueError, RuntimeError) as err:
+            if not keep_going:
+                raise
+            result.failed[cell] = f"{type(err).__name__}: {err}"
+            console.print(f"[red]failed:[/] {cell.run_dir}: {err}", highlight=False)
+    result.table = build_table(spec, cells)
+    result.table_path = write_table(result.table, root)
+    print_table(result.table, console)
+    if report:
+        from cxrdistill.study.report import build_study_report
+
+        result.report_path = build_study_report(spec, cells, result.table, root)
+        console.print(f"HTML report: {result.report_path}", highlight=False)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+__all__ = ["Cell", "StudyResult", "fraction_tag", "job_commands", "run_cell", "run_study", "study_cells"]

@@ -1,0 +1,244 @@
+"""The study table: recipes × labeled fractions, mean over seeds with a CI, and the paired
+difference from the baseline recipe.
+
+Numbers, per (recipe, fraction):
+
+- **mean and 95% CI over seeds** of the headline metric read from each cell's
+  ``final_metrics.json``. ``ci="t"``: ``mean ± t(0.975, n-1) · s / √n`` (Student t; needs n ≥ 2).
+  ``ci="bootstrap"``: the 2.5/97.5 percentiles of the mean of ``n`` seeds drawn with replacement
+  (coarse for 3 seeds: it cannot be wider than the range of the values).
+- **Δ vs baseline**: a paired bootstrap over *test images* (`eval.compare.paired_stats`). For each
+  seed the baseline and the recipe ran on the same labeled subset and are scored on the same
+  resampled image sets; the replicate difference is averaged over the seeds both have, so Δ is
+  the seed-mean difference and its CI / ``p_boot`` reflect the finite test set (the seed spread
+  is in the first interval). ``mAP``/``mAP@t`` use each cell's ``eval/predictions.json``;
+  ``macro_AUROC`` uses ``eval/image_scores.json`` (else the max box score).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.table import Table
+from scipy import stats
+
+from cxrdistill.errors import CxrDistillError
+from cxrdistill.eval.classification import bootstrap_indices, macro_auroc_replicates
+from cxrdistill.eval.compare import PairedComparison, paired_stats
+from cxrdistill.eval.detection import CocoParams, accumulate, match_detections
+from cxrdistill.eval.predictions import (
+    GroundTruth,
+    image_labels,
+    image_scores_from_boxes,
+    load_ground_truth,
+    load_image_scores,
+    load_predictions,
+)
+from cxrdistill.study.runner import Cell, fraction_tag
+from cxrdistill.study.spec import StudySpec
+
+
+def seed_interval(values: Sequence[float], method: str = "t", n_boot: int = 1000,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) of ``values`` (one per seed); the bounds are NaN with fewer than 2 values."""
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, math.nan, math.nan
+    if method == "t":
+        half = float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+        return mean, mean - half, mean + half
+    if method == "bootstrap":
+        means = np.random.default_rng(seed).choice(x, size=(n_boot, x.size), replace=True).mean(axis=1)
+        low, high = np.percentile(means, [2.5, 97.5])
+        return mean, float(low), float(high)
+    raise CxrDistillError(f"unknown CI method {method!r}: use 't' or 'bootstrap'")
+
+
+def read_metric(cell: Cell, metric: str) -> float | None:
+    """The cell's value of ``metric`` from final_metrics.json (None when the cell is not finished)."""
+    path = cell.run_dir / "final_metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    if metric not in metrics:
+        raise CxrDistillError(f"{path}: has no metric {metric!r} (has: {', '.join(metrics)}); set the study's metric")
+    value = metrics[metric]
+    return math.nan if value is None else float(value)
+
+
+# ----------------------------------------------------------------------------- paired comparison
+
+
+def _ground_truth(run_dir: Path) -> tuple[GroundTruth, dict[str, Any]]:
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    metrics_path = run_dir / "eval" / "metrics.json"
+    if not metrics_path.is_file():
+        raise CxrDistillError(f"{run_dir}: no eval/metrics.json for the paired comparison")
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    manifest = (config.get("data") or {}).get("manifest")
+    if not manifest:
+        raise CxrDistillError(f"{run_dir}/config.yaml: no data.manifest")
+    return load_ground_truth(manifest, split=metrics.get("split", "test")), metrics
+
+
+def _iou_of(metric: str) -> float | None:
+    if metric == "mAP":
+        return None
+    try:
+        return float(metric.split("@", 1)[1])
+    except (IndexError, ValueError):
+        raise CxrDistillError(f"metric {metric!r}: paired comparison needs mAP, mAP@<iou> or macro_AUROC") from None
+
+
+def _replicates(run_dir: Path, gt: GroundTruth, metric: str, idx: np.ndarray,
+                params: CocoParams) -> tuple[float, np.ndarray]:
+    """The metric on all test images and on each resampled image set ``idx (R, N)``."""
+    if metric == "macro_AUROC":
+        y, mask = image_labels(gt)
+        scores_path = run_dir / "eval" / "image_scores.json"
+        if scores_path.is_file():
+            scores = load_image_scores(scores_path, gt)
+        else:
+            scores = image_scores_from_boxes(load_predictions(run_dir / "eval" / "predictions.json", gt).rows, gt)
+        keep = np.flatnonzero(mask)
+        _, full = macro_auroc_replicates(y[keep], scores[keep], np.arange(len(keep))[None])
+        _, boot = macro_auroc_replicates(y[keep], scores[keep], idx[:, : len(keep)] % len(keep))
+        return float(full[0]), boot
+    rows = load_predictions(run_dir / "eval" / "predictions.json", gt).rows
+    match = match_detections(gt, rows, params)
+    iou = _iou_of(metric)
+    full = accumulate(match, main_only=True).ap(iou)
+    return float(full), np.array([accumulate(match, i, main_only=True).ap(iou) for i in idx])
+
+
+def paired_over_seeds(pairs: Sequence[tuple[Path, Path]], metric: str, n_boot: int = 1000,
+                      seed: int = 0) -> PairedComparison:
+    """Paired bootstrap over test images of recipe B − baseline A, averaged over seed pairs ``(A_dir, B_dir)``.
+
+    All pairs must be scored on the same test images (one manifest and split).
+    """
+    if not pairs:
+        raise CxrDistillError("paired comparison: no seed has both runs finished")
+    gt, metrics = _ground_truth(pairs[0][0])
+    ious = tuple((metrics.get("detection") or {}).get("iou_thresholds") or (0.25, 0.5, 0.75))
+    params = CocoParams(iou_thresholds=tuple(float(t) for t in ious))
+    idx = bootstrap_indices(len(gt.image_ids), n_boot, seed)
+    a_full, b_full, a_boot, b_boot = [], [], [], []
+    for base_dir, other_dir in pairs:
+        a, ba = _replicates(base_dir, gt, metric, idx, params)
+        b, bb = _replicates(other_dir, gt, metric, idx, params)
+        a_full.append(a), b_full.append(b), a_boot.append(ba), b_boot.append(bb)
+    return paired_stats(metric, float(np.mean(a_full)), float(np.mean(b_full)),
+                        np.mean(a_boot, axis=0), np.mean(b_boot, axis=0), seed)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def build_table(spec: StudySpec, cells: Sequence[Cell]) -> dict[str, Any]:
+    """The study table as a JSON-ready dict (see the module docstring for the statistics)."""
+    by_key = {(c.recipe, c.fraction, c.seed): c for c in cells}
+    base = spec.baseline_name
+    rows = []
+    for recipe in spec.recipes:
+        row: dict[str, Any] = {"recipe": recipe, "label": spec.label(recipe), "fractions": {}}
+        for fraction in spec.fractions:
+            values = {s: read_metric(by_key[(recipe, fraction, s)], spec.metric) for s in spec.seeds}
+            done = {s: v for s, v in values.items() if v is not None}
+            mean, low, high = seed_interval(list(done.values()), spec.ci, spec.n_boot)
+            entry: dict[str, Any] = {"n_seeds": len(done), "values": done, "mean": _j(mean), "ci": [_j(low), _j(high)],
+                                     "run_dirs": {s: str(by_key[(recipe, fraction, s)].run_dir) for s in done}}
+            if recipe != base:
+                pairs = [(by_key[(base, fraction, s)].run_dir, by_key[(recipe, fraction, s)].run_dir)
+                         for s in done if by_key[(base, fraction, s)].done]
+                if pairs:
+                    cmp = paired_over_seeds(pairs, spec.metric, spec.n_boot)
+                    entry["vs_baseline"] = {**cmp.to_dict(), "seeds": len(pairs)}
+            row["fractions"][fraction_tag(fraction)] = entry
+        rows.append(row)
+    return {"study": spec.name, "metric": spec.metric, "baseline": base, "ci": spec.ci, "n_boot": spec.n_boot,
+            "fractions": [fraction_tag(f) for f in spec.fractions], "fraction_key": spec.fraction_key,
+            "seeds": list(spec.seeds), "rows": rows}
+
+
+def _j(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def _fmt_mean(entry: dict[str, Any]) -> str:
+    if entry["mean"] is None:
+        return "—"
+    low, high = entry["ci"]
+    text = f"{entry['mean']:.3f}"
+    if low is not None:
+        text += f" ± {(high - low) / 2:.3f}"
+    return text + ("" if entry["n_seeds"] > 1 else f" (n={entry['n_seeds']})")
+
+
+def _fmt_delta(entry: dict[str, Any]) -> str:
+    cmp = entry.get("vs_baseline")
+    if not cmp or cmp.get("diff") is None:
+        return ""
+    p = cmp.get("p_boot")
+    star = "*" if p is not None and p < 0.05 else ""
+    ci = f" [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}]" if cmp.get("ci_low") is not None else ""
+    ptxt = f", p={p:.3f}" if p is not None else ""
+    return f"Δ {cmp['diff']:+.3f}{star}{ci}{ptxt}"
+
+
+def format_markdown(table: dict[str, Any]) -> str:
+    """Two Markdown tables: mean ± CI half-width over seeds, and Δ vs the baseline (paired bootstrap)."""
+    fr = table["fractions"]
+    head = "| recipe | " + " | ".join(f"{table['fraction_key'].split('.')[-1]} {f[1:]}" for f in fr) + " |"
+    sep = "|---|" + "---|" * len(fr)
+    lines = [f"{table['metric']} on the test split: mean ± 95% CI half-width over seeds "
+             f"({'Student t' if table['ci'] == 't' else 'bootstrap over seeds'}; seeds {table['seeds']})", "",
+             head, sep]
+    for row in table["rows"]:
+        lines.append(f"| {row['label']} | " + " | ".join(_fmt_mean(row["fractions"][f]) for f in fr) + " |")
+    lines += ["", f"Δ {table['metric']} vs {table['baseline']} [95% CI], paired bootstrap over test images "
+                  f"({table['n_boot']} replicates, difference averaged over seeds; * p_boot < 0.05)", "", head, sep]
+    for row in table["rows"]:
+        if row["recipe"] == table["baseline"]:
+            continue
+        lines.append(f"| {row['label']} | " + " | ".join(_fmt_delta(row["fractions"][f]) or "—" for f in fr) + " |")
+    return "\n".join(lines)
+
+
+def print_table(table: dict[str, Any], console: Console) -> None:
+    """The table on the console: one row per recipe, mean ± CI and Δ vs baseline per fraction."""
+    out = Table(title=f"{table['study']}: {table['metric']} (mean ± 95% CI over seeds; Δ vs {table['baseline']}, "
+                      f"paired bootstrap over test images, * p<0.05)")
+    out.add_column("recipe")
+    for f in table["fractions"]:
+        out.add_column(f"{table['fraction_key'].split('.')[-1]} {f[1:]}", justify="right")
+    for row in table["rows"]:
+        cells = []
+        for f in table["fractions"]:
+            entry = row["fractions"][f]
+            delta = _fmt_delta(entry)
+            cells.append(_fmt_mean(entry) + (f"\n{delta.split(' [')[0]}" if delta else ""))
+        out.add_row(row["label"], *cells)
+    console.print(out)
+
+
+def write_table(table: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``table.json`` and ``table.md`` into ``out_dir``; returns the Markdown path."""
+    out_dir = Path(out_dir)
+    (out_dir / "table.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    path = out_dir / "table.md"
+    path.write_text(format_markdown(table) + "\n", encoding="utf-8")
+    return path
+
+
+__all__ = ["build_table", "format_markdown", "paired_over_seeds", "print_table", "read_metric", "seed_interval",
+           "write_table"]
