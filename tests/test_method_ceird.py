@@ -228,7 +228,10 @@ def test_tsd_recipe_runs_teacher_then_student(world, tmp_path):
     cfg.method.name = "tsd"
     params = tsd.TsdParams(topk_candidates=50, n_boot=10, pseudo_score_thresh=0.01, store_score_thresh=0.001)
     metrics = tsd.run(cfg, params, ctx)
-    assert set(metrics) == {f"{m}/mAP@{t}" for m in ("teacher", "student") for t in ("0.25", "0.5", "0.75")}
+    keys = {f"mAP@{t}" for t in ("0.25", "0.5", "0.75")}
+    assert set(metrics) == keys | {f"{m}/{k}" for m in ("teacher", "student") for k in keys}
+    assert all(metrics[k] == metrics[f"student/{k}"] for k in keys)  # the final model is the student
+    assert (tmp_path / "tsd" / "model.pt").is_file()
     counts = json.loads((tmp_path / "tsd" / "pseudo_counts.json").read_text())["vision_gen1"]
     assert set(counts) == {"teacher"} and sum(counts["teacher"].values()) > 0
     assert tsd.PseudoLabelStore(tmp_path / "tsd" / "pseudo" / "vision", 0).is_complete()

@@ -27,7 +27,9 @@ def compare(
 
     console = Console()
     try:
-        spec = load_study(study, overrides or [])
+        from cxrdistill.resources import resolve_config_path
+
+        spec = load_study(resolve_config_path(study, "studies"), overrides or [])
         if print_jobs:
             for line in job_commands(spec, output_dir):
                 typer.echo(line)

@@ -14,7 +14,7 @@ from cxrdistill.errors import CxrDistillError
 
 
 def train(
-    config: Path = typer.Option(..., "--config", "-c", help="YAML run config."),
+    config: Path = typer.Option(..., "--config", "-c", help="YAML run config, or the name of a packaged one (tsd, ceird, aals ...)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Overrides such as train.lr=3e-4 method.params.kappa=0.5"),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from checkpoints (default: train.resume)."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run directory (default: output_dir in the config)."),
@@ -46,12 +46,13 @@ def run_training(
     from lightning_fabric.utilities.seed import seed_everything
 
     from cxrdistill.config import load_config
+    from cxrdistill.resources import resolve_config_path
     from cxrdistill.data.study import resolve_data_config
     from cxrdistill.engine.context import RunContext
     from cxrdistill.engine.run_dir import RunDirectory
     from cxrdistill.methods.registry import get_method, validate_method_params
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(resolve_config_path(config), overrides)
     if output_dir is not None:
         cfg.output_dir = output_dir
     if resume is not None:

@@ -46,6 +46,7 @@ from cxrdistill.engine.sampler import RatioBatchSampler
 from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_image_scores
 from cxrdistill.methods.registry import register_method
+from cxrdistill.models.factory import export_model
 from cxrdistill.methods.tsd import (
     DETECTION_KEYS,
     Detections,
@@ -359,6 +360,8 @@ def run(cfg: RunConfig, params: CeirdParams, ctx: RunContext) -> dict[str, float
     write_json(run_path / "pseudo_counts.json", {f"generation_{g['generation']}": g.get("counts", {})
                                                  for g in summary["generations"]})
     print_summary(ctx, summary)
+    if ctx.fabric.is_global_zero:
+        export_model(run_path / "model.pt", student, cfg.model, data.class_names, cfg.data.image_size)
     return flat_metrics(summary)
 
 

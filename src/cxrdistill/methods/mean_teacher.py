@@ -166,7 +166,8 @@ def _run(cfg: RunConfig, params: MeanTeacherParams, ctx: RunContext, title: str)
                 max(t.max_steps - burn_in, 1), sampler=sampler, on_step_end=lambda _: teacher.update(student))
     held_out = data.dataset(params.eval_split)
     return evaluate_final(ctx, lambda: evaluate_detector(teacher.module, held_out, ctx.run_dir.eval,
-                                                         split=params.eval_split, n_boot=params.n_boot), title)
+                                                         split=params.eval_split, n_boot=params.n_boot), title,
+                          teacher.module, data.class_names)
 
 
 @register_method("mean_teacher", MeanTeacherParams)

@@ -115,7 +115,7 @@ def run(cfg: RunConfig, params: PiModelParams, ctx: RunContext) -> dict[str, flo
                                 t.max_steps, sampler=sampler)
     held_out = data.dataset(params.eval_split)
     return evaluate_final(ctx, lambda: evaluate_classifier(model, held_out, ctx.run_dir.eval, split=params.eval_split,
-                                                           n_boot=params.n_boot), "Π-model")
+                                                           n_boot=params.n_boot), "Π-model", model, data.class_names)
 
 
 __all__ = ["PiModelParams", "consistency_loss", "ramp_up", "run", "semi_sets"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
@@ -142,7 +141,8 @@ def run(cfg: RunConfig, params: StacParams, ctx: RunContext) -> dict[str, float]
                 sampler=sampler)
     held_out = data.dataset(params.eval_split)
     return evaluate_final(ctx, lambda: evaluate_detector(student, held_out, ctx.run_dir.eval, split=params.eval_split,
-                                                         n_boot=params.n_boot), "STAC student")
+                                                         n_boot=params.n_boot), "STAC student",
+                          student, data.class_names)
 
 
 __all__ = ["StacParams", "pseudo_targets", "run", "store_teacher_detections"]

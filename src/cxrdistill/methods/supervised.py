@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from cxrdistill.config import ModelConfig, RunConfig
-from cxrdistill.data.dataset import CXRDataset, collate, targets_of
+from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.data.study import StudyData
 from cxrdistill.data.views import ViewConfig, intensity_jitter, project_boxes, random_affine, warp_images
 from cxrdistill.engine.context import RunContext
@@ -49,10 +49,10 @@ from cxrdistill.eval.runs import (
     predict_image_scores,
 )
 from cxrdistill.methods.registry import register_method
+from cxrdistill.models.factory import build_model, export_model
 from cxrdistill.models.classifier import ImageClassifier, masked_bce_with_logits
 from cxrdistill.models.detector import RetinaNet
 from cxrdistill.models.heatmap import HeatmapFPN, boxes_to_masks, pixel_bce_loss
-from cxrdistill.models.pretrained import load_imagenet_resnet
 
 Augment = Literal["flip", "none", "strong"]
 
@@ -80,12 +80,7 @@ class SupervisedParams(BaseModel):
 
 def build_detector(model_cfg: ModelConfig, num_classes: int) -> RetinaNet:
     """The RetinaNet of ``cfg.model`` (``options`` go to :class:`RetinaNet`; ``pretrained``: ImageNet ResNet)."""
-    if model_cfg.kind != "detector":
-        raise ConfigError(f"model.kind: this recipe trains a detector; set model.kind=detector (got {model_cfg.kind!r})")
-    model = RetinaNet(num_classes, depth=model_cfg.depth, base_width=model_cfg.base_width, **model_cfg.options)
-    if model_cfg.pretrained is not None:
-        load_imagenet_resnet(model.backbone, model_cfg.pretrained)
-    return model
+    return build_model(model_cfg, num_classes, expect="detector")  # type: ignore[return-value]
 
 
 def view_config(augment: Augment) -> ViewConfig:
@@ -175,12 +170,18 @@ def _float(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def evaluate_final(ctx: RunContext, evaluate: Callable[[], dict[str, Any]], title: str) -> dict[str, float]:
-    """Run the final evaluation on rank 0 (it writes ``run_dir/eval``), print and return the headline."""
+def evaluate_final(ctx: RunContext, evaluate: Callable[[], dict[str, Any]], title: str,
+                   model: nn.Module | None = None, class_names: list[str] | None = None) -> dict[str, float]:
+    """Run the final evaluation on rank 0 (it writes ``run_dir/eval``), print and return the headline.
+
+    With `model` (and `class_names`), also export it as ``run_dir/model.pt`` for `cxrdistill predict`.
+    """
     metrics: dict[str, float] = {}
     if ctx.fabric.is_global_zero:
         metrics = headline(evaluate())
         print_metrics(ctx, metrics, title)
+        if model is not None and class_names is not None:
+            export_model(ctx.run_dir.path / "model.pt", model, ctx.cfg.model, class_names, ctx.cfg.data.image_size)
     ctx.fabric.barrier()
     return metrics
 
@@ -207,7 +208,8 @@ def run_detector(cfg: RunConfig, params: SupervisedParams, ctx: RunContext) -> d
     train_detector(ctx, "supervised", model, data.dataset(params.train_split), params.augment)
     held_out = data.dataset(params.eval_split)
     return evaluate_final(ctx, lambda: evaluate_detector(model, held_out, ctx.run_dir.eval, split=params.eval_split,
-                                                         n_boot=params.n_boot), "supervised detector")
+                                                         n_boot=params.n_boot), "supervised detector",
+                          model, data.class_names)
 
 
 # =============================================================================== multi-task
@@ -286,10 +288,7 @@ def run_multitask(cfg: RunConfig, params: SupervisedParams, ctx: RunContext) -> 
 
 
 def build_heatmap_model(model_cfg: ModelConfig, num_classes: int) -> HeatmapFPN:
-    if model_cfg.kind != "heatmap":
-        raise ConfigError(f"model.kind: supervised_heatmap trains a heat-map model; set model.kind=heatmap "
-                          f"(got {model_cfg.kind!r})")
-    return HeatmapFPN(num_classes, depth=model_cfg.depth, base_width=model_cfg.base_width, **model_cfg.options)
+    return build_model(model_cfg, num_classes, expect="heatmap")  # type: ignore[return-value]
 
 
 @register_method("supervised_heatmap", SupervisedParams)
@@ -313,19 +312,15 @@ def run_heatmap(cfg: RunConfig, params: SupervisedParams, ctx: RunContext) -> di
                                cfg.train.max_steps, sampler=sampler)
     held_out = data.dataset(params.eval_split)
     return evaluate_final(ctx, lambda: evaluate_heatmap(model, held_out, ctx.run_dir.eval, split=params.eval_split,
-                                                        n_boot=params.n_boot), "supervised heat map")
+                                                        n_boot=params.n_boot), "supervised heat map",
+                          model, data.class_names)
 
 
 # =============================================================================== classifier
 
 
 def build_classifier_model(model_cfg: ModelConfig, num_classes: int) -> ImageClassifier:
-    if model_cfg.kind != "classifier":
-        raise ConfigError(f"model.kind: this recipe trains an image classifier; set model.kind=classifier "
-                          f"(got {model_cfg.kind!r})")
-    options = dict(model_cfg.options)
-    options.setdefault("arch", f"resnet{model_cfg.depth}")
-    return ImageClassifier(num_classes=num_classes, pretrained=model_cfg.pretrained, **options)
+    return build_model(model_cfg, num_classes, expect="classifier")  # type: ignore[return-value]
 
 
 def image_labeled(dataset: CXRDataset) -> list[int]:
@@ -361,7 +356,8 @@ def run_classifier(cfg: RunConfig, params: SupervisedParams, ctx: RunContext) ->
     train_classifier(ctx, "classifier", model, data.dataset(params.train_split), params.augment)
     held_out = data.dataset(params.eval_split)
     return evaluate_final(ctx, lambda: evaluate_classifier(model, held_out, ctx.run_dir.eval, split=params.eval_split,
-                                                           n_boot=params.n_boot), "supervised classifier")
+                                                           n_boot=params.n_boot), "supervised classifier",
+                          model, data.class_names)
 
 
 # =============================================================================== report

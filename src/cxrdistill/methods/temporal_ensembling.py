@@ -123,7 +123,7 @@ def run(cfg: RunConfig, params: TemporalEnsemblingParams, ctx: RunContext) -> di
                                            t.max_steps, sampler=sampler, extra_state={"ensemble": ensemble})
     held_out = data.dataset(params.eval_split)
     return evaluate_final(ctx, lambda: evaluate_classifier(model, held_out, ctx.run_dir.eval, split=params.eval_split,
-                                                           n_boot=params.n_boot), "temporal ensembling")
+                                                           n_boot=params.n_boot), "temporal ensembling", model, data.class_names)
 
 
 __all__ = ["EnsembleTargets", "TemporalEnsemblingParams", "run"]

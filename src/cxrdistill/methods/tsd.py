@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +39,7 @@ from cxrdistill.engine.sampler import RatioBatchSampler
 from cxrdistill.errors import CheckpointError, ConfigError
 from cxrdistill.eval.runs import evaluate_detections
 from cxrdistill.methods.registry import register_method
+from cxrdistill.models.factory import export_model
 from cxrdistill.models.detector import DetectorOutput, RetinaNet
 from cxrdistill.pseudo.store import PseudoLabelStore
 from cxrdistill.pseudo.thresholds import detections_to_targets, filter_detections, select_boxes
@@ -415,7 +416,9 @@ def run(cfg: RunConfig, params: TsdParams, ctx: RunContext) -> dict[str, float]:
     metrics = evaluate_vision(ctx, student, eval_set, params, [ctx.run_dir.path / "eval_vision_gen1", ctx.run_dir.eval])
     out.update({f"student/{k}": v for k, v in headline(metrics).items()})
     ctx.console.print("TSD: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
-    return out
+    if ctx.fabric.is_global_zero:
+        export_model(ctx.run_dir.path / "model.pt", student, cfg.model, data.class_names, cfg.data.image_size)
+    return {**out, **headline(metrics)}  # unprefixed keys: the run's final model (the student)
 
 
 __all__ = [
