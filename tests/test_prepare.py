@@ -65,3 +65,28 @@ def test_prepare_resplits_an_existing_manifest(tmp_path):
     m = load_manifest(tmp_path / "s.json")
     assert len(m.select(split="test")) == 4  # existing splits kept
     assert len(m.select(split="train", supervision="box")) == 8
+
+
+def test_prepare_merges_coco_boxes_into_a_csv_manifest(tmp_path):
+    _images(tmp_path / "imgs", 8)
+    rows = ["image,report,patient"] + [f"imgs/im{i}.png,Report {i}.,p{i}" for i in range(8)]
+    (tmp_path / "reports.csv").write_text("\n".join(rows) + "\n")
+    coco = {"categories": [{"id": 7, "name": "nodule"}],
+            "images": [{"id": 1, "file_name": "imgs/im0.png"}, {"id": 2, "file_name": "imgs/im3.png"},
+                       {"id": 3, "file_name": "imgs/nope.png"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 2, 8, 8]},
+                            {"id": 2, "image_id": 2, "category_id": 7, "bbox": [10, 10, 5, 5]},
+                            {"id": 3, "image_id": 3, "category_id": 7, "bbox": [1, 1, 2, 2]}]}
+    (tmp_path / "boxes.json").write_text(json.dumps(coco))
+    args = ["prepare", "--csv", str(tmp_path / "reports.csv"), "--images", str(tmp_path), "-o",
+            str(tmp_path / "m.json"), "--option", "report_col=report", "--option", "patient_col=patient",
+            "--boxes", str(tmp_path / "boxes.json")]
+    strict = CliRunner().invoke(app, args)
+    assert strict.exit_code == 2 and "nope.png" in strict.output
+    res = CliRunner().invoke(app, [*args, "--lenient"])
+    assert res.exit_code == 0, res.output
+    m = load_manifest(tmp_path / "m.json")
+    boxed = {m.image(a.image_id).file_name for a in m.annotations}
+    assert boxed == {"imgs/im0.png", "imgs/im3.png"}
+    assert all(m.image(a.image_id).supervision == "box" for a in m.annotations)
+    assert m.class_names == ["nodule"] and all(im.report for im in m.images)

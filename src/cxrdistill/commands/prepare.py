@@ -28,9 +28,49 @@ def _parse_options(options: list[str]) -> dict[str, Any]:
     return out
 
 
+def merge_boxes(raw: dict[str, Any], coco_path: Path) -> list[str]:
+    """Add the boxes of a COCO file to the images of `raw` (a manifest dict) with the same
+    `file_name`; those images become supervision "box". Categories are matched by name (new names
+    are added). Returns the problems (annotations whose image or category is unknown), which the
+    caller reports like every other skipped record."""
+    import json
+
+    try:
+        coco = json.loads(Path(coco_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CxrDistillError(f"{coco_path}: cannot read COCO boxes ({err})") from None
+    raw.setdefault("annotations", [])
+    names = {c["name"]: c["id"] for c in raw.setdefault("categories", [])}
+    for cat in coco.get("categories", []):
+        if cat.get("name") not in names:
+            names[cat["name"]] = max(names.values(), default=0) + 1
+            raw["categories"].append({"id": names[cat["name"]], "name": cat["name"]})
+    cat_name = {c["id"]: c["name"] for c in coco.get("categories", [])}
+    by_file = {im["file_name"]: im for im in raw["images"]}
+    image_file = {im["id"]: im.get("file_name") for im in coco.get("images", [])}
+    problems: list[str] = []
+    next_id = max((a["id"] for a in raw["annotations"]), default=0) + 1
+    for ann in coco.get("annotations", []):
+        where = f"{Path(coco_path).name}: annotation {ann.get('id', '?')}"
+        target = by_file.get(image_file.get(ann.get("image_id")))
+        if target is None:
+            problems.append(f"{where}: its image {image_file.get(ann.get('image_id'))!r} is not in the manifest")
+            continue
+        if ann.get("category_id") not in cat_name:
+            problems.append(f"{where}: unknown category_id {ann.get('category_id')!r}")
+            continue
+        raw["annotations"].append({"id": next_id, "image_id": target["id"],
+                                   "category_id": names[cat_name[ann["category_id"]]], "bbox": ann.get("bbox")})
+        next_id += 1
+        target["supervision"] = "box"
+        target["labels"] = []  # re-derived from the boxes
+    return problems
+
+
 def prepare_manifest(*, out: Path, source: str | None = None, root: Path | None = None,
                      coco: Path | None = None, csv: Path | None = None, images: Path | None = None,
                      manifest: Path | None = None, options: dict[str, Any] | None = None,
+                     boxes: Path | None = None,
                      val_fraction: float = 0.15, test_fraction: float = 0.15,
                      boxed_fraction: float | None = None, weak_fraction: float = 0.0, seed: int = 0,
                      on_error: str = "strict", check_images: bool = False,
@@ -48,6 +88,8 @@ def prepare_manifest(*, out: Path, source: str | None = None, root: Path | None 
     if len(chosen) != 1:
         raise CxrDistillError(f"give exactly one of --source, --coco, --csv, --manifest (got {chosen or 'none'})")
     if manifest is not None:
+        if boxes is not None:
+            raise CxrDistillError("--boxes merges into a --csv / --coco / --source input, not --manifest")
         m = load_manifest(manifest, on_error=on_error, check_images=check_images,
                           allow_outside_root=allow_outside_root)  # type: ignore[arg-type]
     else:
@@ -68,6 +110,12 @@ def prepare_manifest(*, out: Path, source: str | None = None, root: Path | None 
         except TypeError as err:
             raise CxrDistillError(f"source {source!r}: {err} (see its module docstring for the options)") from None
         source_skipped = raw.pop("skipped", [])
+        if boxes is not None:
+            merge_problems = merge_boxes(raw, boxes)
+            if merge_problems and on_error == "strict":
+                raise CxrDistillError(f"{len(merge_problems)} problem(s) merging {boxes} (use --lenient to skip "
+                                      "them):\n  " + "\n  ".join(merge_problems[:30]))
+            source_skipped += merge_problems
         m = manifest_from_dict(raw, root=root, on_error=on_error,  # type: ignore[arg-type]
                                check_images=check_images, allow_outside_root=allow_outside_root,
                                source=f"{source} source")
@@ -94,6 +142,7 @@ def register(app: typer.Typer) -> None:
         csv: Optional[Path] = typer.Option(None, "--csv", help="A CSV of images with labels and/or reports (with --images)."),
         images: Optional[Path] = typer.Option(None, "--images", help="Image folder for --coco / --csv."),
         manifest: Optional[Path] = typer.Option(None, "--manifest", help="Re-split an existing manifest."),
+        boxes: Optional[Path] = typer.Option(None, "--boxes", help="A COCO JSON of boxes to merge into the images with the same file_name."),
         option: Optional[list[str]] = typer.Option(None, "--option", help="Adapter option key=value (repeatable), e.g. labels_col=Finding."),
         val_fraction: float = typer.Option(0.15, help="Patients for validation when the source has no split."),
         test_fraction: float = typer.Option(0.15, help="Patients for test when the source has no split."),
@@ -108,7 +157,7 @@ def register(app: typer.Typer) -> None:
         console = Console()
         try:
             prepare_manifest(out=out, source=source, root=root, coco=coco, csv=csv, images=images,
-                             manifest=manifest, options=_parse_options(option or []),
+                             manifest=manifest, options=_parse_options(option or []), boxes=boxes,
                              val_fraction=val_fraction, test_fraction=test_fraction,
                              boxed_fraction=boxed_fraction, weak_fraction=weak_fraction, seed=seed,
                              on_error="lenient" if lenient else "strict", check_images=check_images,

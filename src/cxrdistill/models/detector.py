@@ -400,7 +400,7 @@ class RetinaNet(nn.Module):
         upper = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
         boxes = torch.minimum(boxes.clamp(min=0), upper)
         valid = (scores > score_thresh) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-        keep = batched_nms_sorted(boxes, labels, valid, nms_thresh)
+        keep = batched_nms_sorted(boxes, labels, valid, nms_thresh, max_keep=max_detections)
         keep &= keep.cumsum(dim=1) <= max_detections
         return [
             {"boxes": boxes[b][keep[b]], "scores": scores[b][keep[b]], "labels": labels[b][keep[b]]}
@@ -426,33 +426,53 @@ class RetinaNet(nn.Module):
             self.train(was_training)
 
 
-def batched_nms_sorted(boxes: Tensor, labels: Tensor, valid: Tensor, iou_thresh: float) -> Tensor:
-    """Greedy per-class NMS for a batch, without a loop over boxes.
+def batched_nms_sorted(
+    boxes: Tensor, labels: Tensor, valid: Tensor, iou_thresh: float, max_keep: int | None = None, block: int = 128
+) -> Tensor:
+    """Greedy per-class NMS for a batch, solved block by block of ranks instead of box by box.
 
     Args:
         boxes: ``(B, K, 4)`` xyxy, each row sorted by decreasing score.
         labels: ``(B, K)`` class per box (boxes of different classes never suppress each other).
         valid: ``(B, K)`` bool, boxes taking part.
         iou_thresh: a box is suppressed by a kept, higher-scoring box of its class with IoU above this.
+        max_keep: stop once every image has this many kept boxes (later ranks are returned False);
+            ``None`` decides every rank.
+        block: ranks decided together.
 
     Returns:
-        ``(B, K)`` bool keep mask, identical to sequential greedy NMS. Solved as the fixed point of
-        ``keep_i = valid_i and no kept j < i suppresses i``; each pass fixes at least one more
-        rank, and it usually converges in a few passes.
+        ``(B, K)`` bool keep mask, identical to sequential greedy NMS (up to ``max_keep``). The ranks
+        are taken in blocks: a block's boxes are first suppressed by the kept boxes of all earlier
+        blocks (one IoU matrix), then the block is solved as the fixed point of ``keep_i = alive_i
+        and no kept j < i of the block suppresses i``; each pass fixes at least one more rank, and it
+        usually converges in a few. Work: one ``K x K`` IoU plus ``K / block`` small fixed points,
+        instead of a ``K x K`` pass per link of the longest suppression chain.
     """
-    k = boxes.shape[1]
-    if k == 0:
-        return valid.clone()
-    earlier = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(1)  # [j, i]: j ranks above i
-    suppresses = (pairwise_box_iou(boxes, boxes) > iou_thresh) & earlier
-    suppresses &= labels.unsqueeze(2) == labels.unsqueeze(1)
-    suppresses &= valid.unsqueeze(2) & valid.unsqueeze(1)
-    keep = valid.clone()
-    for _ in range(k):
-        new_keep = valid & ~(suppresses & keep.unsqueeze(2)).any(dim=1)
-        if torch.equal(new_keep, keep):
+    batch, k = boxes.shape[:2]
+    keep = torch.zeros_like(valid)
+    for start in range(0, k, block):
+        stop = min(start + block, k)
+        alive = valid[:, start:stop].clone()
+        box_block, label_block = boxes[:, start:stop], labels[:, start:stop]
+        if start > 0:
+            by_earlier = (pairwise_box_iou(boxes[:, :start], box_block) > iou_thresh)  # (B, start, b)
+            by_earlier &= labels[:, :start].unsqueeze(2) == label_block.unsqueeze(1)
+            by_earlier &= keep[:, :start].unsqueeze(2)
+            alive &= ~by_earlier.any(dim=1)
+        size = stop - start
+        earlier = torch.ones(size, size, dtype=torch.bool, device=boxes.device).triu(1)  # [j, i]: j above i
+        suppresses = (pairwise_box_iou(box_block, box_block) > iou_thresh) & earlier
+        suppresses &= label_block.unsqueeze(2) == label_block.unsqueeze(1)
+        suppresses &= alive.unsqueeze(2) & alive.unsqueeze(1)
+        block_keep = alive.clone()
+        for _ in range(size):
+            new_keep = alive & ~(suppresses & block_keep.unsqueeze(2)).any(dim=1)
+            if torch.equal(new_keep, block_keep):
+                break
+            block_keep = new_keep
+        keep[:, start:stop] = block_keep
+        if max_keep is not None and stop < k and bool((keep.sum(dim=1) >= max_keep).all()):
             break
-        keep = new_keep
     return keep
 
 
