@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from cxrdistill.errors import ConfigError
 
@@ -30,6 +37,16 @@ Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse `true`/`false` for a number (pydantic would quietly read them as 1/0)."""
+        if isinstance(value, bool) and info.field_name is not None:
+            allowed = _leaf_types(cls.model_fields[info.field_name].annotation)
+            if bool not in allowed and allowed & {int, float}:
+                raise ValueError("a boolean is not a number")
+        return value
 
 
 class DataConfig(_Section):
@@ -189,6 +206,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
     for item in err.errors():
         owner, field_path, rest = _walk(model, item["loc"])
         key = ".".join(str(p) for p in (*([prefix] if prefix else []), *field_path))
+        if not key:  # e.g. a non-string key at the top level
+            key = ".".join(str(p) for p in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
             name = str(field_path[-1]) if field_path else str(rest[0] if rest else "?")
             if owner is None:
@@ -207,8 +226,21 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
     return f"{source}: invalid run config:\n  {body}"
 
 
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The plain types in an annotation: `int | None` -> {int, NoneType}; containers are left out."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return set().union(*(_leaf_types(a) for a in typing.get_args(annotation)))
+    return {annotation} if isinstance(annotation, type) else set()
+
+
+#: Names from other toolkits that spelling similarity does not find.
+_ALIASES = {"learning_rate": "lr", "steps": "max_steps", "num_steps": "max_steps", "wd": "weight_decay",
+            "clip_grad": "grad_clip", "gradient_clip_val": "grad_clip", "workers": "num_workers"}
+
+
 def _suggest(name: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    close = [_ALIASES[name]] if _ALIASES.get(name) in valid else \
+        difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{hint} (valid keys: {', '.join(valid)})"
 

@@ -157,17 +157,23 @@ class ImageCache:
         if size < 1:
             raise ValueError(f"size must be positive, not {size}")
         cache_dir = Path(cache_dir)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        index_file = cls.index_path(cache_dir, size)
-        previous = _load_index(index_file, size)
-        keys = [_FileKey.of(Path(p)) for p in paths]
-        builder = _Builder(cache_dir, size, keys, previous, on_error, max_pixels)
         try:
-            entries, decoded = builder.run(workers, progress)
-        except BaseException:
-            builder.discard()
-            raise
-        data_file = builder.commit(entries, index_file)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            index_file = cls.index_path(cache_dir, size)
+            previous = _load_index(index_file, size)
+            keys = [_FileKey.of(Path(p)) for p in paths]
+            builder = _Builder(cache_dir, size, keys, previous, on_error, max_pixels)
+            try:
+                entries, decoded = builder.run(workers, progress)
+            except BaseException:
+                builder.discard()
+                raise
+            data_file = builder.commit(entries, index_file)
+        except OSError as err:  # decoding errors are ImageReadErrors: an OSError here is the cache's own
+            raise CxrDistillError(
+                f"{cache_dir}: cannot write the image cache ({err.strerror or err}); free disk space or "
+                f"set data.cache_dir to a writable folder"
+            ) from err
         return cls(cache_dir, size, entries, data_file, builder.row_count, decoded=tuple(decoded))
 
 

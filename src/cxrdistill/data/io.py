@@ -21,6 +21,8 @@ reason. DICOM patient identifiers are never put into a message.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,24 +49,29 @@ def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
     ``max_pixels`` pixels.
     """
     path = Path(path)
-    _check_file(path)
-    if _is_dicom(path):
-        pixels = _read_dicom(path, max_pixels)
-    else:
-        pixels = _read_pillow(path, max_pixels)
-    return pixels
+    with _os_errors_named(path):
+        _check_file(path)
+        if _is_dicom(path):
+            return _read_dicom(path, max_pixels)
+        return _read_pillow(path, max_pixels)
 
 
 def read_image_size(path: str | Path) -> tuple[int, int]:
     """``(height, width)`` of the image in ``path``, read from the header without decoding pixels."""
     path = Path(path)
+    with _os_errors_named(path):
+        return _read_size(path)
+
+
+def _read_size(path: Path) -> tuple[int, int]:
     _check_file(path)
     if _is_dicom(path):
         ds = _dcmread(path, stop_before_pixels=True)
-        rows, cols = ds.get("Rows"), ds.get("Columns")
-        if rows is None or cols is None:
-            raise ImageReadError(path, "DICOM header has no Rows/Columns (not an image)")
-        return int(rows), int(cols)
+        with _corrupt_dicom_guard(path, "header"):
+            rows, cols = ds.get("Rows"), ds.get("Columns")
+            if rows is None or cols is None:
+                raise ImageReadError(path, "DICOM header has no Rows/Columns (not an image)")
+            return int(rows), int(cols)
     with _open_pillow(path) as image:
         width, height = image.size
     return height, width
@@ -72,6 +79,15 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------
 # shared checks
+
+
+@contextmanager
+def _os_errors_named(path: Path) -> Iterator[None]:
+    """An OSError while reading ``path`` (permission denied, I/O error) becomes an ImageReadError."""
+    try:
+        yield
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot read the file ({exc.strerror or exc})") from None
 
 
 def _check_file(path: Path) -> None:
@@ -186,7 +202,7 @@ def _dcmread(path: Path, *, stop_before_pixels: bool = False):
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
     except InvalidDicomError as exc:
         raise ImageReadError(path, f"not a valid DICOM file: {exc}") from None
-    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types (struct.error, ...) on corrupt bytes
         raise ImageReadError(path, f"corrupt DICOM header ({type(exc).__name__})") from None
     if not _has_dicom_magic(path) and "SOPClassUID" not in ds and "Rows" not in ds:
         # force=True parses almost any bytes; without the marker, demand real image elements.
@@ -194,10 +210,33 @@ def _dcmread(path: Path, *, stop_before_pixels: bool = False):
     return ds
 
 
+@contextmanager
+def _corrupt_dicom_guard(path: Path, part: str) -> Iterator[None]:
+    """Turn any error while reading DICOM elements into ImageReadError naming only its type.
+
+    pydicom converts elements lazily, so a damaged element raises (of many types) when first
+    read, not in ``dcmread``. The exception text is left out: it may quote raw element bytes,
+    patient identifiers included.
+    """
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise ImageReadError(path, f"corrupt DICOM {part} ({type(exc).__name__})") from None
+
+
 def _redact(message: str, ds: object) -> str:
-    """Remove the values of patient-identifying elements of ``ds`` from ``message``."""
+    """Remove the values of patient-identifying elements of ``ds`` from ``message``.
+
+    When an identifying element cannot be read (damaged), its value cannot be searched for, so
+    the whole message is withheld.
+    """
     for keyword in _IDENTIFYING_KEYWORDS:
-        value = getattr(ds, keyword, None)
+        try:
+            value = getattr(ds, keyword, None)
+        except Exception:  # noqa: BLE001 - a damaged element raises any type
+            return "details withheld (damaged patient elements)"
         values = value if isinstance(value, (list, tuple)) else [value]
         for item in values:
             text = str(item).strip() if item is not None else ""
@@ -210,29 +249,31 @@ def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     ds = _dcmread(path)
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise ImageReadError(path, "DICOM file has no PixelData element (not an image)")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    if rows == 0 or cols == 0:
-        raise ImageReadError(path, "DICOM header has no Rows/Columns")
-    _check_pixel_count(path, rows, cols, max_pixels)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames != 1:
-        raise ImageReadError(path, f"multi-frame DICOM ({frames} frames); expected one radiograph")
-    _check_transfer_syntax(path, ds)
+    with _corrupt_dicom_guard(path, "header"):
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            raise ImageReadError(path, "DICOM file has no PixelData element (not an image)")
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if rows == 0 or cols == 0:
+            raise ImageReadError(path, "DICOM header has no Rows/Columns")
+        _check_pixel_count(path, rows, cols, max_pixels)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames != 1:
+            raise ImageReadError(path, f"multi-frame DICOM ({frames} frames); expected one radiograph")
+        _check_transfer_syntax(path, ds)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     try:
         raw = ds.pixel_array
     except Exception as exc:  # pydicom/pylibjpeg raise many types for bad pixel data
         reason = _redact(f"{type(exc).__name__}: {exc}", ds)
         raise ImageReadError(path, f"cannot decode DICOM pixel data: {reason}") from None
 
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if raw.ndim == 3:  # colour (RGB after pydicom's YBR conversion): luminance, no LUTs
         pixels = _luminance(raw)
     else:
-        pixels = apply_modality_lut(raw, ds).astype(np.float64)
-        _check_finite_and_varying(path, pixels, " after RescaleSlope/Intercept")
-        pixels = np.asarray(apply_voi_lut(pixels, ds), dtype=np.float64)
+        with _corrupt_dicom_guard(path, "rescale/VOI LUT elements"):
+            pixels = apply_modality_lut(raw, ds).astype(np.float64)
+            _check_finite_and_varying(path, pixels, " after RescaleSlope/Intercept")
+            pixels = np.asarray(apply_voi_lut(pixels, ds), dtype=np.float64)
     _check_finite_and_varying(path, pixels, " after VOI LUT/windowing")
     scaled = _min_max(pixels)
     if photometric == "MONOCHROME1":

@@ -29,6 +29,10 @@ OnError = Literal["strict", "lenient"]
 SUPERVISION_KINDS = ("box", "image", "none")
 SPLITS = ("train", "val", "test")
 BOX_TOLERANCE_PX = 1.0
+#: Longest report accepted, in characters. Radiology reports run to a few thousand characters;
+#: far longer text is a concatenation or extraction error (and would only be truncated by a
+#: text model), so it is reported instead of being kept.
+MAX_REPORT_CHARS = 100_000
 
 
 @dataclass(frozen=True)
@@ -392,9 +396,7 @@ class _Validator:
             if report is not None and not isinstance(report, str):
                 self.problem(rec, f"'report' must be text, got {type(report).__name__}")
                 continue
-            if isinstance(report, str) and not report.strip():
-                self.problem(rec, "empty report", action="report treated as missing")
-                report = None
+            report = self.report_ok(rec, report)
             patient = row.get("patient_id")
             if patient is not None and not isinstance(patient, (str, int)):
                 self.problem(rec, f"'patient_id' must be text, got {type(patient).__name__}")
@@ -411,7 +413,37 @@ class _Validator:
                                    tuple(labels), report, None if patient is None else str(patient), extra))
         return out
 
+    def report_ok(self, rec: str, report: str | None) -> str | None:
+        """The report, or None (with an issue) when it is empty, not valid Unicode or too long."""
+        if report is None:
+            return None
+        problem = None
+        if not report.strip():
+            problem = "empty report"
+        elif len(report) > MAX_REPORT_CHARS:
+            problem = (f"report is {len(report):,} characters long, above MAX_REPORT_CHARS="
+                       f"{MAX_REPORT_CHARS:,} (a concatenation or extraction error?)")
+        else:
+            try:
+                report.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                problem = f"report is not valid Unicode text (lone surrogate at character {exc.start})"
+        if problem is None:
+            return report
+        self.problem(rec, problem, action="report treated as missing")
+        return None
+
     def file_ok(self, rec: str, file_name: str, width: int, height: int) -> bool:
+        if "\x00" in file_name:
+            self.problem(rec, "file_name contains a NUL character")
+            return False
+        try:
+            return self._file_ok(rec, file_name, width, height)
+        except OSError as exc:  # e.g. a name too long for the file system
+            self.problem(rec, f"file_name cannot be used as a path ({exc.strerror or exc})")
+            return False
+
+    def _file_ok(self, rec: str, file_name: str, width: int, height: int) -> bool:
         path = Path(file_name)
         if not self.allow_outside_root:
             if path.is_absolute():
@@ -458,6 +490,10 @@ class _Validator:
             if not _is_int(aid) or aid in seen:
                 self.problem(rec, "annotation id must be a unique integer")
                 continue
+            if not _is_int(row["image_id"]) or not _is_int(row["category_id"]):
+                self.problem(rec, f"image_id and category_id must be integers, got "
+                                  f"{row['image_id']!r} and {row['category_id']!r}")
+                continue
             if row["category_id"] not in category_ids:
                 self.problem(rec, f"unknown category_id {row['category_id']!r}; known: {sorted(category_ids)}")
                 continue
@@ -471,7 +507,10 @@ class _Validator:
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
                 self.problem(rec, f"bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
                 continue
-            x, y, w, h = (float(v) for v in bbox)
+            try:
+                x, y, w, h = (float(v) for v in bbox)
+            except OverflowError:
+                x = y = w = h = math.inf
             if not all(math.isfinite(v) for v in (x, y, w, h)):
                 self.problem(rec, f"bbox has NaN or infinite values: {bbox!r}")
                 continue

@@ -93,6 +93,12 @@ class PseudoLabelStore:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 return {k: npz[k] for k in (npz.files if keys is None else keys)}
+        except ValueError as exc:
+            if "allow_pickle" not in str(exc):
+                raise CxrDistillError(f"{path}: unreadable pseudo-label chunk ({exc})") from exc
+            raise CxrDistillError(
+                f"{path}: refused to load: the chunk holds pickled Python objects, which could run code "
+                f"when loaded (pseudo-label chunks hold plain arrays only)") from None
         except Exception as exc:
             raise CxrDistillError(f"{path}: unreadable pseudo-label chunk ({exc})") from exc
 
