@@ -76,3 +76,15 @@ def test_non_dict_checkpoint_is_refused(tmp_path):
     torch.save(torch.zeros(3), path)
     with pytest.raises(CheckpointError, match="expected a dict"):
         load_checkpoint(path)
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_save(tmp_path):
+    import torch
+
+    from cxrdistill.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    stale = tmp_path / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    save_checkpoint(tmp_path / "last.pt", {"w": torch.ones(2)})
+    assert not stale.exists()
+    assert torch.equal(load_checkpoint(tmp_path / "last.pt")["w"], torch.ones(2))

@@ -394,9 +394,6 @@ def test_csv_empty_file_is_named(tmp_path):
         get_source("csv")(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="bug in data/sources/common.py read_csv: a non-UTF-8 row raises a bare "
-                          "UnicodeDecodeError without the file and line (reported; not this module's file)")
 def test_csv_report_that_is_not_utf8_is_named_by_line(tmp_path):
     write_png(tmp_path / "a.png")
     (tmp_path / "labels.csv").write_bytes(b"image,report\na.png,fine\na.png,caf\xe9 au lait\n")

@@ -35,6 +35,8 @@ def save_checkpoint(path: Path | str, state: dict[str, Any]) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
     return path
 
 

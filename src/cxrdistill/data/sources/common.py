@@ -78,6 +78,18 @@ def find_file(root: Path, names: Sequence[str], what: str, problems: Problems) -
     raise problems.fatal(f"{what} not found under {root}; looked for {list(names)} (or .gz)")
 
 
+def _check_utf8(path: Path) -> None:
+    """Raise `ManifestError` naming the line of the first byte sequence that is not UTF-8 (streams)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        for line_number, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ManifestError(f"{path}:{line_number}: not UTF-8 text (byte 0x{line[err.start]:02x} at "
+                                    f"column {err.start + 1}); re-save the file as UTF-8") from None
+
+
 def read_csv(path: Path, required: Sequence[str] = (), problems: Problems | None = None,
              ) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     """Header and `(line_number, cells)` rows of a CSV; the header must hold `required` columns.
@@ -85,6 +97,7 @@ def read_csv(path: Path, required: Sequence[str] = (), problems: Problems | None
     Line numbers are 1-based physical lines of the file where the row starts (the header is line 1),
     so they stay right when quoted cells span several lines.
     """
+    _check_utf8(path)
     fh = open_text(path)
     reader = csv.reader(fh)
     try:
