@@ -108,6 +108,11 @@ class TrainConfig(_Section):
     best_metric: str | None = None
     """Key of `evaluate()`'s dict that selects `best.pt` (None: no best checkpoint)."""
     best_mode: Literal["max", "min"] = "max"
+    nan_policy: Literal["raise", "rollback"] = "raise"
+    """On a NaN/inf loss: stop with the step and the term (raise), or reload the last checkpoint,
+    multiply the learning rate by `rollback_lr_factor` and go on (at most `max_rollbacks` times)."""
+    rollback_lr_factor: float = Field(0.5, gt=0, lt=1)
+    max_rollbacks: int = Field(3, ge=0)
     progress: bool = True
     """Show a Rich progress bar (never shown when stdout is not a terminal or under CI)."""
     tensorboard: bool = True

@@ -52,6 +52,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 from lightning_fabric import Fabric
+from rich.console import Console
 from torch import Tensor, nn
 
 from cxrdistill.config import TrainConfig
@@ -204,8 +205,16 @@ class Trainer:
                 self.stage, max_steps, self.step, console=self.console,
                 enabled=progress_enabled(self.cfg.progress) and fabric.is_global_zero,
             ) as bar:
+                rollbacks = 0
                 while self.step < max_steps:
-                    consumed += self._optimizer_step(step_fn, batch_iter, optimizer, opt, scheduler)
+                    try:
+                        consumed += self._optimizer_step(step_fn, batch_iter, optimizer, opt, scheduler)
+                    except NonFiniteLossError as err:
+                        if not self._may_roll_back(rollbacks):
+                            raise
+                        rollbacks += 1
+                        best, last_metrics = self._roll_back(err, modules, optimizer, scheduler, sampler, extra)
+                        continue
                     if on_step_end is not None:
                         on_step_end(self.step)
                     final = self.step == max_steps
@@ -229,6 +238,32 @@ class Trainer:
         finally:
             self._logger.close()
         return result
+
+    # ------------------------------------------------------------------ NaN rollback
+
+    def _may_roll_back(self, done: int) -> bool:
+        return (self.cfg.nan_policy == "rollback" and done < self.cfg.max_rollbacks
+                and self.last_path.is_file())
+
+    def _roll_back(self, err: NonFiniteLossError, modules, optimizer, scheduler, sampler, extra):
+        """Reload `last.pt` and lower the learning rate; training goes on with the next batches."""
+        state = load_checkpoint(self.last_path)
+        self._restore(state, modules, optimizer, scheduler, sampler, extra)
+        self.step = int(state["step"])
+        factor = self.cfg.rollback_lr_factor
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        self._window = {}
+        message = (f"{err} Rolled back to step {self.step} ({self.last_path.name}) with the learning rate "
+                   f"multiplied by {factor:g}.")
+        (self.console or Console(stderr=True)).print(f"[yellow]warning:[/] {message}", highlight=False,
+                                                    soft_wrap=True)
+        self.log_metrics({"rollback": float(self.step)})
+        return state.get("best"), dict(state.get("last_metrics") or {})
 
     # ------------------------------------------------------------------ pieces of a step
 

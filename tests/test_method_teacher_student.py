@@ -1,0 +1,231 @@
+"""Teacher–student classification recipe (Martins & Silva): TTA, targets, the recipe's data flow,
+resume, the CLI, and (slow) that the student beats the teacher on the synthetic world."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cxrdistill.methods.teacher_student_cls as tsc
+from cxrdistill.cli import app
+from cxrdistill.config import validate_config
+from cxrdistill.data.manifest import load_manifest
+from cxrdistill.data.splits import make_semi_split
+from cxrdistill.data.synthetic import make_world
+from cxrdistill.errors import ConfigError, CxrDistillError
+from cxrdistill.eval.tta import ten_crop, ten_crop_predict
+from cxrdistill.pseudo.store import PseudoLabelStore
+from cxrdistill.pseudo.top_kappa import class_balanced_top_kappa
+
+# ----------------------------------------------------------------------------- ten-crop TTA
+
+
+def test_ten_crop_takes_corners_centre_and_their_flips():
+    images = torch.arange(2 * 6 * 6, dtype=torch.float32).reshape(2, 1, 6, 6)
+    crops = ten_crop(images, 4)
+    assert crops.shape == (10, 2, 1, 4, 4)
+    assert torch.equal(crops[0], images[..., :4, :4]) and torch.equal(crops[3], images[..., 2:, 2:])
+    assert torch.equal(crops[1], images[..., :4, 2:]) and torch.equal(crops[2], images[..., 2:, :4])
+    assert torch.equal(crops[4], images[..., 1:5, 1:5])
+    assert torch.equal(crops[5:], crops[:5].flip(-1))
+    with pytest.raises(ValueError, match="does not fit"):
+        ten_crop(images, 7)
+
+
+def test_ten_crop_predict_averages_the_crop_predictions():
+    images = torch.rand(3, 1, 8, 8)
+    top_left = lambda x: x[:, :, 0, 0]
+    out = ten_crop_predict(top_left, images, crop_fraction=0.75)  # 6 px crops
+    corners = [images[:, :, y, x] for y, x in ((0, 0), (0, 2), (2, 0), (2, 2), (1, 1))]
+    flipped = [images[:, :, y, x + 5] for y, x in ((0, 0), (0, 2), (2, 0), (2, 2), (1, 1))]
+    assert torch.allclose(out, torch.stack(corners + flipped).mean(0))
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def test_tasks_encode_image_labels():
+    names = ["a", "b", "c"]
+    both, none = np.array([0, 1, 1], np.float32), np.zeros(3, np.float32)
+    multi = tsc.ClassificationTask(names, "multi_label")
+    assert multi.encode(both, 1).tolist() == [0, 1, 1] and multi.kappa_mode == "multi"
+    single = tsc.ClassificationTask(names, "single_label", normal_class=True)
+    assert single.output_names == ["a", "b", "c", "(no finding)"]
+    assert single.encode(both, 1).tolist() == [0, 1, 0, 0]  # first present class
+    assert single.encode(none, 1).tolist() == [0, 0, 0, 1]
+    with pytest.raises(CxrDistillError, match="image 7: has no class"):
+        tsc.ClassificationTask(names, "single_label", normal_class=False).encode(none, 7)
+    anyf = tsc.ClassificationTask(names, "any_finding")
+    assert anyf.encode(both, 1).tolist() == [0, 1] and anyf.encode(none, 1).tolist() == [1, 0]
+
+
+def test_single_label_loss_ignores_rows_outside_the_mask():
+    task = tsc.ClassificationTask(["a", "b"], "single_label", normal_class=False)
+    logits = torch.tensor([[5.0, -5.0], [5.0, -5.0]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    only_first = task.loss(logits, targets, torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    both = task.loss(logits, targets, torch.ones(2, 2))
+    assert only_first < 1e-3 < both
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+@pytest.fixture(scope="module")
+def semi_manifest(tmp_path_factory) -> Path:
+    """A 32 px synthetic world, 25 % of the training patients labeled, the rest unlabeled."""
+    root = tmp_path_factory.mktemp("world")
+    manifest = make_semi_split(load_manifest(make_world(root, n_images=80, image_size=32, seed=3)),
+                               boxed_fraction=0.25, seed=0)
+    return manifest.save(root / "semi.json")
+
+
+def _cfg(manifest: Path, out: Path, **params) -> dict:
+    return {
+        "data": {"manifest": str(manifest), "image_size": 32, "cache_dir": str(out.parent / "cache")},
+        "model": {"kind": "classifier", "options": {"arch": "resnet18", "tiny": True}},
+        "train": {"batch_size": 8, "lr": 1e-3, "progress": False, "tensorboard": False, "checkpoint_every": 5},
+        "method": {"name": "teacher_student_cls", "params": {
+            "teacher_epochs": 1, "pseudo_epochs": 1, "finetune_epochs": 1, "n_boot": 20,
+            "predict_batch_size": 16, **params}},
+        "output_dir": str(out),
+    }
+
+
+def _run(raw: dict):
+    from lightning_fabric.utilities.seed import seed_everything
+
+    from cxrdistill.engine.context import RunContext
+    from cxrdistill.engine.run_dir import RunDirectory
+    from cxrdistill.methods.registry import validate_method_params
+
+    cfg = validate_config(raw)
+    params = validate_method_params(cfg.method.name, cfg.method.params)
+    ctx = RunContext.create(cfg, RunDirectory(cfg.output_dir))
+    seed_everything(cfg.train.seed, verbose=False)  # as `cxrdistill train` does
+    return tsc.run(cfg, params, ctx), ctx
+
+
+@pytest.mark.parametrize("task", ["multi_label", "single_label"])
+def test_student_is_trained_only_on_the_selected_images(semi_manifest, tmp_path, monkeypatch, task):
+    seen: dict[str, set[int]] = {}
+    masks: dict[str, dict[int, list[float]]] = {}  # stage -> image id -> supervised entries
+    current: list[str] = []
+    train_stage, batch_loss = tsc._train_stage, tsc.batch_loss
+
+    def spy_stage(ctx, stage, model, dataset, *args, **kwargs):
+        current[:] = [stage]
+        return train_stage(ctx, stage, model, dataset, *args, **kwargs)
+
+    def spy_loss(model, batch, *args):
+        seen.setdefault(current[0], set()).update(batch["image_id"].tolist())
+        masks.setdefault(current[0], {}).update(zip(batch["image_id"].tolist(), batch["mask"].tolist()))
+        return batch_loss(model, batch, *args)
+
+    monkeypatch.setattr(tsc, "_train_stage", spy_stage)
+    monkeypatch.setattr(tsc, "batch_loss", spy_loss)
+    out = tmp_path / "run"
+    metrics, ctx = _run(_cfg(semi_manifest, out, task=task, kappa=0.5, generations=2))
+
+    manifest = load_manifest(semi_manifest)
+    labeled = {im.id for im in manifest.select(split="train", supervision=["box", "image"])}
+    unlabeled = [im.id for im in manifest.select(split="train", supervision="none")]
+    labeled_set = tsc.TargetDataset.labeled(ctx_dataset(ctx, manifest, ["box", "image"]),
+                                            tsc.ClassificationTask(manifest.class_names, task))
+    for gen in (1, 2):
+        store = PseudoLabelStore(out / "pseudo", gen - 1)
+        assert store.is_complete()
+        records = store.read()
+        assert sorted(records) == sorted(unlabeled)
+        probs = torch.stack([records[i] for i in unlabeled])
+        mode = "multi" if task == "multi_label" else "single"
+        sel = class_balanced_top_kappa(probs, 0.5, labeled_set.targets.mean(0).double(), mode=mode)
+        entries = sel.keep if sel.keep.dim() == 2 else sel.keep[:, None].expand(-1, probs.shape[1])
+        assert 0 < int(entries.sum()) < entries.numel()  # the filter dropped something
+        selected = {i for i, k in zip(unlabeled, entries.any(dim=1).tolist()) if k}
+        # the intermediate student saw exactly the selected unlabeled images, nothing labeled,
+        # and each image is supervised on exactly its kept entries (per class in multi-label)
+        assert seen[f"student{gen}_pseudo"] == selected
+        stage_masks = masks[f"student{gen}_pseudo"]
+        assert all(stage_masks[i] == entries[unlabeled.index(i)].float().tolist() for i in selected)
+        assert seen[f"student{gen}_finetune"] <= labeled
+    assert seen["teacher"] <= labeled and seen["teacher"]
+    for stage in ("teacher", "student1_pseudo", "student1_finetune", "student2_finetune"):
+        assert (out / "checkpoints" / stage / "last.pt").is_file()
+        assert (out / "eval" / stage / "metrics.json").is_file()
+    table = json.loads((out / "eval" / "table.json").read_text())
+    assert [r["row"] for r in table["rows"]] == ["teacher", "intermediate1", "student1", "intermediate2", "student2"]
+    assert 0 <= metrics["student2_auroc"] <= 1 and "student2_minus_teacher_ci_low" in metrics
+
+
+def ctx_dataset(ctx, manifest, supervision):
+    from cxrdistill.data.study import StudyData
+
+    data = StudyData.from_config(ctx.cfg.data)
+    return data.dataset("train", supervision=supervision)
+
+
+def test_rerun_skips_stages_and_reads_stored_pseudo_labels(semi_manifest, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    first, _ = _run(_cfg(semi_manifest, out, task="any_finding"))
+    chunks = {p: p.stat().st_mtime_ns for p in (out / "pseudo" / "generation_000").glob("chunk_*.npz")}
+    assert chunks
+
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("a finished run must not predict again (pseudo-labels and scores are stored)")
+
+    monkeypatch.setattr(tsc, "predict_probs", no_prediction)
+    again, _ = _run(_cfg(semi_manifest, out, task="any_finding"))
+    assert again == first
+    assert {p: p.stat().st_mtime_ns for p in chunks} == chunks
+
+
+def test_cli_train_runs_the_recipe_and_rejects_a_fully_labeled_split(semi_manifest, tmp_path):
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(_cfg(semi_manifest, tmp_path / "run", task="multi_label")))
+    res = CliRunner().invoke(app, ["train", "--config", str(config)])
+    assert res.exit_code == 0, res.output
+    assert "Table I" in res.output and "student1_finetune" in res.output
+    metrics = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert {"teacher_auroc", "intermediate1_auroc", "student1_auroc", "student1_minus_teacher"} <= set(metrics)
+
+    m = load_manifest(semi_manifest)
+    labeled_only = m.with_images([im for im in m.images if im.supervision != "none"]).save(
+        semi_manifest.parent / "labeled_only.json")
+    raw = _cfg(labeled_only, tmp_path / "run2")
+    with pytest.raises(ConfigError, match="no unlabeled image"):
+        _run(raw)
+
+
+@pytest.mark.slow
+def test_student_beats_teacher_on_the_synthetic_world(tmp_path):
+    """10 % labeled (36 images, 324 unlabeled), normal vs cardiomegaly, 64 px, tiny ResNet-18: the
+    student's held-out AUROC exceeds the teacher's, with the paired-bootstrap 95 % CI above 0.
+
+    Why this setting (docs/results_teacher_student.md): the student gains only when the teacher's
+    kept pseudo-labels are mostly right. Cardiomegaly is the class a 64 px tiny network learns from
+    42 images (teacher AUROC ~0.8, kept labels ~86 % right); with findings invisible at 64 px in
+    the world (nodules, pneumothorax) the teacher is near chance and so is the student. Flip-only
+    augmentation: with the paper's strong affine list the tiny teacher does not fit 42 images in
+    this budget. A teacher trained as many steps as the student does not close the gap (measured).
+    180 test images: with 90 the paired CI (~±0.1) swallowed a +0.07 gain at one of three seeds;
+    with 180 the lower bound was +0.11 and +0.09 at training seeds 0 and 1.
+    """
+    root = tmp_path / "world"
+    world = make_world(root, n_images=600, image_size=64, seed=0, classes=["cardiomegaly"],
+                       splits=(0.6, 0.1, 0.3))
+    manifest = make_semi_split(load_manifest(world), boxed_fraction=0.1, seed=0).save(root / "semi.json")
+    raw = _cfg(manifest, tmp_path / "run", task="any_finding", augment="flip", teacher_epochs=100,
+               pseudo_epochs=10, finetune_epochs=50, n_boot=1000, predict_batch_size=64)
+    raw["data"]["image_size"] = 64
+    raw["train"].update(batch_size=16, optimizer="adam", weight_decay=0.0, checkpoint_every=500)
+    metrics, _ = _run(raw)
+    assert metrics["teacher_auroc"] > 0.65, metrics  # the teacher learned something to distil
+    assert metrics["student1_minus_teacher_ci_low"] > 0, metrics
