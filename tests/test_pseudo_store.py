@@ -42,7 +42,7 @@ def test_crash_resume_reads_every_image_exactly_once(tmp_path):
     writer = store.writer(chunk_size=3)
     for i in ids[:7]:  # killed after 7 images: 2 chunks on disk, 1 record only in memory
         writer.add(i, _dets(i))
-    (store.path / "chunk_r00_000002.npz.tmp").write_bytes(b"PK\x03\x04 half a chunk")
+    (store.path / ".chunk_r00_000002.npz.k1l2.tmp").write_bytes(b"PK\x03\x04 half a chunk")
     del writer
 
     resumed = PseudoLabelStore(tmp_path, generation=2)

@@ -80,6 +80,7 @@ def _partial_write(handle, data: bytes) -> None:
 
 
 def install_train_kill(point: KillPoint) -> None:
+    from cxrdistill import atomic
     from cxrdistill.engine import checkpoint, loop
 
     state = {"step": None}
@@ -108,9 +109,9 @@ def install_train_kill(point: KillPoint) -> None:
                 _die()
             return real_replace(src, dst)
         checkpoint.torch.save = save
-        checkpoint.os.replace = replace
+        atomic.os.replace = replace
     elif point.where == "before_done":
-        loop._write_json_atomic = lambda path, data: _die()
+        loop.write_json_atomic = lambda path, data: _die()
     else:
         raise ValueError(point)
 
@@ -133,21 +134,21 @@ def install_pseudo_kill(point: KillPoint) -> None:
             return original_add(self, image_id, record)
         store.PseudoLabelWriter.add = add
     elif point.where in ("chunk_partial", "chunk_before_rename", "complete_partial"):
-        original_write = store._atomic_write
+        original_write = store.atomic_write
 
         def atomic_write(path, write):
             is_chunk = path.name.startswith("chunk_")
             if is_chunk == (point.where != "complete_partial") and hit():
                 if point.where == "chunk_before_rename":
-                    with open(path.with_name(path.name + ".tmp"), "wb") as f:
+                    with open(path.with_name(f".{path.name}.killed.tmp"), "wb") as f:
                         write(f)
                     _die()
                 buf = io.BytesIO()
                 write(buf)
-                with open(path.with_name(path.name + ".tmp"), "wb") as f:
+                with open(path.with_name(f".{path.name}.killed.tmp"), "wb") as f:
                     _partial_write(f, buf.getvalue())
             return original_write(path, write)
-        store._atomic_write = atomic_write
+        store.atomic_write = atomic_write
     elif point.where == "before_complete":
         store.PseudoLabelStore.mark_complete = lambda self, *a, **k: _die()
     else:
@@ -304,7 +305,7 @@ def kill_and_resume_pseudo(tmp_path: Path, points: list[KillPoint]) -> list[str]
         partial = store.read(require_complete=False)  # every chunk file on disk reads completely
         assert all(_same(partial[i], truth[i]) for i in partial)
         if point.where in ("chunk_partial", "chunk_before_rename"):
-            assert list(store.path.glob("chunk_*.npz.tmp")), "the partial chunk scenario did not happen"
+            assert list(store.path.glob(".chunk_*.npz.*.tmp")), "the partial chunk scenario did not happen"
     resumed = run_pseudo(data_root, out)
     assert resumed.is_complete()
     got = resumed.read()

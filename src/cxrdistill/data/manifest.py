@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 
+from cxrdistill.atomic import write_json_atomic  # noqa: F401  (re-exported for callers)
 from cxrdistill.errors import ManifestError
 
 OnError = Literal["strict", "lenient"]
@@ -216,21 +216,6 @@ class Manifest:
 
 
 # ------------------------------------------------------------------------------------------
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to `path` via a temp file in the same directory and `os.replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_manifest(path: str | Path, *, root: str | Path | None = None, on_error: OnError = "strict",
                   check_files: bool = True, check_images: bool = False,
                   allow_outside_root: bool = False) -> Manifest:

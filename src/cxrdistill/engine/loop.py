@@ -41,12 +41,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -55,6 +53,7 @@ from lightning_fabric import Fabric
 from rich.console import Console
 from torch import Tensor, nn
 
+from cxrdistill.atomic import write_json_atomic
 from cxrdistill.config import TrainConfig
 from cxrdistill.engine.checkpoint import load_checkpoint, save_checkpoint
 from cxrdistill.engine.logging import MetricsLogger
@@ -233,7 +232,7 @@ class Trainer:
             result = FitResult(self.stage, self.step, last_metrics, best, resumed_from, False, str(self.last_path))
             if fabric.is_global_zero:
                 elapsed = time.perf_counter() - start_time
-                _write_json_atomic(self.done_path, {**asdict(result), "seconds": elapsed, "max_steps": max_steps})
+                write_json_atomic(self.done_path, {**asdict(result), "seconds": elapsed, "max_steps": max_steps})
             fabric.barrier()
         finally:
             self._logger.close()
@@ -506,12 +505,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 __all__ = ["FitResult", "NonFiniteLossError", "Stateful", "Trainer", "make_fabric"]

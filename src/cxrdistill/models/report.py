@@ -27,6 +27,7 @@ import torch
 from scipy.special import expit, logit
 from torch import nn
 
+from cxrdistill.atomic import atomic_write, write_text_atomic
 from cxrdistill.errors import CheckpointError
 from cxrdistill.models.classifier import masked_bce_with_logits
 from cxrdistill.models.text_encoder import EmptyPolicy, check_reports, default_encoder_dir, load_encoder
@@ -75,10 +76,7 @@ def _check_sample_weight(sample_weight: np.ndarray | None, num_texts: int) -> np
 
 
 def _write_json(path: Path, obj: object) -> None:
-    """Write JSON atomically (temp file + ``os.replace``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False))
 
 
 def _read_config(directory: Path, kind: str) -> dict:
@@ -192,9 +190,8 @@ class TfidfReportClassifier:
         directory.mkdir(parents=True, exist_ok=True)
         vocabulary = {term: int(i) for term, i in self.vectorizer.vocabulary_.items()}
         _write_json(directory / "vocabulary.json", vocabulary)
-        tmp = directory / "weights.tmp.npz"
-        np.savez(tmp, idf=self.vectorizer.idf_, coef=self.coef, intercept=self.intercept)
-        os.replace(tmp, directory / "weights.npz")
+        atomic_write(directory / "weights.npz",
+                     lambda f: np.savez(f, idf=self.vectorizer.idf_, coef=self.coef, intercept=self.intercept))
         _write_json(
             directory / CONFIG_FILE,
             {

@@ -2,7 +2,7 @@
 
 Layout (``root/generation_003/``)::
 
-    chunk_r00_000000.npz   records of a chunk, written to ``*.tmp`` then renamed (atomic)
+    chunk_r00_000000.npz   records of a chunk, written to a ``.chunk_….tmp`` file then renamed (atomic)
     chunk_r00_000001.npz
     COMPLETE.json          written last (atomically) when the pass has covered every image
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Union
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cxrdistill.atomic import atomic_write
 from cxrdistill.errors import CxrDistillError
 
 ImageId = Union[int, str]
@@ -41,16 +42,6 @@ _CHUNK = re.compile(r"^chunk_r(\d+)_(\d+)\.npz$")
 _VALUE = "value"  # key of a record written as a single array
 _KIND = "__kind__"
 _MARKER = "COMPLETE.json"
-
-
-def _atomic_write(path: Path, write: Callable[[object], object]) -> None:
-    """Write through ``write(file)`` to ``path.tmp``, fsync, then rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _as_numpy(value: Tensor | np.ndarray) -> np.ndarray:
@@ -140,7 +131,7 @@ class PseudoLabelStore:
             "metadata": dict(metadata or {}),
         }
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path / _MARKER, lambda f: f.write(json.dumps(marker, indent=1).encode()))
+        atomic_write(self.path / _MARKER, lambda f: f.write(json.dumps(marker, indent=1).encode()))
 
     def iter_records(self, require_complete: bool = True) -> Iterator[tuple[ImageId, Tensor | dict[str, Tensor]]]:
         """Yield ``(image_id, record)`` chunk by chunk, holding one chunk in memory at a time."""
@@ -191,7 +182,7 @@ class PseudoLabelWriter:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.store, self.chunk_size, self.rank = store, chunk_size, rank
         store.path.mkdir(parents=True, exist_ok=True)
-        for stale in store.path.glob(f"chunk_r{rank:02d}_*.npz.tmp"):
+        for stale in store.path.glob(f".chunk_r{rank:02d}_*.tmp"):
             stale.unlink()  # a chunk a killed pass never finished: its records are not in done_ids
         self._stored = store.done_ids()
         self._seen: set[ImageId] = set()
@@ -256,7 +247,7 @@ class PseudoLabelWriter:
                 raise CxrDistillError(f"key {key!r}: records of chunk disagree on the number of dimensions: {ndims}")
             payload[f"{key}.shapes"] = np.asarray([v.shape for v in values], dtype=np.int64).reshape(len(values), -1)
         path = self.store.path / f"chunk_r{self.rank:02d}_{self._next_index:06d}.npz"
-        _atomic_write(path, lambda f: np.savez(f, **payload))
+        atomic_write(path, lambda f: np.savez(f, **payload))
         self._next_index += 1
         self.written += len(self._pending)
         self._pending = []

@@ -1,0 +1,382 @@
+"""AALS: knowledge distillation with adaptive asymmetric label sharpening (Wang et al., MICCAI 2021).
+
+Three kinds of training image, per class (Sec. 2, "Problem Setup"):
+
+- **R**: region-level labels (supervision ``"box"``); every class has a box mask (1 in boxes).
+- **N**: image-level negative (supervision ``"image"``, class absent): an all-zero mask.
+- **P**: image-level positive (supervision ``"image"``, class present): no mask; a pseudo map.
+
+Images with supervision ``"none"`` are not part of the paper's setup and are left out (counted).
+
+1. **Supervised pre-training** (Eq. 1) on R ∪ N: pixel-wise BCE between the FPN probability map
+   and the rasterised masks (:func:`~cxrdistill.models.heatmap.boxes_to_masks`).
+2. **Semi-supervised training**: teacher and student start from the pre-trained weights; the
+   teacher is the EMA of the student (Eq. 2, α = 0.999, :class:`~cxrdistill.engine.ema.EMATeacher`).
+   R and N keep L_sup; on P the teacher's map is sharpened by AALS (Eqs. 6–7, t = 0.4, a0 = 4,
+   target max(S(y), y): :func:`~cxrdistill.pseudo.sharpening.asymmetric_sharpen`) and the student
+   learns it by the KL loss (Eq. 4, :func:`~cxrdistill.pseudo.sharpening.kl_map_loss`).
+   L = L_sup + L_semi (Eq. 5).
+
+Both losses are sums over images in the paper; here each is a mean over its own maps, weighted by
+its share of the batch's (image, class) maps, which is Eq. (5) up to one constant factor.
+
+Switches (``method.params``): ``semi_supervised: false`` stops after pre-training (the paper's
+"Supervised pre-training" row), ``a0: 1`` is the plain mean teacher (no sharpening),
+``positive_fraction`` uses a seeded, nested subset of P (Fig. 3: 0 / 20 / 60 / 100 %).
+
+Image score = the maximum of the class map; metrics: AUROC with bootstrap CI and the AALS
+modified FROC (recall at 1–10 % false-positive pixels), also with a bootstrap CI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from cxrdistill.config import ModelConfig, RunConfig
+from cxrdistill.data.dataset import CXRDataset, collate
+from cxrdistill.data.study import StudyData
+from cxrdistill.engine.checkpoint import load_checkpoint
+from cxrdistill.engine.context import RunContext
+from cxrdistill.engine.ema import EMATeacher
+from cxrdistill.engine.optim import build_optimizer
+from cxrdistill.engine.sampler import RatioBatchSampler
+from cxrdistill.errors import CheckpointError, ConfigError
+from cxrdistill.eval.classification import bootstrap_indices
+from cxrdistill.eval.froc import ModifiedFroc
+from cxrdistill.eval.runs import evaluate_heatmap, write_metrics
+from cxrdistill.methods.registry import register_method
+from cxrdistill.models.heatmap import HeatmapFPN, boxes_to_masks, pixel_bce_loss
+from cxrdistill.pseudo.sharpening import asymmetric_sharpen, kl_map_loss
+
+
+class AalsParams(BaseModel):
+    """Parameters of the AALS recipe; defaults are the paper's values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    semi_supervised: bool = True
+    """False: stop after supervised pre-training on R ∪ N (Table 1, "Supervised pre-training")."""
+    t: float = Field(0.4, gt=0.0, lt=1.0)
+    """Sharpening centre of Eq. (6); t = 0.4 in the paper (Table 2 sweeps 0.2–0.5)."""
+    a0: float = Field(4.0, ge=1.0)
+    """Largest sharpening strength of Eq. (7); 4 in the paper, 1 = no sharpening (mean teacher)."""
+    ema_decay: float = Field(0.999, ge=0.0, le=1.0)
+    """α of Eq. (2), 0.999 following Mean Teacher."""
+    positive_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    """Fraction of the P images whose positive labels are used (Fig. 3); a nested seeded subset."""
+    pretrain_steps: int | None = Field(None, ge=0)
+    """Optimizer steps of supervised pre-training (None: ``train.max_steps``)."""
+    semi_steps: int | None = Field(None, ge=0)
+    """Optimizer steps of semi-supervised training (None: ``train.max_steps``)."""
+    positives_per_batch: int | None = Field(None, ge=1)
+    """P images per batch next to ``train.batch_size`` R ∪ N images (None: ``train.unlabeled_batch_size``,
+    or ``train.batch_size`` when that is 0)."""
+    pretrained_checkpoint: Path | None = None
+    """Skip pre-training and start from this checkpoint's ``student`` weights (e.g. another run's
+    ``checkpoints/pretrain/last.pt``), so sweeps share one pre-training."""
+    eval_split: str = "test"
+    eval_batch_size: int = Field(16, ge=1)
+    n_boot: int = Field(1000, ge=0)
+    """Bootstrap replicates for the AUROC CI."""
+    froc_boot: int = Field(200, ge=0)
+    """Bootstrap replicates for the modified-FROC CI (0: no CI)."""
+    detection_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    """Map threshold whose connected regions are written as boxes to predictions.json."""
+
+
+# --------------------------------------------------------------------------------- the three sets
+
+
+@dataclass
+class TrainingSets:
+    """Indices into ``dataset`` of the images that supervise each stage.
+
+    ``supervised``: images with at least one supervised map (R, or an N class) — the pre-training
+    pool. ``positive``: images with at least one used P class. ``positive_ids``: their image ids.
+    """
+
+    dataset: CXRDataset
+    supervised: list[int]
+    positive: list[int]
+    positive_ids: Tensor
+    counts: dict[str, dict[str, int]]
+    unused: int
+
+
+def nested_subset(ids: list[int], fraction: float, seed: int) -> list[int]:
+    """A seeded subset of ``round(fraction * len(ids))`` ids; subsets of one seed are nested."""
+    ordered = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:aals-p:{i}".encode()).hexdigest())
+    return sorted(ordered[: round(fraction * len(ordered))])
+
+
+def split_sets(data: StudyData, positive_fraction: float, seed: int, split: str = "train") -> TrainingSets:
+    """R, N and P of ``split`` (per class), with ``positive_fraction`` of the P images kept."""
+    dataset = data.dataset(split, supervision=("box", "image", "none"))
+    manifest, names = data.manifest, data.class_names
+    counts = {name: {"R": 0, "N": 0, "P": 0, "P_used": 0} for name in names}
+    weak_positive: list[int] = []
+    for im in dataset.images:
+        if im.supervision == "image" and manifest.image_labels(im.id).any():
+            weak_positive.append(im.id)
+    used = set(nested_subset(weak_positive, positive_fraction, seed))
+    supervised, positive, unused = [], [], 0
+    for index, im in enumerate(dataset.images):
+        labels = manifest.image_labels(im.id)
+        if im.supervision == "box":
+            supervised.append(index)
+            for name in names:
+                counts[name]["R"] += 1
+        elif im.supervision == "image":
+            if not labels.all():
+                supervised.append(index)
+            if im.id in used:
+                positive.append(index)
+            for k, name in enumerate(names):
+                kind = "P" if labels[k] else "N"
+                counts[name][kind] += 1
+                if kind == "P" and im.id in used:
+                    counts[name]["P_used"] += 1
+        else:
+            unused += 1
+    if not supervised:
+        raise ConfigError(f"AALS: split {split!r} has no image with boxes or image-level negatives (R ∪ N is empty)")
+    return TrainingSets(dataset, supervised, positive, torch.tensor(sorted(used), dtype=torch.long), counts, unused)
+
+
+# --------------------------------------------------------------------------------- targets and losses
+
+
+@dataclass
+class MapTargets:
+    """Per-(image, class) supervision of a batch at the map resolution.
+
+    masks ``(B, C, h, w)``: box masks for R, zeros otherwise. ``supervised (B, C)``: 1 where L_sup
+    applies (every class of R, the absent classes of N images). ``positive (B, C)``: 1 where L_semi
+    applies (the present classes of the used P images).
+    """
+
+    masks: Tensor
+    supervised: Tensor
+    positive: Tensor
+
+
+def map_targets(batch: dict[str, Any], num_classes: int, stride: int, positive_ids: Tensor) -> MapTargets:
+    """The R / N / P supervision of a collated batch (see :class:`MapTargets`)."""
+    images = batch["image"]
+    height, width = images.shape[-2:]
+    masks = boxes_to_masks(batch["boxes"], batch["labels"], num_classes, height, width, stride)
+    has_boxes = batch["has_boxes"].to(images.device)
+    weak = batch["has_image_labels"].to(images.device) & ~has_boxes
+    present = batch["image_labels"].to(images)
+    boxed = has_boxes[:, None].float().expand_as(present)
+    supervised = boxed + weak[:, None].float() * (1 - present)
+    used = torch.isin(batch["image_id"].to(images.device), positive_ids.to(images.device))
+    positive = (weak & used)[:, None].float() * present
+    return MapTargets(masks.to(images), supervised, positive)
+
+
+def supervised_loss(logits: Tensor, targets: MapTargets) -> Tensor:
+    """L_sup (Eq. 1): mean pixel BCE over the supervised maps of R ∪ N."""
+    return pixel_bce_loss(logits, targets.masks, weights=targets.supervised)
+
+
+def aals_losses(student_logits: Tensor, teacher_probs: Tensor, targets: MapTargets, t: float, a0: float) -> dict[str, Tensor]:
+    """L_sup and L_semi (Eqs. 1, 4–7) of one batch, each weighted by its share of the counted maps.
+
+    ``teacher_probs (B, C, h, w)``: the teacher's probability maps. Returns ``{"sup", "semi"}``
+    plus ``log_teacher_max`` / ``log_target_max`` (mean over P maps of the map maximum).
+    """
+    n_sup, n_pos = targets.supervised.sum(), targets.positive.sum()
+    total = (n_sup + n_pos).clamp(min=1.0)
+    sharpened = asymmetric_sharpen(teacher_probs, t=t, a0=a0)
+    semi = kl_map_loss(student_logits, sharpened, mask=targets.positive[:, :, None, None])
+    out = {"sup": supervised_loss(student_logits, targets) * (n_sup / total), "semi": semi * (n_pos / total)}
+    if n_pos > 0:
+        weight = targets.positive
+        out["log_teacher_max"] = (teacher_probs.flatten(2).amax(2) * weight).sum() / n_pos
+        out["log_target_max"] = (sharpened.flatten(2).amax(2) * weight).sum() / n_pos
+    return out
+
+
+# --------------------------------------------------------------------------------- the recipe
+
+
+def build_heatmap(model_cfg: ModelConfig, num_classes: int) -> HeatmapFPN:
+    """The FPN probability-map network of ``cfg.model`` (``options`` go to :class:`HeatmapFPN`)."""
+    if model_cfg.kind != "heatmap":
+        raise ConfigError(f"model.kind: AALS trains a heat-map model; set model.kind=heatmap (got {model_cfg.kind!r})")
+    return HeatmapFPN(num_classes, depth=model_cfg.depth, base_width=model_cfg.base_width, **model_cfg.options)
+
+
+def _loader(sets: TrainingSets, first: list[int], second: list[int], n_first: int, n_second: int,
+            seed: int, ctx: RunContext) -> tuple[DataLoader, RatioBatchSampler]:
+    sampler = RatioBatchSampler(first, second, n_first, n_second, seed, rank=ctx.rank, world_size=ctx.world_size)
+    return DataLoader(sets.dataset, batch_sampler=sampler, collate_fn=collate,
+                      num_workers=ctx.cfg.data.num_workers), sampler
+
+
+def _load_student(path: Path, student: HeatmapFPN) -> None:
+    """Load a stage checkpoint's ``modules.student`` (or a bare state dict) into ``student``."""
+    state = load_checkpoint(path)
+    weights = state["modules"]["student"] if "modules" in state else state
+    try:
+        student.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: its 'student' weights do not fit this heat-map model ({err})") from err
+
+
+def pretrain(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: TrainingSets, student: HeatmapFPN) -> None:
+    """Stage 1: supervised pre-training on R ∪ N (Eq. 1), or the weights of ``pretrained_checkpoint``."""
+    if params.pretrained_checkpoint is not None:
+        _load_student(params.pretrained_checkpoint, student)
+        return
+    loader, sampler = _loader(sets, sets.supervised, [], cfg.train.batch_size, 0, cfg.train.seed, ctx)
+    optimizer = build_optimizer(student.parameters(), cfg.train)
+    trainer = ctx.trainer("pretrain")
+
+    def step(batch: dict[str, Any], _: int) -> dict[str, Tensor]:
+        targets = map_targets(batch, student.num_classes, student.output_stride, sets.positive_ids)
+        return {"sup": supervised_loss(student(batch["image"]), targets)}
+
+    steps = cfg.train.max_steps if params.pretrain_steps is None else params.pretrain_steps
+    trainer.fit(step, {"student": student}, optimizer, loader, steps, sampler=sampler)
+
+
+def distill(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: TrainingSets, student: HeatmapFPN) -> EMATeacher:
+    """Stage 2: the mean teacher with AALS on R ∪ N ∪ P (Eqs. 2–7); returns the EMA teacher."""
+    teacher = EMATeacher(student, decay=params.ema_decay)  # both start from the pre-trained weights
+    per_batch = params.positives_per_batch or cfg.train.unlabeled_batch_size or cfg.train.batch_size
+    loader, sampler = _loader(sets, sets.supervised, sets.positive, cfg.train.batch_size, per_batch,
+                              cfg.train.seed + 1, ctx)
+    optimizer = build_optimizer(student.parameters(), cfg.train)
+    trainer = ctx.trainer("semi")
+
+    def step(batch: dict[str, Any], _: int) -> dict[str, Tensor]:
+        targets = map_targets(batch, student.num_classes, student.output_stride, sets.positive_ids)
+        with torch.no_grad():
+            teacher_probs = torch.sigmoid(teacher(batch["image"]))
+        losses = aals_losses(student(batch["image"]), teacher_probs, targets, params.t, params.a0)
+        losses["log_n_positive_maps"] = targets.positive.sum()
+        return losses
+
+    steps = cfg.train.max_steps if params.semi_steps is None else params.semi_steps
+    trainer.fit(step, {"student": student, "teacher": teacher}, optimizer, loader, steps, sampler=sampler,
+                on_step_end=lambda _: teacher.update(student))
+    return teacher
+
+
+@register_method("aals", AalsParams)
+def run(cfg: RunConfig, params: AalsParams, ctx: RunContext) -> dict[str, float]:
+    """Pre-train on R ∪ N, then (unless switched off) distil with AALS; evaluate each model."""
+    torch.manual_seed(cfg.train.seed)
+    data = StudyData.from_config(cfg.data)
+    sets = split_sets(data, params.positive_fraction, cfg.train.seed)
+    _write_json(ctx.run_dir.path / "aals_sets.json", {"per_class": sets.counts, "unused_none": sets.unused,
+                                                       "supervised_images": len(sets.supervised),
+                                                       "positive_images": len(sets.positive)})
+    if sets.unused:
+        ctx.console.print(f"AALS: {sets.unused} training images with supervision 'none' are not used")
+    eval_set = data.dataset(params.eval_split, with_truth=True)
+    if len(eval_set) == 0:
+        raise ConfigError(f"method.params.eval_split: split {params.eval_split!r} has no images")
+    student = build_heatmap(cfg.model, data.num_classes)
+    pretrain(cfg, params, ctx, sets, student)
+    out = _flat("pretrain", evaluate(student, eval_set, ctx.run_dir.eval / "pretrain", params))
+    if not params.semi_supervised:
+        return out
+    if not sets.positive:
+        ctx.console.print("AALS: no used image-level positives (P is empty): the semi stage trains on R ∪ N only")
+    teacher = distill(cfg, params, ctx, sets, student)
+    for name, model in (("student", student), ("teacher", teacher.module)):
+        out.update(_flat(name, evaluate(model, eval_set, ctx.run_dir.eval / name, params)))
+    return out
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict_maps(model: torch.nn.Module, dataset: CXRDataset, batch_size: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per image: probability maps ``(C, h, w)`` at the model's stride, truth boxes ``(N, 4)`` xyxy in
+    map pixels and their class indices ``(N,)`` — what the modified FROC reads."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        probs = torch.sigmoid(model(batch["image"].to(device)).float()).cpu()
+        scale = probs.shape[-1] / batch["image"].shape[-1]
+        for b in range(len(probs)):
+            out.append((probs[b].numpy(), batch["truth_boxes"][b].numpy() * scale, batch["truth_labels"][b].numpy()))
+    model.train(was_training)
+    return out
+
+
+def modified_froc_ci(per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]], class_names: list[str],
+                     n_boot: int, seed: int = 0) -> dict[str, Any]:
+    """Percentile-bootstrap 95 % CIs (images resampled) of the modified FROC per class and of its macro mean."""
+    replicates = bootstrap_indices(len(per_image), n_boot, seed)
+    per_class: dict[str, np.ndarray] = {}
+    for c, name in enumerate(class_names):
+        if not any((labels == c).any() for _, _, labels in per_image):
+            continue  # no lesion of this class: its FROC is undefined
+        values = []
+        for order in replicates:
+            acc = ModifiedFroc()
+            for i in order:
+                maps, boxes, labels = per_image[i]
+                acc.add(maps[c], boxes[labels == c])
+            values.append(acc.result().score)
+        per_class[name] = np.array(values)
+    macro = np.nanmean(np.stack(list(per_class.values())), axis=0) if per_class else np.zeros(0)
+    return {"n_boot": n_boot, "seed": seed, "macro": _ci(macro),
+            "per_class": {name: _ci(values) for name, values in per_class.items()}}
+
+
+def evaluate(model: torch.nn.Module, dataset: CXRDataset, out_dir: Path, params: AalsParams) -> dict[str, Any]:
+    """:func:`~cxrdistill.eval.runs.evaluate_heatmap` (AUROC with CIs, modified FROC, files in
+    ``out_dir``), plus a bootstrap CI of the modified FROC when ``froc_boot > 0``."""
+    metrics = evaluate_heatmap(model, dataset, out_dir, batch_size=params.eval_batch_size,
+                               box_threshold=params.detection_threshold, n_boot=params.n_boot)
+    if params.froc_boot:
+        per_image = predict_maps(model, dataset, params.eval_batch_size)
+        ci = modified_froc_ci(per_image, dataset.manifest.class_names, params.froc_boot)
+        metrics["modified_froc_heatmaps"]["bootstrap_CI95"] = ci
+        write_metrics(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _ci(values: np.ndarray) -> list[float | None]:
+    values = values[~np.isnan(values)]
+    if not values.size:
+        return [None, None]
+    low, high = np.percentile(values, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of :func:`evaluate` as ``{prefix}/name`` floats (NaN when undefined)."""
+    def f(x: Any) -> float:
+        return math.nan if x is None else float(x)
+
+    auroc, froc = metrics["classification"], metrics["modified_froc_heatmaps"]
+    froc_ci = froc.get("bootstrap_CI95", {}).get("macro", [None, None])
+    return {f"{prefix}/AUROC": f(auroc["macro_AUROC"]), f"{prefix}/AUROC_lo": f(auroc["macro_AUROC_CI95"][0]),
+            f"{prefix}/AUROC_hi": f(auroc["macro_AUROC_CI95"][1]), f"{prefix}/mFROC": f(froc["mean_score"]),
+            f"{prefix}/mFROC_lo": f(froc_ci[0]), f"{prefix}/mFROC_hi": f(froc_ci[1])}
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")

@@ -1,0 +1,194 @@
+"""AALS recipe: R / N / P targets, the KL + EMA wiring of one step, and an end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cxrdistill.config import validate_config
+from cxrdistill.data.manifest import load_manifest
+from cxrdistill.data.splits import make_semi_split
+from cxrdistill.data.synthetic import make_world
+from cxrdistill.engine.ema import EMATeacher
+from cxrdistill.methods.aals import (
+    AalsParams,
+    aals_losses,
+    map_targets,
+    nested_subset,
+    split_sets,
+    supervised_loss,
+)
+from cxrdistill.methods.registry import get_method, validate_method_params
+from cxrdistill.models.heatmap import HeatmapFPN
+from cxrdistill.pseudo.sharpening import asymmetric_sharpen, kl_map_loss
+
+SIZE, STRIDE, C = 32, 4, 2
+
+
+def batch_rnp() -> dict:
+    """Image 0 in R (a class-1 box), image 1 image-level with class 0 present (P for 0, N for 1),
+    image 2 image-level with nothing present (N for both classes)."""
+    return {
+        "image": torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0)),
+        "boxes": [torch.tensor([[4.0, 4, 20, 12]]), torch.zeros(0, 4), torch.zeros(0, 4)],
+        "labels": [torch.tensor([1]), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)],
+        "image_labels": torch.tensor([[0.0, 1], [1, 0], [0, 0]]),
+        "has_boxes": torch.tensor([True, False, False]),
+        "has_image_labels": torch.tensor([True, True, True]),
+        "image_id": torch.tensor([10, 11, 12]),
+    }
+
+
+def tiny(seed: int = 0) -> HeatmapFPN:
+    torch.manual_seed(seed)
+    return HeatmapFPN(C, base_width=4, fpn_channels=8)
+
+
+def test_targets_split_r_n_p_per_class():
+    t = map_targets(batch_rnp(), C, STRIDE, positive_ids=torch.tensor([11]))
+    assert t.masks.shape == (3, C, SIZE // STRIDE, SIZE // STRIDE)
+    assert t.masks[0, 1].sum() > 0 and t.masks[0, 0].sum() == 0  # R: the box, drawn in its class
+    assert t.masks[1:].sum() == 0  # N (and P) images: all-zero masks
+    assert torch.equal(t.supervised, torch.tensor([[1.0, 1], [0, 1], [1, 1]]))
+    assert torch.equal(t.positive, torch.tensor([[0.0, 0], [1, 0], [0, 0]]))
+    unused = map_targets(batch_rnp(), C, STRIDE, positive_ids=torch.tensor([], dtype=torch.long))
+    assert unused.positive.sum() == 0  # a P image outside the used fraction gives no KL term
+    assert torch.equal(unused.supervised, t.supervised)  # ... but keeps its negative classes
+
+
+def test_p_maps_contribute_only_the_kl_term():
+    targets = map_targets(batch_rnp(), C, STRIDE, positive_ids=torch.tensor([11]))
+    logits = torch.randn(3, C, 8, 8, requires_grad=True)
+    teacher = torch.rand(3, C, 8, 8) * 0.3
+    losses = aals_losses(logits, teacher, targets, t=0.4, a0=4.0)
+    (losses["sup"] + losses["semi"]).backward()
+    sup_grad = torch.autograd.grad(supervised_loss(logits, targets), logits)[0]
+    assert sup_grad[1, 0].abs().sum() == 0  # the P map (image 1, class 0) gets no BCE gradient
+    semi_grad = torch.autograd.grad(kl_map_loss(logits, asymmetric_sharpen(teacher), targets.positive[:, :, None, None]),
+                                    logits)[0]
+    assert semi_grad[1, 0].abs().sum() > 0
+    nonzero = semi_grad.abs().flatten(2).sum(2) > 0
+    assert torch.equal(nonzero, targets.positive.bool())  # and the KL touches nothing else
+    # Eq. (5) with each term weighted by its share of the 6 maps: 5 supervised, 1 positive
+    target = asymmetric_sharpen(teacher, t=0.4, a0=4.0)
+    expected_semi = kl_map_loss(logits[1:2, 0:1], target[1:2, 0:1]) / 6
+    assert torch.allclose(losses["semi"], expected_semi)
+    assert torch.allclose(losses["sup"], supervised_loss(logits, targets) * 5 / 6)
+
+
+def test_one_step_moves_teacher_by_one_minus_alpha_times_student_minus_teacher():
+    student = tiny()
+    teacher = EMATeacher(student, decay=0.9)
+    batch = batch_rnp()
+    targets = map_targets(batch, C, STRIDE, positive_ids=torch.tensor([11]))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    before_t = [p.clone() for p in teacher.module.parameters()]
+    with torch.no_grad():
+        teacher_probs = torch.sigmoid(teacher(batch["image"]))
+    losses = aals_losses(student(batch["image"]), teacher_probs, targets, t=0.4, a0=4.0)
+    (losses["sup"] + losses["semi"]).backward()
+    optimizer.step()
+    teacher.update(student)
+    moved = 0
+    for t_old, t_new, s in zip(before_t, teacher.module.parameters(), student.parameters()):
+        assert torch.allclose(t_new - t_old, 0.1 * (s.detach() - t_old), atol=1e-6)
+        moved += int(not torch.equal(t_new, t_old))
+    assert moved > 0
+
+
+def test_no_sharpening_at_a0_one_is_plain_mean_teacher_distillation():
+    targets = map_targets(batch_rnp(), C, STRIDE, positive_ids=torch.tensor([11]))
+    teacher = 0.05 + 0.6 * torch.rand(3, C, 8, 8)  # straddles t: the pixels above t are lifted
+    logits = torch.logit(teacher)  # the student already equals the teacher
+    losses = aals_losses(logits, teacher, targets, t=0.4, a0=1.0)
+    assert losses["semi"].abs() < 1e-6
+    assert aals_losses(logits, teacher, targets, t=0.4, a0=4.0)["semi"] > 1e-3
+
+
+def test_nested_positive_subsets():
+    ids = list(range(100))
+    small, large = nested_subset(ids, 0.2, 0), nested_subset(ids, 0.6, 0)
+    assert len(small) == 20 and len(large) == 60 and set(small) <= set(large)
+    assert nested_subset(ids, 0.0, 0) == [] and nested_subset(ids, 1.0, 0) == ids
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aals")
+    path = make_world(root / "world", n_images=40, image_size=32, seed=1)
+    manifest = make_semi_split(load_manifest(path), boxed_fraction=0.3, weak_fraction=0.7, seed=0)
+    return root, manifest.save(root / "world" / "semi.json")
+
+
+def run_config(root, manifest, name: str, **params):
+    return validate_config({
+        "data": {"manifest": str(manifest), "image_size": 32, "cache_dir": str(root / "cache")},
+        "model": {"kind": "heatmap", "base_width": 4, "options": {"fpn_channels": 8}},
+        "train": {"max_steps": 3, "batch_size": 2, "progress": False, "tensorboard": False},
+        "method": {"name": "aals", "params": {"n_boot": 20, "froc_boot": 5, **params}},
+        "output_dir": str(root / name),
+    })
+
+
+def test_split_sets_counts_r_n_p_per_class(world):
+    from cxrdistill.data.study import StudyData
+
+    root, manifest = world
+    cfg = run_config(root, manifest, "sets")
+    data = StudyData.from_config(cfg.data)
+    sets = split_sets(data, positive_fraction=1.0, seed=0)
+    train = data.manifest.select(split="train")
+    boxed = sum(im.supervision == "box" for im in train)
+    for k, name in enumerate(data.class_names):
+        counts = sets.counts[name]
+        weak_pos = sum(im.supervision == "image" and data.manifest.image_labels(im.id)[k] for im in train)
+        assert counts["R"] == boxed and counts["P"] == counts["P_used"] == weak_pos
+        assert counts["R"] + counts["N"] + counts["P"] == len(train)
+    none = split_sets(data, positive_fraction=0.0, seed=0)
+    assert none.positive == [] and none.supervised == sets.supervised
+
+
+def test_registered_params_validate():
+    assert get_method("aals").params_cls is AalsParams
+    assert validate_method_params("aals", {}).a0 == 4.0
+    from cxrdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="a0"):
+        validate_method_params("aals", {"a0": 0.5})
+
+
+def test_end_to_end_run_writes_metrics_and_reuses_pretraining(world):
+    from cxrdistill.engine.context import RunContext
+    from cxrdistill.engine.run_dir import RunDirectory
+
+    torch.set_num_threads(1)
+    root, manifest = world
+    spec = get_method("aals")
+    cfg = run_config(root, manifest, "full")
+    params = AalsParams.model_validate(cfg.method.params)
+    ctx = RunContext.create(cfg, RunDirectory(cfg.output_dir))
+    metrics = spec.run(cfg, params, ctx)
+    for model in ("pretrain", "student", "teacher"):
+        assert 0.0 <= metrics[f"{model}/AUROC"] <= 1.0
+        saved = json.loads((root / "full" / "eval" / model / "metrics.json").read_text())
+        assert saved["class_names"] == ctx_classes(cfg)
+        ci = saved["modified_froc_heatmaps"]["bootstrap_CI95"]["macro"]
+        assert ci[0] is not None and 0.0 <= ci[0] <= ci[1] <= 1.0
+    assert (root / "full" / "checkpoints" / "semi" / "done.json").is_file()
+    scores = json.loads((root / "full" / "eval" / "student" / "image_scores.json").read_text())
+    assert len(scores) == saved["n_images"] * len(saved["class_names"])
+
+    ckpt = root / "full" / "checkpoints" / "pretrain" / "last.pt"
+    cfg2 = run_config(root, manifest, "mt", a0=1.0, pretrained_checkpoint=str(ckpt))
+    ctx2 = RunContext.create(cfg2, RunDirectory(cfg2.output_dir))
+    metrics2 = spec.run(cfg2, AalsParams.model_validate(cfg2.method.params), ctx2)
+    assert not (root / "mt" / "checkpoints" / "pretrain").exists()  # pre-training was reused
+    assert metrics2["pretrain/AUROC"] == pytest.approx(metrics["pretrain/AUROC"])
+
+
+def ctx_classes(cfg) -> list[str]:
+    from cxrdistill.data.study import StudyData
+
+    return StudyData.from_config(cfg.data).class_names
