@@ -84,8 +84,10 @@ def predict_to_folder(model_path: Path, out: Path, *, manifest: Path | None = No
         split = None
     data = StudyData.open(manifest, image_size=meta["image_size"], cache_dir=default_cache_root() / "images",
                           on_error=on_error)
-    if data.class_names != meta["class_names"]:
+    n_classes = len(data.class_names)
+    if meta["class_names"][:n_classes] != data.class_names:
         raise CxrDistillError(f"the manifest's classes {data.class_names} differ from the model's {meta['class_names']}")
+    # a classifier may have extra outputs (e.g. "(no finding)"): only the manifest's classes are written
     dataset = data.dataset(split) if split else data.dataset(("train", "val", "test"))
     kind = meta["model"]["kind"]
     cat_ids = data.manifest.category_ids
@@ -109,8 +111,7 @@ def predict_to_folder(model_path: Path, out: Path, *, manifest: Path | None = No
             for batch in batches(dataset, batch_size):
                 logits = model(batch["image"])
                 if kind == "classifier":
-                    probs = torch.sigmoid(logits)
-                    scores += list(probs.numpy())
+                    scores += list(torch.sigmoid(logits)[:, :n_classes].numpy())
                 else:
                     maps = torch.sigmoid(logits)
                     scores += list(maps.flatten(2).amax(2).numpy())

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from cxrdistill.eval.classification import bootstrap_indices
 from cxrdistill.eval.froc import ModifiedFroc
 from cxrdistill.eval.runs import evaluate_heatmap, write_metrics
 from cxrdistill.methods.registry import register_method
+from cxrdistill.models.factory import build_model, export_model
 from cxrdistill.models.heatmap import HeatmapFPN, boxes_to_masks, pixel_bce_loss
 from cxrdistill.pseudo.sharpening import asymmetric_sharpen, kl_map_loss
 
@@ -214,9 +216,7 @@ def aals_losses(student_logits: Tensor, teacher_probs: Tensor, targets: MapTarge
 
 def build_heatmap(model_cfg: ModelConfig, num_classes: int) -> HeatmapFPN:
     """The FPN probability-map network of ``cfg.model`` (``options`` go to :class:`HeatmapFPN`)."""
-    if model_cfg.kind != "heatmap":
-        raise ConfigError(f"model.kind: AALS trains a heat-map model; set model.kind=heatmap (got {model_cfg.kind!r})")
-    return HeatmapFPN(num_classes, depth=model_cfg.depth, base_width=model_cfg.base_width, **model_cfg.options)
+    return build_model(model_cfg, num_classes, expect="heatmap")  # type: ignore[return-value]
 
 
 def _loader(sets: TrainingSets, first: list[int], second: list[int], n_first: int, n_second: int,
@@ -294,13 +294,25 @@ def run(cfg: RunConfig, params: AalsParams, ctx: RunContext) -> dict[str, float]
     pretrain(cfg, params, ctx, sets, student)
     out = _flat("pretrain", evaluate(student, eval_set, ctx.run_dir.eval / "pretrain", params))
     if not params.semi_supervised:
-        return out
+        return _finish(ctx, data, student, "pretrain", out)
     if not sets.positive:
         ctx.console.print("AALS: no used image-level positives (P is empty): the semi stage trains on R ∪ N only")
     teacher = distill(cfg, params, ctx, sets, student)
     for name, model in (("student", student), ("teacher", teacher.module)):
         out.update(_flat(name, evaluate(model, eval_set, ctx.run_dir.eval / name, params)))
-    return out
+    return _finish(ctx, data, teacher.module, "teacher", out)
+
+
+def _finish(ctx: RunContext, data: StudyData, model: HeatmapFPN, name: str, out: dict[str, float]) -> dict[str, float]:
+    """The run's final model is `name` (the EMA teacher after distillation): its evaluation files go to
+    ``eval/`` (what `cxrdistill report` reads), its weights to ``model.pt``, its metrics unprefixed."""
+    if ctx.fabric.is_global_zero:
+        for file in ("metrics.json", "predictions.json", "image_scores.json"):
+            if (ctx.run_dir.eval / name / file).is_file():
+                shutil.copyfile(ctx.run_dir.eval / name / file, ctx.run_dir.eval / file)
+        export_model(ctx.run_dir.path / "model.pt", model, ctx.cfg.model, data.class_names, ctx.cfg.data.image_size)
+    prefix = f"{name}/"
+    return {**out, **{k[len(prefix):]: v for k, v in out.items() if k.startswith(prefix)}}
 
 
 # --------------------------------------------------------------------------------- evaluation

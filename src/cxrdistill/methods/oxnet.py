@@ -65,6 +65,7 @@ from cxrdistill.eval.detection import (
 )
 from cxrdistill.eval.runs import evaluate_detector, ground_truth_of, write_metrics
 from cxrdistill.methods.registry import register_method
+from cxrdistill.models.factory import export_model
 from cxrdistill.methods.supervised import (
     augment_batch,
     boxed_indices,
@@ -328,10 +329,18 @@ def run(cfg: RunConfig, params: OXnetParams, ctx: RunContext) -> dict[str, float
     if params.base_only or params.base_checkpoint is None:
         out |= flat("base", evaluate(ctx, student, held_out, ctx.run_dir.path / "eval_base", params, "base RetinaNet"))
     if params.base_only:
-        return out
+        return out | _final(ctx, student, data.class_names, out, "base")
     _, teacher = omni_supervised(cfg, params, ctx, train, student, data.class_names)
     out |= flat("student", evaluate(ctx, student, held_out, ctx.run_dir.eval, params, "OXnet student"))
     if teacher is not None:
         out |= flat("teacher", evaluate(ctx, teacher.module, held_out, ctx.run_dir.path / "eval_teacher", params,
                                         "OXnet teacher (EMA)"))
-    return out
+    return out | _final(ctx, student, data.class_names, out, "student")
+
+
+def _final(ctx: RunContext, detector: RetinaNet, class_names: list[str], out: dict[str, float],
+           name: str) -> dict[str, float]:
+    """Export the final detector (the global head only shapes training) and its metrics, unprefixed."""
+    if ctx.fabric.is_global_zero:
+        export_model(ctx.run_dir.path / "model.pt", detector, ctx.cfg.model, class_names, ctx.cfg.data.image_size)
+    return {k[len(name) + 1:]: v for k, v in out.items() if k.startswith(f"{name}/")}

@@ -71,6 +71,7 @@ from cxrdistill.eval.classification import bootstrap_auroc, classification_summa
 from cxrdistill.eval.compare import compare_auroc
 from cxrdistill.eval.tta import DEFAULT_CROP_FRACTION, ten_crop_predict
 from cxrdistill.methods.registry import register_method
+from cxrdistill.models.factory import build_model, export_model
 from cxrdistill.models.classifier import ImageClassifier, masked_bce_with_logits
 from cxrdistill.pseudo.store import PseudoLabelStore
 from cxrdistill.pseudo.top_kappa import TopKappaSelection, class_balanced_top_kappa
@@ -170,6 +171,9 @@ def run_on_data(cfg: RunConfig, params: Params, ctx: RunContext, data: StudyData
     if ctx.fabric.is_global_zero:
         (ctx.run_dir.eval / "table.md").write_text(format_table_markdown(table) + "\n", encoding="utf-8")
         print_table(ctx, table)
+        # the final student; its outputs are the task's (e.g. the classes plus "(no finding)")
+        export_model(ctx.run_dir.path / "model.pt", teacher, cfg.model, task.output_names, cfg.data.image_size,
+                     task=params.task)
     return _final_metrics(table)
 
 
@@ -299,12 +303,7 @@ def _split_sets(data: StudyData, params: Params) -> tuple[CXRDataset, CXRDataset
 
 def build_classifier(cfg: RunConfig, num_outputs: int) -> ImageClassifier:
     """`ImageClassifier` from `cfg.model` (`options` go to its constructor, e.g. arch, tiny)."""
-    if cfg.model.kind != "classifier":
-        raise ConfigError(f"model.kind: teacher_student_cls trains a classifier, got {cfg.model.kind!r}")
-    try:
-        return ImageClassifier(num_classes=num_outputs, pretrained=cfg.model.pretrained, **cfg.model.options)
-    except TypeError as err:
-        raise ConfigError(f"model.options: {err}") from None
+    return build_model(cfg.model, num_outputs, expect="classifier")  # type: ignore[return-value]
 
 
 def _view_config(params: Params) -> ViewConfig:

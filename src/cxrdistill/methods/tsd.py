@@ -39,7 +39,7 @@ from cxrdistill.engine.sampler import RatioBatchSampler
 from cxrdistill.errors import CheckpointError, ConfigError
 from cxrdistill.eval.runs import evaluate_detections
 from cxrdistill.methods.registry import register_method
-from cxrdistill.models.factory import export_model
+from cxrdistill.models.factory import build_model, export_model
 from cxrdistill.models.detector import DetectorOutput, RetinaNet
 from cxrdistill.pseudo.store import PseudoLabelStore
 from cxrdistill.pseudo.thresholds import detections_to_targets, filter_detections, select_boxes
@@ -111,11 +111,9 @@ def split_train(data: StudyData, split: str = "train") -> TrainSets:
 
 def build_detector(model_cfg: ModelConfig, num_classes: int, seed: int) -> RetinaNet:
     """A freshly initialised RetinaNet of ``cfg.model`` whose weights depend only on ``seed``."""
-    if model_cfg.kind != "detector":
-        raise ConfigError(f"model.kind: this recipe trains a detector; set model.kind=detector (got {model_cfg.kind!r})")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return RetinaNet(num_classes, depth=model_cfg.depth, base_width=model_cfg.base_width, **model_cfg.options)
+        return build_model(model_cfg, num_classes, expect="detector")  # type: ignore[return-value]
 
 
 def load_weights(path: Path, model: torch.nn.Module, name: str = "model") -> None:
