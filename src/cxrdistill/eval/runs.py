@@ -52,7 +52,8 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def predict_detections(model: nn.Module, dataset: CXRDataset, *, batch_size: int = 16,
-                       score_thresh: float = 0.05, max_detections: int = 100) -> dict[int, Detections]:
+                       score_thresh: float = 0.05, max_detections: int = 100,
+                       topk_candidates: int = 1000) -> dict[int, Detections]:
     """Detections of a RetinaNet-like model (`.predict(images)`) per image id, cache pixels, on CPU."""
     was_training = model.training
     model.eval()
@@ -60,7 +61,7 @@ def predict_detections(model: nn.Module, dataset: CXRDataset, *, batch_size: int
     out: dict[int, Detections] = {}
     for batch in batches(dataset, batch_size):
         dets = model.predict(batch["image"].to(device), score_thresh=score_thresh,
-                             max_detections=max_detections)
+                             max_detections=max_detections, topk_candidates=topk_candidates)
         for image_id, det in zip(batch["image_id"].tolist(), dets):
             out[image_id] = {k: v.cpu() for k, v in det.items()}
     model.train(was_training)

@@ -14,7 +14,6 @@ An unlabeled image whose boxes all fall below τ still trains the student: as ba
 
 from __future__ import annotations
 
-import shutil
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,7 +26,7 @@ from cxrdistill.data.views import ViewConfig
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.errors import ConfigError
-from cxrdistill.eval.runs import evaluate_detector, predict_detections
+from cxrdistill.eval.runs import evaluate_detector
 from cxrdistill.methods.registry import register_method
 from cxrdistill.methods.supervised import (
     Augment,
@@ -41,6 +40,7 @@ from cxrdistill.methods.supervised import (
     view_config,
 )
 from cxrdistill.models.detector import RetinaNet
+from cxrdistill.pseudo.generate import stored_pseudo_labels
 from cxrdistill.pseudo.store import PseudoLabelStore
 from cxrdistill.pseudo.thresholds import detections_to_targets, filter_detections
 
@@ -79,18 +79,11 @@ def store_teacher_detections(ctx: RunContext, teacher: RetinaNet, unlabeled: CXR
 
     ``recompute``: the teacher was trained in this run, so labels of an earlier teacher are stale.
     """
-    ids = [im.id for im in unlabeled.images]
-    if ctx.fabric.is_global_zero:
-        if recompute and store.path.exists():
-            shutil.rmtree(store.path)
-        if not store.is_complete():
-            dets = predict_detections(teacher, unlabeled)
-            with store.writer() as writer:
-                for image_id in ids:
-                    writer.add(image_id, dets[image_id])
-            store.mark_complete(expected_ids=ids, metadata={"kind": "detections", "score_thresh": 0.05})
-    ctx.fabric.barrier()
-    return store.read()
+    def predict(batch: dict[str, Any]) -> list[dict[str, Tensor]]:
+        return teacher.predict(batch["image"].to(ctx.device), score_thresh=0.05)
+
+    return stored_pseudo_labels(predict, unlabeled, store, fresh=recompute, fabric=ctx.fabric,
+                                metadata={"kind": "detections", "score_thresh": 0.05})
 
 
 @register_method("stac", StacParams)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -73,6 +72,7 @@ from cxrdistill.eval.tta import DEFAULT_CROP_FRACTION, ten_crop_predict
 from cxrdistill.methods.registry import register_method
 from cxrdistill.models.factory import build_model, export_model
 from cxrdistill.models.classifier import ImageClassifier, masked_bce_with_logits
+from cxrdistill.pseudo.generate import stored_pseudo_labels
 from cxrdistill.pseudo.store import PseudoLabelStore
 from cxrdistill.pseudo.top_kappa import TopKappaSelection, class_balanced_top_kappa
 
@@ -379,40 +379,22 @@ def predict_unlabeled(ctx: RunContext, teacher: ImageClassifier, unlabeled: CXRD
     `recompute`: the teacher was (re)trained in this run, so stored labels of an earlier teacher
     are stale and removed. A killed pass resumes, skipping the images already stored.
     """
+    def predict(batch: dict[str, Any]) -> Tensor:
+        images = batch["image"].to(ctx.device)
+        probs = (ten_crop_predict(lambda x: task.probabilities(teacher(x)), images, params.crop_fraction)
+                 if params.pseudo_tta else task.probabilities(teacher(images)))
+        return probs.float()
+
     ids = [rec.id for rec in unlabeled.images]
-    if ctx.fabric.is_global_zero:
-        if recompute and store.path.exists():
-            shutil.rmtree(store.path)
-        if not store.is_complete():
-            done = store.done_ids()
-            todo = [row for row, rec in enumerate(unlabeled.images) if rec.id not in done]
-            chunk = 4 * params.predict_batch_size
-            with store.writer(chunk_size=chunk) as writer:
-                for start in range(0, len(todo), chunk):  # one stored chunk per pass: a killed pass resumes
-                    part_ids, probs = predict_probs(teacher, _Rows(unlabeled, todo[start:start + chunk]), task,
-                                                    tta=params.pseudo_tta, crop_fraction=params.crop_fraction,
-                                                    batch_size=params.predict_batch_size, device=ctx.device)
-                    for image_id, p in zip(part_ids, probs):
-                        writer.add(image_id, p)
-            store.mark_complete(expected_ids=ids, metadata={"task": task.task, "outputs": task.output_names,
-                                                            "tta": params.pseudo_tta})
-    ctx.fabric.barrier()
-    records = store.read()
+    was_training = teacher.training
+    teacher.eval()
+    records = stored_pseudo_labels(predict, unlabeled, store, fresh=recompute, fabric=ctx.fabric,
+                                   metadata={"task": task.task, "outputs": task.output_names,
+                                             "tta": params.pseudo_tta},
+                                   batch_size=params.predict_batch_size,
+                                   chunk_size=4 * params.predict_batch_size)
+    teacher.train(was_training)
     return ids, torch.stack([records[i] for i in ids]).float()
-
-
-class _Rows(Dataset):
-    """The items `rows` of another dataset (keeps `images` for ids)."""
-
-    def __init__(self, base: Any, rows: list[int]) -> None:
-        self.base, self.rows = base, rows
-        self.images = [base.images[r] for r in rows]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.base[self.rows[index]]
 
 
 # ============================================================================ evaluation and Table I

@@ -16,8 +16,7 @@ there (see :mod:`cxrdistill.methods.ceird`). The building blocks here are shared
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,10 +36,11 @@ from cxrdistill.engine.loop import FitResult
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.engine.sampler import RatioBatchSampler
 from cxrdistill.errors import CheckpointError, ConfigError
-from cxrdistill.eval.runs import evaluate_detections
+from cxrdistill.eval.runs import evaluate_detections, predict_detections
 from cxrdistill.methods.registry import register_method
 from cxrdistill.models.factory import build_model, export_model
 from cxrdistill.models.detector import DetectorOutput, RetinaNet
+from cxrdistill.pseudo.generate import stored_pseudo_labels
 from cxrdistill.pseudo.store import PseudoLabelStore
 from cxrdistill.pseudo.thresholds import detections_to_targets, filter_detections, select_boxes
 
@@ -156,16 +156,6 @@ def project_detections(dets: Detections, matrix: Tensor, image_size: tuple[int, 
 
 
 @torch.no_grad()
-def predict(model: RetinaNet, dataset: CXRDataset, rows: Sequence[int], batch_size: int, score_thresh: float,
-            topk: int, device: torch.device) -> Iterator[tuple[int, Detections]]:
-    """``(image_id, detections)`` of ``model`` on the images ``rows`` of ``dataset`` (CPU tensors)."""
-    for start in range(0, len(rows), batch_size):
-        batch = collate([dataset[i] for i in rows[start:start + batch_size]])
-        dets = model.predict(batch["image"].to(device), score_thresh=score_thresh, topk_candidates=topk)
-        for image_id, det in zip(batch["image_id"].tolist(), dets):
-            yield image_id, {k: v.cpu() for k, v in det.items()}
-
-
 def stored_detections(ctx: RunContext, model: RetinaNet, sets: TrainSets, generation: int, params: TsdParams,
                       fresh: bool) -> dict[int, Detections]:
     """Detections of generation ``generation``'s vision model on the unlabeled images, from the store.
@@ -173,30 +163,16 @@ def stored_detections(ctx: RunContext, model: RetinaNet, sets: TrainSets, genera
     Predicted once: a complete generation is read back; a killed pass resumes where it stopped.
     ``fresh``: the model was (re)trained in this run, so anything stored for this generation is stale.
     """
+    def predict(batch: dict[str, Any]) -> list[Detections]:
+        return model.predict(batch["image"].to(ctx.device), score_thresh=params.store_score_thresh,
+                             topk_candidates=params.topk_candidates)
+
     store = PseudoLabelStore(ctx.run_dir.path / "pseudo" / "vision", generation)
     meta = {"score_thresh": params.store_score_thresh, "topk_candidates": params.topk_candidates}
-    if ctx.fabric.is_global_zero:
-        if fresh and store.path.exists():
-            shutil.rmtree(store.path)
-        if not store.is_complete():
-            done = store.done_ids()
-            todo = [i for i in sets.unlabeled if sets.dataset.images[i].id not in done]
-            with store.writer(chunk_size=4 * params.predict_batch_size) as writer:
-                for image_id, det in predict(model, sets.dataset, todo, params.predict_batch_size,
-                                             params.store_score_thresh, params.topk_candidates, ctx.device):
-                    writer.add(image_id, det)
-            store.mark_complete(expected_ids=sets.unlabeled_ids, metadata=meta)
-    ctx.fabric.barrier()
-    _check_metadata(store, meta)
-    return {int(k): v for k, v in store.read().items()}  # type: ignore[misc]
-
-
-def _check_metadata(store: PseudoLabelStore, meta: dict[str, Any]) -> None:
-    saved = json.loads((store.path / "COMPLETE.json").read_text(encoding="utf-8"))["metadata"]
-    changed = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
-    if changed:
-        raise ConfigError(f"{store.path}: stored with other settings {changed} (stored, now); "
-                          "use a new output_dir or delete this generation to predict again")
+    records = stored_pseudo_labels(predict, sets.dataset, store, fresh=fresh, fabric=ctx.fabric, metadata=meta,
+                                   indices=sets.unlabeled, batch_size=params.predict_batch_size,
+                                   chunk_size=4 * params.predict_batch_size)
+    return {int(k): v for k, v in records.items()}  # type: ignore[misc]
 
 
 def class_counts(dets: Sequence[Detections], class_names: Sequence[str]) -> dict[str, int]:
@@ -357,10 +333,8 @@ def evaluate_vision(ctx: RunContext, model: RetinaNet, eval_set: CXRDataset, par
                     out_dirs: Sequence[Path]) -> dict[str, Any]:
     """mAP@0.25/0.5/0.75 (and the rest of `evaluate_detections`) of ``model`` on ``eval_set``;
     the report files are written into each of ``out_dirs``."""
-    was_training = model.training
-    dets = dict(predict(model, eval_set, list(range(len(eval_set))), params.predict_batch_size, 0.05,
-                        params.topk_candidates, ctx.device))
-    model.train(was_training)
+    dets = predict_detections(model, eval_set, batch_size=params.predict_batch_size,
+                              topk_candidates=params.topk_candidates)
     metrics: dict[str, Any] = {}
     for out_dir in out_dirs:
         metrics = evaluate_detections(dets, eval_set, out_dir, split=params.eval_split, n_boot=params.n_boot)
@@ -422,6 +396,6 @@ def run(cfg: RunConfig, params: TsdParams, ctx: RunContext) -> dict[str, float]:
 __all__ = [
     "CountTotals", "DETECTION_KEYS", "PlainPseudoLabels", "PseudoRefiner", "TrainSets", "TsdParams",
     "batch_split", "build_detector", "class_counts", "distill_detector", "evaluate_vision", "headline",
-    "load_weights", "output_rows", "predict", "project_detections", "random_view", "split_train",
+    "load_weights", "output_rows", "project_detections", "random_view", "split_train",
     "stored_detections", "train_teacher", "vision_generation0", "write_json",
 ]
