@@ -209,7 +209,7 @@ def test_student_beats_teacher_on_the_synthetic_world(tmp_path):
     """10 % labeled (36 images, 324 unlabeled), normal vs cardiomegaly, 64 px, tiny ResNet-18: the
     student's held-out AUROC exceeds the teacher's, with the paired-bootstrap 95 % CI above 0.
 
-    Why this setting (docs/results_teacher_student.md): the student gains only when the teacher's
+    Why this setting (docs/results.md): the student gains only when the teacher's
     kept pseudo-labels are mostly right. Cardiomegaly is the class a 64 px tiny network learns from
     42 images (teacher AUROC ~0.8, kept labels ~86 % right); with findings invisible at 64 px in
     the world (nodules, pneumothorax) the teacher is near chance and so is the student. Flip-only

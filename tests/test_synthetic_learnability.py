@@ -1,7 +1,7 @@
 """Learnability of the synthetic world: the supervised detector of configs/supervised_detector.yaml
 learns clearly from ~200 boxed images and clearly less from ~20 (data-hungry).
 
-A reduced version of docs/results_learnability.md: the packaged config with fewer optimizer steps,
+A reduced version of docs/results.md: the packaged config with fewer optimizer steps,
 both runs evaluated on the same test images, and the paired-bootstrap 95% CI of the mAP@0.5
 difference (200 - 20 boxed) must lie above zero. About 30 CPU-s per run, ~70 s in all.
 """
