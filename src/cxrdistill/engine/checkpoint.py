@@ -50,3 +50,19 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_module_weights(path: Path | str, model: "torch.nn.Module", name: str = "model") -> None:
+    """Load a stage checkpoint's ``modules[name]`` (or a bare state dict) into ``model``.
+
+    `CheckpointError` names the file when it holds no such module or the weights do not fit.
+    """
+    state = load_checkpoint(path)
+    weights = state["modules"].get(name) if "modules" in state else state
+    if weights is None:
+        raise CheckpointError(f"{path}: holds no weights named {name!r} (has {', '.join(state['modules'])})")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: its {name!r} weights do not fit this model ({err})") from err
+

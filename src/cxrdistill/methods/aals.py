@@ -47,16 +47,16 @@ from torch.utils.data import DataLoader
 from cxrdistill.config import ModelConfig, RunConfig
 from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.data.study import StudyData
-from cxrdistill.engine.checkpoint import load_checkpoint
+from cxrdistill.engine.checkpoint import load_module_weights
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.ema import EMATeacher
 from cxrdistill.engine.optim import build_optimizer
-from cxrdistill.engine.sampler import RatioBatchSampler
-from cxrdistill.errors import CheckpointError, ConfigError
+from cxrdistill.errors import ConfigError
 from cxrdistill.eval.classification import bootstrap_indices
 from cxrdistill.eval.froc import ModifiedFroc
 from cxrdistill.eval.runs import evaluate_heatmap, write_metrics
 from cxrdistill.methods.registry import register_method
+from cxrdistill.methods.supervised import labeled_loader
 from cxrdistill.models.factory import build_model, export_model
 from cxrdistill.models.heatmap import HeatmapFPN, boxes_to_masks, pixel_bce_loss
 from cxrdistill.pseudo.sharpening import asymmetric_sharpen, kl_map_loss
@@ -219,29 +219,18 @@ def build_heatmap(model_cfg: ModelConfig, num_classes: int) -> HeatmapFPN:
     return build_model(model_cfg, num_classes, expect="heatmap")  # type: ignore[return-value]
 
 
-def _loader(sets: TrainingSets, first: list[int], second: list[int], n_first: int, n_second: int,
-            seed: int, ctx: RunContext) -> tuple[DataLoader, RatioBatchSampler]:
-    sampler = RatioBatchSampler(first, second, n_first, n_second, seed, rank=ctx.rank, world_size=ctx.world_size)
-    return DataLoader(sets.dataset, batch_sampler=sampler, collate_fn=collate,
-                      num_workers=ctx.cfg.data.num_workers), sampler
 
 
-def _load_student(path: Path, student: HeatmapFPN) -> None:
-    """Load a stage checkpoint's ``modules.student`` (or a bare state dict) into ``student``."""
-    state = load_checkpoint(path)
-    weights = state["modules"]["student"] if "modules" in state else state
-    try:
-        student.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: its 'student' weights do not fit this heat-map model ({err})") from err
+
+
 
 
 def pretrain(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: TrainingSets, student: HeatmapFPN) -> None:
     """Stage 1: supervised pre-training on R ∪ N (Eq. 1), or the weights of ``pretrained_checkpoint``."""
     if params.pretrained_checkpoint is not None:
-        _load_student(params.pretrained_checkpoint, student)
+        load_module_weights(params.pretrained_checkpoint, student, "student")
         return
-    loader, sampler = _loader(sets, sets.supervised, [], cfg.train.batch_size, 0, cfg.train.seed, ctx)
+    loader, sampler = labeled_loader(sets.dataset, sets.supervised, [], cfg.train.batch_size, 0, cfg.train.seed, ctx)
     optimizer = build_optimizer(student.parameters(), cfg.train)
     trainer = ctx.trainer("pretrain")
 
@@ -257,7 +246,7 @@ def distill(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: TrainingS
     """Stage 2: the mean teacher with AALS on R ∪ N ∪ P (Eqs. 2–7); returns the EMA teacher."""
     teacher = EMATeacher(student, decay=params.ema_decay)  # both start from the pre-trained weights
     per_batch = params.positives_per_batch or cfg.train.unlabeled_batch_size or cfg.train.batch_size
-    loader, sampler = _loader(sets, sets.supervised, sets.positive, cfg.train.batch_size, per_batch,
+    loader, sampler = labeled_loader(sets.dataset, sets.supervised, sets.positive, cfg.train.batch_size, per_batch,
                               cfg.train.seed + 1, ctx)
     optimizer = build_optimizer(student.parameters(), cfg.train)
     trainer = ctx.trainer("semi")

@@ -51,11 +51,11 @@ from cxrdistill.config import RunConfig
 from cxrdistill.data.dataset import CXRDataset
 from cxrdistill.data.study import StudyData
 from cxrdistill.data.views import intensity_jitter
-from cxrdistill.engine.checkpoint import load_checkpoint
+from cxrdistill.engine.checkpoint import load_module_weights
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.ema import EMATeacher
 from cxrdistill.engine.optim import build_optimizer
-from cxrdistill.errors import CheckpointError, ConfigError
+from cxrdistill.errors import ConfigError
 from cxrdistill.eval.classification import bootstrap_indices
 from cxrdistill.eval.detection import (
     OXNET_IOUS,
@@ -203,14 +203,7 @@ def distillation_losses(student: RetinaNet, out: DetectorOutput, teacher: EMATea
     return losses, t_boxes
 
 
-def _load_base(path: Path, model: RetinaNet) -> None:
-    """Load a base stage checkpoint's ``modules.model`` (or a bare state dict) into ``model``."""
-    state = load_checkpoint(path)
-    weights = state["modules"]["model"] if "modules" in state else state
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: its 'model' weights do not fit this detector ({err})") from err
+
 
 
 def omni_supervised(cfg: RunConfig, params: OXnetParams, ctx: RunContext, train: CXRDataset, student: RetinaNet,
@@ -318,7 +311,7 @@ def run(cfg: RunConfig, params: OXnetParams, ctx: RunContext) -> dict[str, float
     ctx.console.print(f"OXnet training images: D_F {counts['box']}, D_W {counts['image']}, D_U {counts['none']}")
     student = build_detector(cfg.model, data.num_classes)
     if params.base_checkpoint is not None:
-        _load_base(params.base_checkpoint, student)
+        load_module_weights(params.base_checkpoint, student)
     else:
         train_detector(ctx, "base", student, train, params.augment, params.base_steps)
 

@@ -30,7 +30,7 @@ from cxrdistill.config import ModelConfig, RunConfig
 from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.data.study import StudyData
 from cxrdistill.data.views import project_boxes, random_affine, warp_images
-from cxrdistill.engine.checkpoint import load_checkpoint
+from cxrdistill.engine.checkpoint import load_module_weights
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.loop import FitResult
 from cxrdistill.engine.optim import build_optimizer
@@ -114,18 +114,6 @@ def build_detector(model_cfg: ModelConfig, num_classes: int, seed: int) -> Retin
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(model_cfg, num_classes, expect="detector")  # type: ignore[return-value]
-
-
-def load_weights(path: Path, model: torch.nn.Module, name: str = "model") -> None:
-    """Load a stage checkpoint's ``modules[name]`` (or a bare state dict) into ``model``."""
-    state = load_checkpoint(path)
-    weights = state["modules"].get(name) if "modules" in state else state
-    if weights is None:
-        raise CheckpointError(f"{path}: holds no weights named {name!r} (has {', '.join(state['modules'])})")
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: its {name!r} weights do not fit this detector ({err})") from err
 
 
 def output_rows(out: DetectorOutput, rows: Tensor) -> DetectorOutput:
@@ -360,7 +348,7 @@ def vision_generation0(ctx: RunContext, cfg: RunConfig, params: TsdParams, sets:
     Returns it and whether it was trained in this run (then its stored predictions are stale)."""
     teacher = build_detector(cfg.model, num_classes, cfg.train.seed)
     if params.teacher_checkpoint is not None:
-        load_weights(params.teacher_checkpoint, teacher)
+        load_module_weights(params.teacher_checkpoint, teacher)
         teacher.to(ctx.device)
         marker = ctx.run_dir.stage_dir("vision_gen0") / "teacher_source.json"
         fresh = not marker.is_file() or json.loads(marker.read_text())["path"] != str(params.teacher_checkpoint)
@@ -396,6 +384,6 @@ def run(cfg: RunConfig, params: TsdParams, ctx: RunContext) -> dict[str, float]:
 __all__ = [
     "CountTotals", "DETECTION_KEYS", "PlainPseudoLabels", "PseudoRefiner", "TrainSets", "TsdParams",
     "batch_split", "build_detector", "class_counts", "distill_detector", "evaluate_vision", "headline",
-    "load_weights", "output_rows", "project_detections", "random_view", "split_train",
+    "output_rows", "project_detections", "random_view", "split_train",
     "stored_detections", "train_teacher", "vision_generation0", "write_json",
 ]
