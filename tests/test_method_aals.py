@@ -172,8 +172,11 @@ def test_end_to_end_run_writes_metrics_and_reuses_pretraining(world):
     metrics = spec.run(cfg, params, ctx)
     for model in ("pretrain", "student", "teacher"):
         assert 0.0 <= metrics[f"{model}/AUROC"] <= 1.0
+        # the boxes of the maps' connected regions are scored like a detector's (for detection studies)
+        assert 0.0 <= metrics[f"{model}/mAP@0.5"] <= 1.0
         saved = json.loads((root / "full" / "eval" / model / "metrics.json").read_text())
         assert saved["class_names"] == ctx_classes(cfg)
+        assert metrics[f"{model}/mAP@0.5"] == pytest.approx(saved["detection"]["mAP@0.5"])
         ci = saved["modified_froc_heatmaps"]["bootstrap_CI95"]["macro"]
         assert ci[0] is not None and 0.0 <= ci[0] <= ci[1] <= 1.0
     assert (root / "full" / "checkpoints" / "semi" / "done.json").is_file()

@@ -195,6 +195,12 @@ def test_cli_train_runs_the_recipe_and_rejects_a_fully_labeled_split(semi_manife
     assert "Table I" in res.output and "student1_finetune" in res.output
     metrics = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert {"teacher_auroc", "intermediate1_auroc", "student1_auroc", "student1_minus_teacher"} <= set(metrics)
+    # the final student under the key every classifier recipe uses, and its scores where studies read them
+    assert metrics["macro_AUROC"] == metrics["student1_auroc"]
+    rows = json.loads((tmp_path / "run" / "eval" / "image_scores.json").read_text())
+    finals = np.load(tmp_path / "run" / "eval" / "student1_finetune" / "scores.npz")
+    assert len(rows) == finals["scores"].size
+    assert rows[0]["score"] == pytest.approx(float(finals["scores"][0, 0]), abs=1e-6)
 
     m = load_manifest(semi_manifest)
     labeled_only = m.with_images([im for im in m.images if im.supervision != "none"]).save(

@@ -83,3 +83,19 @@ def test_semi_split_nested_fractions_grow_monotonically():
     small = {im.patient_id for im in make_semi_split(base, boxed_fraction=0.05, seed=0).select(supervision="box")}
     large = {im.patient_id for im in make_semi_split(base, boxed_fraction=0.2, seed=0).select(supervision="box")}
     assert small <= large
+
+
+@pytest.mark.parametrize("boxed", [0.1, 0.2, 0.4])
+def test_semi_split_weak_rest_keeps_the_same_boxed_patients(boxed):
+    """``weak_fraction="rest"``: every non-boxed patient keeps image labels, and D_B is the one a
+    boxes-only split draws, so the two kinds of recipe are compared on the same boxes."""
+    base = _manifest()
+    boxes_only = make_semi_split(base, boxed_fraction=boxed, weak_fraction=0.0, seed=2)
+    with_weak = make_semi_split(base, boxed_fraction=boxed, weak_fraction="rest", seed=2)
+    box_ids = lambda m: {im.id for im in m.select(supervision="box")}  # noqa: E731
+    assert box_ids(boxes_only) == box_ids(with_weak)
+    train = with_weak.select(split="train")
+    assert {im.supervision for im in train} == {"box", "image"}
+    assert len(with_weak.select(supervision="image")) == len(train) - len(box_ids(with_weak))
+    with pytest.raises(ValueError, match="rest"):
+        make_semi_split(base, boxed_fraction=boxed, weak_fraction="all", seed=2)  # type: ignore[arg-type]

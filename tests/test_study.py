@@ -127,3 +127,39 @@ def test_seed_intervals_and_study_validation():
     with pytest.raises(ConfigError, match="baseline"):
         make_study({"name": "x", "output_dir": "o", "fractions": [0.1], "baseline": "nope",
                     "recipes": {"a": {"config": "c.yaml"}}})
+
+
+def test_shards_split_the_matrix_without_overlap_and_refuse_bad_input(tmp_path):
+    from cxrdistill.cli import app
+    from cxrdistill.study.runner import parse_shard, shard_cells
+
+    cells = study_cells(make_study(_spec(tmp_path / "study", seeds=(0, 1, 2))))
+    shares = [shard_cells(cells, (k, 3)) for k in range(3)]
+    assert sorted((c.run_dir for share in shares for c in share), key=str) == sorted((c.run_dir for c in cells), key=str)
+    assert all(len(share) == 4 for share in shares) and shard_cells(cells, None) == cells
+    # a recipe is not pinned to one runner: over the blocks every runner gets some of each recipe
+    two = [shard_cells(cells, (k, 2)) for k in range(2)]
+    assert all({c.recipe for c in share} == {"supervised", "multitask"} for share in two)
+    assert parse_shard("1/2") == (1, 2)
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(ValueError, match="shard"):
+            parse_shard(bad)
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump(_spec(tmp_path / "study")))
+    out = CliRunner().invoke(app, ["compare", "--study", str(study_file), "--shard", "3/2"])
+    assert out.exit_code == 2 and "0 <= K < N" in out.output
+
+
+@pytest.mark.parametrize("study_file", sorted((ROOT / "src/cxrdistill/configs/studies").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_packaged_study_builds_valid_run_configs(study_file, tmp_path):
+    """Each cell's config (recipe config + study, recipe, fraction and seed overrides) validates,
+    so a typo in a shipped study fails here rather than an hour into a run."""
+    from cxrdistill.config import load_config
+
+    spec = load_study(study_file)
+    cells = study_cells(spec, tmp_path)
+    assert len(cells) == len(spec.recipes) * len(spec.fractions) * len(spec.seeds)
+    for cell in (c for c in cells if c.seed == spec.seeds[-1]):  # every recipe and fraction
+        cfg = load_config(cell.config, list(cell.overrides))
+        assert cfg.train.seed == cell.seed

@@ -18,7 +18,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -60,8 +60,9 @@ class DataConfig(_Section):
     num_workers: int = Field(0, ge=0)
     boxed_fraction: float | None = Field(None, ge=0, le=1)
     """Re-split the training images: this fraction of patients keeps boxes (None: as in the manifest)."""
-    weak_fraction: float = Field(0.0, ge=0, le=1)
-    """With `boxed_fraction`: this fraction keeps image-level labels only; the rest become unlabeled."""
+    weak_fraction: Annotated[float, Field(ge=0, le=1)] | Literal["rest"] = 0.0
+    """With `boxed_fraction`: this fraction keeps image-level labels only (``rest``: every patient
+    without boxes); the rest become unlabeled."""
     split_seed: int = 0
 
 
@@ -233,6 +234,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
 
 def _leaf_types(annotation: Any) -> set[Any]:
     """The plain types in an annotation: `int | None` -> {int, NoneType}; containers are left out."""
+    if typing.get_origin(annotation) is Annotated:
+        return _leaf_types(typing.get_args(annotation)[0])
     if typing.get_origin(annotation) in (Union, types.UnionType):
         return set().union(*(_leaf_types(a) for a in typing.get_args(annotation)))
     return {annotation} if isinstance(annotation, type) else set()
@@ -294,6 +297,8 @@ def _describe(annotation: Any) -> str:
     if annotation is type(None):
         return "None"
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _describe(typing.get_args(annotation)[0])
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
     if origin in (Union, types.UnionType):

@@ -19,13 +19,19 @@ def compare(
     table_only: bool = typer.Option(False, "--table-only", help="Run nothing: rebuild the table from the finished cells."),
     isolate: bool = typer.Option(False, "--isolate", help="Run each cell in its own subprocess."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: run every N-th cell from the K-th, so N "
+                                        "runners (K = 0..N-1) share the study, e.g. one per core or GPU."),
 ) -> None:
     """Run the missing cells of a study (finished ones are skipped), then print and save one table."""
-    from cxrdistill.study.runner import job_commands, run_study, study_cells
+    from cxrdistill.study.runner import job_commands, parse_shard, run_study, study_cells
     from cxrdistill.study.spec import load_study
     from cxrdistill.study.table import build_table, print_table, write_table
 
     console = Console()
+    try:
+        shard_of = parse_shard(shard) if shard else None
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--shard") from None
     try:
         from cxrdistill.resources import resolve_config_path
 
@@ -41,7 +47,7 @@ def compare(
             print_table(table, console)
             console.print(f"table: {write_table(table, root)}", highlight=False)
             return
-        result = run_study(spec, output_dir, console, isolate=isolate, report=report)
+        result = run_study(spec, output_dir, console, isolate=isolate, report=report, shard=shard_of)
     except CxrDistillError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, defaultdict
 from dataclasses import replace
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -99,11 +99,28 @@ def make_splits(manifest: Manifest, *, val_fraction: float = 0.15, test_fraction
     return manifest.replace_images([replace(im, split=split_of[_patient_key(im)]) for im in manifest.images])
 
 
-def make_semi_split(manifest: Manifest, *, boxed_fraction: float, weak_fraction: float = 0.0,
+WeakFraction = float | Literal["rest"]
+"""A fraction of training patients, or ``"rest"``: every patient that does not keep boxes."""
+
+
+def resolve_weak_fraction(boxed_fraction: float, weak_fraction: WeakFraction) -> float:
+    """The numeric weak fraction: ``"rest"`` becomes ``1 - boxed_fraction``."""
+    if weak_fraction == "rest":
+        return max(0.0, 1.0 - boxed_fraction)
+    if isinstance(weak_fraction, str):
+        raise ValueError(f"weak_fraction must be a number or 'rest', not {weak_fraction!r}")
+    return float(weak_fraction)
+
+
+def make_semi_split(manifest: Manifest, *, boxed_fraction: float, weak_fraction: WeakFraction = 0.0,
                     seed: int = 0, split: str = "train") -> Manifest:
     """Choose supervision inside `split`: `boxed_fraction` of patients keep boxes, `weak_fraction`
-    keep image-level labels only, the rest become unlabeled. Only images that had boxes can be
-    "box"; images with supervision "image" stay weak or become unlabeled."""
+    keep image-level labels only (``"rest"``: all the others), the rest become unlabeled. Only images
+    that had boxes can be "box"; images with supervision "image" stay weak or become unlabeled.
+
+    The boxed patients depend only on `boxed_fraction` and `seed`, not on `weak_fraction`, so a
+    boxes-only recipe and a boxes + image-labels recipe at the same fraction share the same D_B."""
+    weak_fraction = resolve_weak_fraction(boxed_fraction, weak_fraction)
     if boxed_fraction < 0 or weak_fraction < 0 or boxed_fraction + weak_fraction > 1 + 1e-9:
         raise ValueError("boxed_fraction and weak_fraction must be >= 0 and sum to at most 1")
     pool = manifest.select(split=split)

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 from cxrdistill.data.cache import ImageCache
 from cxrdistill.data.dataset import CXRDataset, build_manifest_cache
 from cxrdistill.data.manifest import Manifest, load_manifest
-from cxrdistill.data.splits import make_semi_split
+from cxrdistill.data.splits import WeakFraction, make_semi_split
 
 
 def default_cache_root() -> Path:
@@ -61,7 +61,7 @@ class StudyData:
 
     @classmethod
     def open(cls, manifest_path: Path, *, image_size: int, cache_dir: Path, on_error: str = "strict",
-             boxed_fraction: float | None = None, weak_fraction: float = 0.0, split_seed: int = 0,
+             boxed_fraction: float | None = None, weak_fraction: WeakFraction = 0.0, split_seed: int = 0,
              workers: int = 0) -> "StudyData":
         """Load and validate the manifest, optionally re-split supervision, build the cache."""
         manifest = load_manifest(manifest_path, on_error=on_error)  # type: ignore[arg-type]

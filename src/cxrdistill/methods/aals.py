@@ -56,7 +56,7 @@ from cxrdistill.eval.classification import bootstrap_indices
 from cxrdistill.eval.froc import ModifiedFroc
 from cxrdistill.eval.runs import evaluate_heatmap, write_metrics
 from cxrdistill.methods.registry import register_method
-from cxrdistill.methods.supervised import labeled_loader
+from cxrdistill.methods.supervised import headline, labeled_loader
 from cxrdistill.models.factory import build_model, export_model
 from cxrdistill.models.heatmap import HeatmapFPN, boxes_to_masks, pixel_bce_loss
 from cxrdistill.pseudo.sharpening import asymmetric_sharpen, kl_map_loss
@@ -367,7 +367,9 @@ def _ci(values: np.ndarray) -> list[float | None]:
 
 
 def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
-    """The headline numbers of :func:`evaluate` as ``{prefix}/name`` floats (NaN when undefined)."""
+    """The headline numbers of :func:`evaluate` as ``{prefix}/name`` floats (NaN when undefined): AUROC
+    and the modified FROC with their CIs, and the mAP of the maps' connected-region boxes (what a
+    detection study compares)."""
     def f(x: Any) -> float:
         return math.nan if x is None else float(x)
 
@@ -375,7 +377,8 @@ def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
     froc_ci = froc.get("bootstrap_CI95", {}).get("macro", [None, None])
     return {f"{prefix}/AUROC": f(auroc["macro_AUROC"]), f"{prefix}/AUROC_lo": f(auroc["macro_AUROC_CI95"][0]),
             f"{prefix}/AUROC_hi": f(auroc["macro_AUROC_CI95"][1]), f"{prefix}/mFROC": f(froc["mean_score"]),
-            f"{prefix}/mFROC_lo": f(froc_ci[0]), f"{prefix}/mFROC_hi": f(froc_ci[1])}
+            f"{prefix}/mFROC_lo": f(froc_ci[0]), f"{prefix}/mFROC_hi": f(froc_ci[1]),
+            **{f"{prefix}/{k}": v for k, v in headline(metrics).items() if k.startswith("mAP")}}
 
 
 def _write_json(path: Path, payload: Any) -> None:

@@ -127,6 +127,8 @@ class OXnetParams(BaseModel):
     """Optimizer steps of the base detector (None: ``train.max_steps``)."""
     steps: int | None = Field(None, ge=0)
     """Optimizer steps of the omni-supervised stage (None: ``train.max_steps``)."""
+    lr: float | None = Field(None, gt=0.0)
+    """Learning rate of the omni-supervised stage, which fine-tunes the base detector (None: ``train.lr``)."""
     base_checkpoint: Path | None = None
     """Start from this base detector (a ``checkpoints/base/last.pt``) instead of training one."""
     other_per_batch: int | None = Field(None, ge=1)
@@ -251,7 +253,8 @@ def omni_supervised(cfg: RunConfig, params: OXnetParams, ctx: RunContext, train:
         return losses
 
     steps = cfg.train.max_steps if params.steps is None else params.steps
-    trainer.fit(step_fn, modules, build_optimizer(parameters, cfg.train), loader, steps, sampler=sampler,
+    stage_train = cfg.train if params.lr is None else cfg.train.model_copy(update={"lr": params.lr})
+    trainer.fit(step_fn, modules, build_optimizer(parameters, stage_train), loader, steps, sampler=sampler,
                 on_step_end=(lambda _: teacher.update(student)) if teacher is not None else None)
     return branch, teacher
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -67,7 +68,9 @@ from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.engine.sampler import RatioBatchSampler
 from cxrdistill.errors import ConfigError, CxrDistillError
 from cxrdistill.eval.classification import bootstrap_auroc, classification_summary
+from cxrdistill.atomic import write_json_atomic
 from cxrdistill.eval.compare import compare_auroc
+from cxrdistill.eval.runs import image_score_rows
 from cxrdistill.eval.tta import DEFAULT_CROP_FRACTION, ten_crop_predict
 from cxrdistill.methods.registry import register_method
 from cxrdistill.models.factory import build_model, export_model
@@ -174,7 +177,21 @@ def run_on_data(cfg: RunConfig, params: Params, ctx: RunContext, data: StudyData
         # the final student; its outputs are the task's (e.g. the classes plus "(no finding)")
         export_model(ctx.run_dir.path / "model.pt", teacher, cfg.model, task.output_names, cfg.data.image_size,
                      task=params.task)
+        _write_final_scores(ctx, data, task, results[f"student{params.generations}"])
     return _final_metrics(table)
+
+
+def _write_final_scores(ctx: RunContext, data: StudyData, task: "ClassificationTask", final: dict[str, Any]) -> None:
+    """The final student's ``eval/metrics.json`` and ``eval/image_scores.json`` (its outputs that are
+    manifest classes), where `cxrdistill report` and the study table's paired comparison read them."""
+    shutil.copyfile(ctx.run_dir.eval / final["stage"] / "metrics.json", ctx.run_dir.eval / "metrics.json")
+    saved = np.load(ctx.run_dir.eval / final["stage"] / "scores.npz", allow_pickle=False)
+    category_of = dict(zip(data.class_names, data.manifest.category_ids))
+    columns = [i for i, name in enumerate(task.output_names) if name in category_of]
+    if columns:
+        rows = image_score_rows(saved["image_ids"].tolist(), saved["scores"][:, columns],
+                                [category_of[task.output_names[i]] for i in columns])
+        write_json_atomic(ctx.run_dir.eval / "image_scores.json", rows)
 
 
 # ============================================================================ tasks and targets
@@ -483,8 +500,12 @@ def print_table(ctx: RunContext, table: dict[str, Any]) -> None:
 
 
 def _final_metrics(table: dict[str, Any]) -> dict[str, float]:
-    """Flat metrics for final_metrics.json: `<row>_auroc` (+ CI) and `<row>_minus_teacher` (+ CI)."""
+    """Flat metrics for final_metrics.json: `<row>_auroc` (+ CI) and `<row>_minus_teacher` (+ CI), and
+    the final student's as ``macro_AUROC`` (+ ``_ci_low`` / ``_ci_high``), the key the other recipes use."""
     out: dict[str, float] = {}
+    final = table["rows"][-1]
+    out["macro_AUROC"] = _nan(final["macro_AUROC"])
+    out["macro_AUROC_ci_low"], out["macro_AUROC_ci_high"] = map(_nan, final["CI95"])
     for row in table["rows"]:
         name = row["row"]
         out[f"{name}_auroc"] = _nan(row["macro_AUROC"])

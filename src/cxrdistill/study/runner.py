@@ -101,12 +101,47 @@ def run_cell(cell: Cell, *, isolate: bool = False, console: Console | None = Non
     run_training(cell.config, list(cell.overrides), output_dir=cell.run_dir, console=console)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` → (K, N) with 0 <= K < N; `ValueError` otherwise."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard {text!r}: write K/N, e.g. 0/2") from None
+    if not 0 <= k < n:
+        raise ValueError(f"shard {text!r}: need 0 <= K < N")
+    return k, n
+
+
+def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    """This runner's share of the matrix: N runners with K = 0..N-1 share it without overlap, and a
+    restarted runner gets the same cells back. Within each (seed, fraction) block the recipes are
+    dealt round-robin, starting one runner further at every block, so a slow recipe is spread
+    over all runners instead of always landing on the same one."""
+    if shard is None:
+        return cells
+    k, n = shard
+    block_of: dict[tuple[int, float], int] = {}
+    position: dict[tuple[int, float], int] = {}
+    out = []
+    for cell in cells:
+        key = (cell.seed, cell.fraction)
+        block = block_of.setdefault(key, len(block_of))
+        i = position.get(key, 0)
+        position[key] = i + 1
+        if (i + block) % n == k:
+            out.append(cell)
+    return out
+
+
 def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | None = None, *,
-              isolate: bool = False, keep_going: bool = True, report: bool = True) -> StudyResult:
+              isolate: bool = False, keep_going: bool = True, report: bool = True,
+              shard: tuple[int, int] | None = None) -> StudyResult:
     """Run the missing cells, skip the finished ones, write ``table.{json,md}`` (and the HTML report).
 
     ``keep_going``: a failing cell is recorded and the study goes on (the table leaves it out);
-    otherwise the first failure raises. Returns a :class:`StudyResult`.
+    otherwise the first failure raises. ``shard=(K, N)``: run only this runner's share of the
+    cells (`shard_cells`), so N processes can work on one study side by side; the table covers
+    every finished cell. Returns a :class:`StudyResult`.
     """
     from cxrdistill.study.table import build_table, print_table, write_table
 
@@ -116,10 +151,12 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
     start = time.perf_counter()
     cells = study_cells(spec, root)
     result = StudyResult(spec, cells)
-    todo = [c for c in cells if not c.done]
-    result.skipped = [c for c in cells if c.done]
-    console.print(f"study {spec.name!r}: {len(cells)} cells, {len(result.skipped)} finished, {len(todo)} to run "
-                  f"→ {root}", highlight=False)
+    mine = shard_cells(cells, shard)
+    todo = [c for c in mine if not c.done]
+    result.skipped = [c for c in mine if c.done]
+    share = f" (shard {shard[0]}/{shard[1]}: {len(mine)} of them)" if shard else ""
+    console.print(f"study {spec.name!r}: {len(cells)} cells{share}, {len(result.skipped)} finished, "
+                  f"{len(todo)} to run → {root}", highlight=False)
     for n, cell in enumerate(todo, 1):
         console.print(f"[{n}/{len(todo)}] {cell.recipe} fraction={cell.fraction:g} seed={cell.seed}", highlight=False)
         try:
@@ -142,4 +179,5 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
     return result
 
 
-__all__ = ["Cell", "StudyResult", "fraction_tag", "job_commands", "run_cell", "run_study", "study_cells"]
+__all__ = ["Cell", "StudyResult", "fraction_tag", "job_commands", "parse_shard", "run_cell", "run_study",
+           "shard_cells", "study_cells"]
