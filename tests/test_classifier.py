@@ -180,3 +180,24 @@ def test_bad_configurations_raise_clear_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"\(B, C\)"):
         ImageClassifier("resnet18", num_classes=2, tiny=True).loss(torch.zeros(2, 2), torch.zeros(2, 3))
 
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_output_stride_makes_finer_cams_with_the_same_weights(arch: str) -> None:
+    """Zhou et al. need a finer last map than stride 32: ``output_stride`` 16 / 8 keeps the weights
+    (the state dicts load into each other) and only changes the resolution of C5 and the CAMs."""
+    torch.manual_seed(0)
+    images = torch.rand(2, 1, 64, 64)
+    coarse = ImageClassifier(arch, num_classes=3, tiny=True)
+    for stride in (16, 8):
+        fine = ImageClassifier(arch, num_classes=3, tiny=True, output_stride=stride)
+        fine.load_state_dict(coarse.state_dict())  # same parameters, same shapes
+        cams = fine.class_activation_maps(images)
+        assert cams.shape == (2, 3, 64 // stride, 64 // stride)
+        assert fine.backbone.strides[-1] == stride
+        assert torch.allclose(fine(images), fine.head(fine.forward_features(images).mean((2, 3))))
+    assert coarse.class_activation_maps(images).shape == (2, 3, 2, 2)
+    with pytest.raises(ConfigError, match="output_stride"):
+        ImageClassifier(arch, num_classes=3, tiny=True, output_stride=4)
+    with pytest.raises(ConfigError, match="output_stride"):
+        ImageClassifier("densenet121", num_classes=3, tiny=True, output_stride=8)

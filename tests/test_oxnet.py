@@ -272,3 +272,28 @@ def test_base_only_and_gpa_needs_daa(tmp_path):
     assert "base/mAP" in metrics and not any(k.startswith("student/") for k in metrics)
     with pytest.raises(ConfigError, match="GPA needs"):
         run_training(_tiny_config(tmp_path, global_head="gap"), [], output_dir=tmp_path / "bad")
+
+
+def _prototype_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # each process sees different images
+        features, confidences = torch.randn(3, 2, 4), torch.rand(3, 2)
+        protos = GlobalPrototypes(num_classes=2, channels=4)
+        protos.update(features, confidences)
+        torch.save({"features": features, "confidences": confidences, "prototypes": protos.prototypes},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_prototypes_are_the_global_batch_mean_under_ddp(tmp_path):
+    """Two gloo processes with different batches end with the same prototypes: the confidence-
+    weighted mean over both batches (Eq. 5 on the global batch), not each process's own."""
+    torch.multiprocessing.spawn(_prototype_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    features = torch.cat([r["features"] for r in ranks])
+    weights = torch.cat([r["confidences"] for r in ranks])
+    expected = torch.einsum("bn,bnm->nm", weights, features) / weights.sum(0)[:, None]
+    for r in ranks:
+        assert torch.allclose(r["prototypes"], expected, atol=1e-6)

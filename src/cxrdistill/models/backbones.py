@@ -39,6 +39,9 @@ class ResNetBackbone(nn.Module):
         norm: MONAI norm spec for every normalisation layer (``"batch"`` for ImageNet weights).
         freeze_bn: keep every BatchNorm in eval mode with fixed affine parameters (the usual choice
             for detection with small batches and pretrained weights).
+        output_stride: 32 (the standard trunk), 16 or 8: the last one or two stages keep their
+            input resolution (stride 1, 3x3 convolutions dilated by 2 / 4 instead, as in DeepLab),
+            so C5 is finer, e.g. for class activation maps. The weights are the same either way.
 
     ``forward`` returns ``[C2, C3, C4, C5]`` with strides ``FEATURE_STRIDES`` and channels
     ``self.out_channels``.
@@ -51,8 +54,11 @@ class ResNetBackbone(nn.Module):
         base_width: int = 64,
         norm: str | tuple = "batch",
         freeze_bn: bool = False,
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         if depth not in RESNET_LAYOUTS:
             raise ValueError(f"ResNet depth must be one of {sorted(RESNET_LAYOUTS)}, got {depth}")
         if base_width < 1:
@@ -76,7 +82,11 @@ class ResNetBackbone(nn.Module):
         )
         expansion = 4 if block == "bottleneck" else 1
         self.out_channels: list[int] = [base_width * m * expansion for m in (1, 2, 4, 8)]
-        self.strides: tuple[int, ...] = FEATURE_STRIDES
+        self.strides: tuple[int, ...] = tuple(min(s, output_stride) for s in FEATURE_STRIDES)
+        if output_stride == 8:
+            _remove_stride(self.body.layer3, dilation=2)
+        if output_stride <= 16:
+            _remove_stride(self.body.layer4, dilation=32 // output_stride)
         self.freeze_bn = freeze_bn
         if freeze_bn:
             for module in self.modules():
@@ -108,6 +118,16 @@ class ResNetBackbone(nn.Module):
         c4 = body.layer3(c3)
         c5 = body.layer4(c4)
         return [c2, c3, c4, c5]
+
+
+def _remove_stride(stage: nn.Sequential, dilation: int) -> None:
+    """Turn a ResNet stage's stride-2 entry into stride 1 and dilate its 3x3 convolutions instead."""
+    for module in stage.modules():
+        if isinstance(module, nn.Conv2d):
+            module.stride = (1, 1)
+            if module.kernel_size == (3, 3):
+                module.dilation = (dilation, dilation)
+                module.padding = (dilation, dilation)
 
 
 def group_norm(channels: int, max_groups: int = 32, min_group_size: int = 8) -> nn.GroupNorm:

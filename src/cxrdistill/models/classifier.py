@@ -139,6 +139,8 @@ class ImageClassifier(nn.Module):
         pretrained: path to torchvision ImageNet weights for ``arch`` (never downloaded here); the
             RGB kernels of the first convolution are summed for one channel.
         tiny: a few-channel miniature of ``arch`` for tests (cannot take pretrained weights).
+        output_stride: ResNet only: 32, or 16 / 8 for a finer last feature map (dilated last
+            stages) and so finer class activation maps; the weights do not change.
 
     The backbone sits under ``backbone.`` in the state dict, so a trained ResNet classifier can
     initialise a detector's backbone (``pretrained.load_backbone_from_checkpoint``).
@@ -151,6 +153,7 @@ class ImageClassifier(nn.Module):
         in_channels: int = 1,
         pretrained: str | Path | None = None,
         tiny: bool = False,
+        output_stride: int = 32,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -163,11 +166,17 @@ class ImageClassifier(nn.Module):
         self.num_classes = num_classes
         self.backbone: DenseNetBackbone | ResNetBackbone
         if arch == "densenet121":
+            if output_stride != 32:
+                raise ConfigError("output_stride: only the ResNet classifiers can change it (densenet121 is 32)")
             self.backbone = DenseNetBackbone(in_channels, tiny)
             self.num_features = self.backbone.out_channels
         else:
             depth = int(arch.removeprefix("resnet"))
-            self.backbone = ResNetBackbone(depth, in_channels, base_width=8 if tiny else 64)
+            try:
+                self.backbone = ResNetBackbone(depth, in_channels, base_width=8 if tiny else 64,
+                                               output_stride=output_stride)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
             self.num_features = self.backbone.out_channels[-1]
         self.head = nn.Linear(self.num_features, num_classes)
         nn.init.zeros_(self.head.bias)
@@ -178,7 +187,8 @@ class ImageClassifier(nn.Module):
                 load_imagenet_resnet(self.backbone, pretrained)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, H, W)`` in ``[0, 1]`` → last feature map ``(B, F, H/32, W/32)`` (non-negative)."""
+        """``(B, 1, H, W)`` in ``[0, 1]`` → last feature map ``(B, F, H/s, W/s)``, s the output stride
+        (non-negative)."""
         if images.dim() != 4:
             raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
         features = self.backbone(images)

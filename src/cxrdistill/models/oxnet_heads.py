@@ -105,12 +105,19 @@ class GlobalPrototypes(nn.Module):
     def update(self, features: Tensor, confidences: Tensor) -> None:
         """Eq. (5) with ``features (B, N, Cm)`` and confidence weights ``confidences (B, N) >= 0``.
 
-        A class whose weights are all zero in this batch keeps its prototype.
+        A class whose weights are all zero in this batch keeps its prototype. Under DDP the weighted
+        sums are all-reduced first, so every process takes the mean over the global batch and the
+        prototypes stay identical on all of them.
         """
         weights = confidences.detach().to(features.dtype)
         total = weights.sum(dim=0)  # (N,)
+        weighted = torch.einsum("bn,bnm->nm", weights, features.detach())  # (N, Cm)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(weighted)
         seen = total > 0
-        mean = torch.einsum("bn,bnm->nm", weights, features.detach()) / total.clamp(min=1e-12)[:, None]
+        mean = weighted / total.clamp(min=1e-12)[:, None]
         beta = torch.where(self.initialised, self.momentum, 0.0).to(mean.dtype)[:, None]
         updated = beta * self.prototypes + (1.0 - beta) * mean
         self.prototypes.copy_(torch.where(seen[:, None], updated, self.prototypes))
