@@ -34,6 +34,16 @@ def test_prepare_from_coco_writes_a_split_manifest_elsewhere(tmp_path):
     assert len(m.images) == 40 and len(m.annotations) == 30
     assert {im.split for im in m.images} == {"train", "val", "test"}
     assert {im.supervision for im in m.select(split="train")} == {"box", "image", "none"}
+    # --weak-fraction rest: every training patient without boxes keeps its image labels
+    args = ["prepare", "--coco", str(tmp_path / "data" / "boxes.json"), "--images", str(tmp_path / "data"),
+            "-o", str(tmp_path / "rest.json"), "--boxed-fraction", "0.25"]
+    res = CliRunner().invoke(app, [*args, "--weak-fraction", "rest"])
+    assert res.exit_code == 0, res.output
+    rest = load_manifest(tmp_path / "rest.json")
+    assert {im.supervision for im in rest.select(split="train")} == {"box", "image"}
+    assert {im.id for im in rest.select(supervision="box")} == {im.id for im in m.select(supervision="box")}
+    bad = CliRunner().invoke(app, [*args, "--weak-fraction", "most"])
+    assert bad.exit_code == 2 and "rest" in bad.output
 
 
 def test_prepare_reports_bad_rows_and_honours_strict_and_lenient(tmp_path):

@@ -72,7 +72,7 @@ def prepare_manifest(*, out: Path, source: str | None = None, root: Path | None 
                      manifest: Path | None = None, options: dict[str, Any] | None = None,
                      boxes: Path | None = None,
                      val_fraction: float = 0.15, test_fraction: float = 0.15,
-                     boxed_fraction: float | None = None, weak_fraction: float = 0.0, seed: int = 0,
+                     boxed_fraction: float | None = None, weak_fraction: float | str = 0.0, seed: int = 0,
                      on_error: str = "strict", check_images: bool = False,
                      allow_outside_root: bool = False, console: Console | None = None):
     """Build, validate, split and save a manifest; returns it. Problems are printed, never dropped."""
@@ -147,7 +147,8 @@ def register(app: typer.Typer) -> None:
         val_fraction: float = typer.Option(0.15, help="Patients for validation when the source has no split."),
         test_fraction: float = typer.Option(0.15, help="Patients for test when the source has no split."),
         boxed_fraction: Optional[float] = typer.Option(None, help="Training patients that keep their boxes."),
-        weak_fraction: float = typer.Option(0.0, help="Training patients that keep image-level labels only."),
+        weak_fraction: str = typer.Option("0", help="Training patients that keep image-level labels only "
+                                          "(a fraction, or 'rest': every patient without boxes)."),
         seed: int = typer.Option(0, help="Seed of the splits."),
         lenient: bool = typer.Option(False, "--lenient/--strict", help="Skip bad records (listed) instead of stopping."),
         check_images: bool = typer.Option(False, "--check-images", help="Open every image header (slower)."),
@@ -156,10 +157,14 @@ def register(app: typer.Typer) -> None:
         """Build a validated manifest from a dataset, with patient-level stratified splits."""
         console = Console()
         try:
+            weak: float | str = weak_fraction if weak_fraction == "rest" else float(weak_fraction)
+        except ValueError:
+            raise typer.BadParameter(f"{weak_fraction!r}: give a fraction or 'rest'", param_hint="--weak-fraction") from None
+        try:
             prepare_manifest(out=out, source=source, root=root, coco=coco, csv=csv, images=images,
                              manifest=manifest, options=_parse_options(option or []), boxes=boxes,
                              val_fraction=val_fraction, test_fraction=test_fraction,
-                             boxed_fraction=boxed_fraction, weak_fraction=weak_fraction, seed=seed,
+                             boxed_fraction=boxed_fraction, weak_fraction=weak, seed=seed,
                              on_error="lenient" if lenient else "strict", check_images=check_images,
                              allow_outside_root=allow_outside_root, console=console)
         except CxrDistillError as err:
