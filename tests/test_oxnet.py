@@ -270,6 +270,8 @@ def test_omni_stage_fine_tunes_at_its_own_learning_rate(tmp_path):
 def test_base_only_and_gpa_needs_daa(tmp_path):
     metrics = run_training(_tiny_config(tmp_path, base_only=True), [], output_dir=tmp_path / "base")
     assert "base/mAP" in metrics and not any(k.startswith("student/") for k in metrics)
+    for file in ("metrics.json", "predictions.json"):  # the final model's files, where studies read them
+        assert (tmp_path / "base" / "eval" / file).read_bytes() == (tmp_path / "base" / "eval_base" / file).read_bytes()
     with pytest.raises(ConfigError, match="GPA needs"):
         run_training(_tiny_config(tmp_path, global_head="gap"), [], output_dir=tmp_path / "bad")
 

@@ -38,6 +38,7 @@ Switches for the paper's rows: ``global_head`` daa / gap (the "+ MT" multi-task 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -336,7 +337,13 @@ def run(cfg: RunConfig, params: OXnetParams, ctx: RunContext) -> dict[str, float
 
 def _final(ctx: RunContext, detector: RetinaNet, class_names: list[str], out: dict[str, float],
            name: str) -> dict[str, float]:
-    """Export the final detector (the global head only shapes training) and its metrics, unprefixed."""
+    """Export the final detector (the global head only shapes training) and its metrics, unprefixed.
+    With ``base_only`` the base detector is final: its evaluation files are copied into ``eval/``,
+    where `cxrdistill report` and the study table read a run's final model."""
     if ctx.fabric.is_global_zero:
+        if name == "base":
+            ctx.run_dir.eval.mkdir(parents=True, exist_ok=True)
+            for file in (ctx.run_dir.path / "eval_base").glob("*.json"):
+                shutil.copyfile(file, ctx.run_dir.eval / file.name)
         export_model(ctx.run_dir.path / "model.pt", detector, ctx.cfg.model, class_names, ctx.cfg.data.image_size)
     return {k[len(name) + 1:]: v for k, v in out.items() if k.startswith(f"{name}/")}

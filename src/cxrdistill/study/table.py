@@ -121,10 +121,12 @@ def _replicates(run_dir: Path, gt: GroundTruth, metric: str, idx: np.ndarray,
 
 
 def paired_over_seeds(pairs: Sequence[tuple[Path, Path]], metric: str, n_boot: int = 1000,
-                      seed: int = 0) -> PairedComparison:
+                      seed: int = 0, cache: dict | None = None) -> PairedComparison:
     """Paired bootstrap over test images of recipe B − baseline A, averaged over seed pairs ``(A_dir, B_dir)``.
 
-    All pairs must be scored on the same test images (one manifest and split).
+    All pairs must be scored on the same test images (one manifest and split). ``cache`` (a dict
+    the caller keeps) holds each run's replicates, so a baseline compared with every other recipe
+    is resampled once.
     """
     if not pairs:
         raise CxrDistillError("paired comparison: no seed has both runs finished")
@@ -133,9 +135,17 @@ def paired_over_seeds(pairs: Sequence[tuple[Path, Path]], metric: str, n_boot: i
     params = CocoParams(iou_thresholds=tuple(float(t) for t in ious))
     idx = bootstrap_indices(len(gt.image_ids), n_boot, seed)
     a_full, b_full, a_boot, b_boot = [], [], [], []
+    cache = {} if cache is None else cache
+
+    def replicates(run_dir: Path) -> tuple[float, np.ndarray]:
+        key = (str(run_dir), metric, n_boot, seed, ious)
+        if key not in cache:
+            cache[key] = _replicates(run_dir, gt, metric, idx, params)
+        return cache[key]
+
     for base_dir, other_dir in pairs:
-        a, ba = _replicates(base_dir, gt, metric, idx, params)
-        b, bb = _replicates(other_dir, gt, metric, idx, params)
+        a, ba = replicates(base_dir)
+        b, bb = replicates(other_dir)
         a_full.append(a), b_full.append(b), a_boot.append(ba), b_boot.append(bb)
     return paired_stats(metric, float(np.mean(a_full)), float(np.mean(b_full)),
                         np.mean(a_boot, axis=0), np.mean(b_boot, axis=0), seed)
@@ -149,6 +159,7 @@ def build_table(spec: StudySpec, cells: Sequence[Cell]) -> dict[str, Any]:
     by_key = {(c.recipe, c.fraction, c.seed): c for c in cells}
     base = spec.baseline_name
     rows = []
+    replicates: dict = {}  # the baseline's bootstrap replicates, computed once per cell
     for recipe in spec.recipes:
         row: dict[str, Any] = {"recipe": recipe, "label": spec.label(recipe), "fractions": {}}
         for fraction in spec.fractions:
@@ -161,7 +172,7 @@ def build_table(spec: StudySpec, cells: Sequence[Cell]) -> dict[str, Any]:
                 pairs = [(by_key[(base, fraction, s)].run_dir, by_key[(recipe, fraction, s)].run_dir)
                          for s in done if by_key[(base, fraction, s)].done]
                 if pairs:
-                    cmp = paired_over_seeds(pairs, spec.metric, spec.n_boot)
+                    cmp = paired_over_seeds(pairs, spec.metric, spec.n_boot, cache=replicates)
                     entry["vs_baseline"] = {**cmp.to_dict(), "seeds": len(pairs)}
             row["fractions"][fraction_tag(fraction)] = entry
         rows.append(row)
