@@ -61,6 +61,10 @@ def test_study_runs_resumes_and_the_table_matches_the_run_files(tmp_path):
                 assert entry["vs_baseline"]["a"] == pytest.approx(sum(base) / len(base), abs=1e-6)
                 assert entry["vs_baseline"]["diff"] == pytest.approx(entry["mean"] - sum(base) / len(base), abs=1e-6)
     assert (tmp_path / "study" / "table.md").is_file() and result.report_path.is_file()
+    page = result.report_path.read_text()
+    assert page.count("<tr>") == 1 + len(spec.recipes) and 'alt="difference vs baseline"' in page
+    multitask_at_03 = result.table["rows"][1]["fractions"]["f0.3"]
+    assert f"{multitask_at_03['mean']:.3f}" in page and f"Δ {multitask_at_03['vs_baseline']['diff']:+.3f}" in page
     # each cell is a normal run directory with the fraction and seed in its config
     cfg = yaml.safe_load((result.cells[-1].run_dir / "config.yaml").read_text())
     assert cfg["data"]["boxed_fraction"] == result.cells[-1].fraction and cfg["train"]["seed"] == result.cells[-1].seed

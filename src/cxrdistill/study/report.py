@@ -20,32 +20,104 @@ from cxrdistill.study.spec import StudySpec  # noqa: E402
 from cxrdistill.study.table import format_markdown  # noqa: E402
 
 
-def fraction_curve(table: dict[str, Any], fractions: Sequence[float]) -> bytes:
-    """PNG: the metric's seed mean (error bars: the CI over seeds) vs labeled fraction, one line per recipe."""
+def _png(fig: Any) -> bytes:
     import io
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for row in table["rows"]:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _style(i: int) -> dict[str, Any]:
+    """Distinct colour / marker / line style for the i-th recipe (stays distinct past 10 recipes)."""
+    return {"color": plt.get_cmap("tab10")(i % 10), "marker": "osD^v<>ph*"[i % 10],
+            "linestyle": ("-", "--", ":")[(i // 10) % 3]}
+
+
+def fraction_curve(table: dict[str, Any], fractions: Sequence[float]) -> bytes:
+    """PNG: the metric's seed mean (error bars: the CI over seeds) vs labeled fraction, one line per
+    recipe; fractions are evenly spaced and the recipes slightly dodged so the bars do not overlap."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    n = len(table["rows"])
+    for i, row in enumerate(table["rows"]):
         xs, ys, lo, hi = [], [], [], []
-        for f in fractions:
+        for k, f in enumerate(fractions):
             entry = row["fractions"][fraction_tag(f)]
             if entry["mean"] is None:
                 continue
-            xs.append(f)
+            xs.append(k + 0.25 * (i - (n - 1) / 2) / max(n - 1, 1))
             ys.append(entry["mean"])
             low, high = entry["ci"]
             lo.append(entry["mean"] - low if low is not None else 0.0)
             hi.append(high - entry["mean"] if high is not None else 0.0)
         if xs:
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=row["label"])
+            ax.errorbar(xs, ys, yerr=[lo, hi], capsize=2, label=row["label"], markersize=5, **_style(i))
+    ax.set_xticks(range(len(fractions)), [f"{f:g}" for f in fractions])
     ax.set(xlabel=f"labeled fraction ({table['fraction_key']})", ylabel=table["metric"],
-           title=f"{table['study']}: {table['metric']} vs labeled fraction")
+           title=f"{table['study']}: {table['metric']} (mean over seeds, 95% CI)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _png(fig)
+
+
+def delta_plot(table: dict[str, Any], fractions: Sequence[float]) -> bytes | None:
+    """PNG: one panel per fraction, each recipe's Δ vs the baseline with its paired-bootstrap CI;
+    green / red when p < 0.05 above / below zero, grey otherwise. None when there is no comparison."""
+    rows = [r for r in table["rows"] if r["recipe"] != table["baseline"]]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, len(fractions), figsize=(3.2 * len(fractions) + 2.5, 0.35 * len(rows) + 1.5),
+                             sharey=True, squeeze=False)
+    for ax, f in zip(axes[0], fractions):
+        for y, row in enumerate(rows):
+            cmp = row["fractions"][fraction_tag(f)].get("vs_baseline") or {}
+            if cmp.get("diff") is None:
+                continue
+            p = cmp.get("p_boot")
+            colour = "grey" if p is None or p >= 0.05 else ("tab:green" if cmp["diff"] > 0 else "tab:red")
+            low = cmp.get("ci_low", cmp["diff"])
+            high = cmp.get("ci_high", cmp["diff"])
+            ax.errorbar([cmp["diff"]], [y], xerr=[[cmp["diff"] - low], [high - cmp["diff"]]], fmt="o",
+                        color=colour, capsize=2)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(f"fraction {f:g}", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel(f"Δ {table['metric']}")
+    axes[0][0].set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(f"Δ vs {table['baseline']} (paired bootstrap over test images, 95% CI)", fontsize=10)
+    return _png(fig)
+
+
+def _html_table(table: dict[str, Any]) -> str:
+    """The table as HTML: mean ± CI half-width per fraction and, below it, Δ vs the baseline
+    (bold and coloured when p < 0.05)."""
+    fr = table["fractions"]
+    head = "<tr><th>recipe</th>" + "".join(f"<th>{html.escape(f[1:])}</th>" for f in fr) + "</tr>"
+    body = []
+    for row in table["rows"]:
+        cells = []
+        for f in fr:
+            entry = row["fractions"][f]
+            text = "—" if entry["mean"] is None else f"{entry['mean']:.3f}"
+            low, high = entry["ci"]
+            if entry["mean"] is not None and low is not None:
+                text += f" ± {(high - low) / 2:.3f}"
+            if entry["mean"] is not None and entry["n_seeds"] < len(table["seeds"]):
+                text += f" (n={entry['n_seeds']})"
+            cmp = entry.get("vs_baseline") or {}
+            if cmp.get("diff") is not None:
+                p = cmp.get("p_boot")
+                cls = "" if p is None or p >= 0.05 else (" class='up'" if cmp["diff"] > 0 else " class='down'")
+                ci = f" [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}]" if cmp.get("ci_low") is not None else ""
+                text += f"<br><span{cls}>Δ {cmp['diff']:+.3f}{ci}</span>"
+            cells.append(f"<td>{text}</td>")
+        body.append(f"<tr><td>{html.escape(row['label'])}</td>{''.join(cells)}</tr>")
+    caption = (f"{html.escape(table['metric'])}: mean ± 95% CI half-width over seeds {table['seeds']} "
+               f"({'Student t' if table['ci'] == 't' else 'bootstrap'}); Δ vs {html.escape(table['baseline'])}: "
+               f"paired bootstrap over test images ({table['n_boot']} replicates), coloured when p &lt; 0.05")
+    return (f"<table><caption>{caption}</caption><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>")
 
 
 def build_study_report(spec: StudySpec, cells: Sequence[Cell], table: dict[str, Any], out_dir: Path,
@@ -70,20 +142,29 @@ def build_study_report(spec: StudySpec, cells: Sequence[Cell], table: dict[str, 
         except CxrDistillError as err:
             links.append(f"<li>fraction {fraction:g}: report failed ({html.escape(str(err))})</li>")
     curve = base64.b64encode(fraction_curve(table, spec.fractions)).decode()
+    deltas = delta_plot(table, spec.fractions)
     body = [
         f"<h1>Study {html.escape(spec.name)}</h1>",
         f"<p>{len(cells)} cells: {len(spec.recipes)} recipes × {len(spec.fractions)} fractions × "
-        f"{len(spec.seeds)} seeds. Baseline: {html.escape(spec.baseline_name)}.</p>",
+        f"{len(spec.seeds)} seeds ({sum(c.done for c in cells)} finished). "
+        f"Baseline: {html.escape(spec.baseline_name)}.</p>",
         f'<img alt="metric vs fraction" src="data:image/png;base64,{curve}">',
-        f"<pre>{html.escape(format_markdown(table))}</pre>",
+        _html_table(table),
+        *([f'<img alt="difference vs baseline" src="data:image/png;base64,{base64.b64encode(deltas).decode()}">']
+          if deltas else []),
         "<h2>Per-fraction reports (first seed)</h2><ul>" + "".join(links) + "</ul>",
+        f"<details><summary>Markdown (table.md)</summary><pre>{html.escape(format_markdown(table))}</pre></details>",
     ]
     path = out_dir / "report.html"
     path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>"
                     f"{html.escape(spec.name)}</title><style>body{{font-family:system-ui,sans-serif;margin:24px}}"
-                    "pre{background:#f7f7f7;padding:8px;font-size:12px}</style></head><body>"
+                    "pre{background:#f7f7f7;padding:8px;font-size:12px}"
+                    "table{border-collapse:collapse;margin:16px 0;font-size:13px}"
+                    "td,th{border:1px solid #ddd;padding:4px 8px;text-align:right;vertical-align:top}"
+                    "td:first-child{text-align:left}caption{text-align:left;padding:4px 0;color:#555}"
+                    ".up{color:#1a7f37;font-weight:600}.down{color:#c62828;font-weight:600}</style></head><body>"
                     + "\n".join(body) + "</body></html>\n", encoding="utf-8")
     return path
 
 
-__all__ = ["build_study_report", "fraction_curve"]
+__all__ = ["build_study_report", "delta_plot", "fraction_curve"]
