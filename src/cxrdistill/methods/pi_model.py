@@ -15,6 +15,7 @@ images). Sigmoid outputs replace the paper's softmax (the classes are not exclus
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,22 +42,33 @@ from cxrdistill.methods.supervised import (
 from cxrdistill.models.classifier import masked_bce_with_logits
 
 
-class PiModelParams(BaseModel):
-    """`method.params` of ``pi_model``; defaults are the paper's."""
+class ConsistencyParams(BaseModel):
+    """Parameters shared by the Π-model and temporal ensembling (Laine & Aila): the ramped,
+    M/N-scaled consistency weight, the augmentation, the splits."""
 
     model_config = ConfigDict(extra="forbid")
 
     w_max: float = Field(100.0, ge=0.0)
-    """Maximum consistency weight before the M/N scaling (paper: 100)."""
+    """Maximum consistency weight before the M/N scaling (paper: 100 for Π, 30 for ensembling)."""
     scale_by_labeled_fraction: bool = True
     """Multiply w_max by M/N, as the paper does."""
     ramp_fraction: float = Field(80 / 300, ge=0.0, le=1.0)
     """Fraction of the steps over which w(t) ramps up (paper: 80 of 300 epochs)."""
     augment: Augment = "strong"
-    """The stochastic augmentation of both passes (the paper: translations + flips; plus dropout)."""
+    """The stochastic augmentation (the paper: translations + flips; plus dropout)."""
     train_split: str = "train"
     eval_split: str = "test"
     n_boot: int = Field(1000, ge=0)
+
+    def weight_schedule(self, n_labeled: int, n_unlabeled: int, max_steps: int) -> Callable[[int], float]:
+        """w(step): ``w_max · M/N`` (M labeled of N images) times the Gaussian ramp-up."""
+        w_max = self.w_max * (n_labeled / (n_labeled + n_unlabeled) if self.scale_by_labeled_fraction else 1.0)
+        ramp = round(self.ramp_fraction * max_steps)
+        return lambda step: w_max * ramp_up(step, ramp)
+
+
+class PiModelParams(ConsistencyParams):
+    """`method.params` of ``pi_model``; defaults are the paper's."""
 
 
 def ramp_up(step: int, ramp_steps: int) -> float:
@@ -95,8 +107,7 @@ def run(cfg: RunConfig, params: PiModelParams, ctx: RunContext) -> dict[str, flo
     loader, sampler = labeled_loader(train, labeled, unlabeled, t.batch_size, t.unlabeled_batch_size or t.batch_size,
                                      t.seed, ctx)
     view = view_config(params.augment)
-    w_max = params.w_max * (len(labeled) / (len(labeled) + len(unlabeled)) if params.scale_by_labeled_fraction else 1.0)
-    ramp = round(params.ramp_fraction * t.max_steps)
+    weight_at = params.weight_schedule(len(labeled), len(unlabeled), t.max_steps)
     model.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
@@ -106,7 +117,7 @@ def run(cfg: RunConfig, params: PiModelParams, ctx: RunContext) -> dict[str, flo
         logits = model(torch.cat([first, second]))
         z, z_tilde = logits.split(len(x))
         mask = batch["has_image_labels"].to(x.dtype)[:, None].expand_as(batch["image_labels"])
-        weight = w_max * ramp_up(step, ramp)
+        weight = weight_at(step)
         return {"bce": masked_bce_with_logits(z, batch["image_labels"], mask),
                 "consistency": weight * consistency_loss(torch.sigmoid(z), torch.sigmoid(z_tilde)),
                 "log_w": torch.tensor(weight)}
@@ -118,4 +129,4 @@ def run(cfg: RunConfig, params: PiModelParams, ctx: RunContext) -> dict[str, flo
                                                            n_boot=params.n_boot), "Π-model", model, data.class_names)
 
 
-__all__ = ["PiModelParams", "consistency_loss", "ramp_up", "run", "semi_sets"]
+__all__ = ["ConsistencyParams", "PiModelParams", "consistency_loss", "ramp_up", "run", "semi_sets"]

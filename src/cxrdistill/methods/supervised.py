@@ -131,17 +131,29 @@ def boxed_indices(dataset: CXRDataset) -> list[int]:
 def train_detector(ctx: RunContext, stage: str, model: RetinaNet, dataset: CXRDataset, augment: Augment,
                    max_steps: int | None = None) -> FitResult:
     """Train ``model`` on the box images of ``dataset`` as stage ``stage`` (resumable); returns the fit."""
+
+    def losses(batch: dict[str, Any], images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        n_boxes = sum(len(t["boxes"]) for t in targets) / len(targets)
+        return {**model.loss(model(images), targets), "log_boxes_per_image": torch.tensor(n_boxes)}
+
+    return _fit_on(ctx, stage, model, dataset, boxed_indices(dataset), augment, losses, max_steps)
+
+
+def _fit_on(ctx: RunContext, stage: str, model: torch.nn.Module, dataset: CXRDataset, indices: list[int],
+            augment: Augment, losses: Callable[[dict[str, Any], Tensor, list[dict[str, Tensor]]], dict[str, Tensor]],
+            max_steps: int | None) -> FitResult:
+    """The supervised loop every baseline shares: batches of ``dataset[indices]``, the ``augment`` view
+    (images ``(B, 1, H, W)`` and their projected targets), ``losses(batch, images, targets)``, stage
+    ``stage`` of ``train.max_steps`` (or ``max_steps``) optimizer steps, resumable."""
     cfg = ctx.cfg.train
-    loader, sampler = labeled_loader(dataset, boxed_indices(dataset), [], cfg.batch_size, 0,
-                                     cfg.seed + sum(map(ord, stage)), ctx)
+    loader, sampler = labeled_loader(dataset, indices, [], cfg.batch_size, 0, cfg.seed + sum(map(ord, stage)), ctx)
     view = view_config(augment)
     model.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         images, targets = augment_batch(batch["image"], batch["boxes"], batch["labels"], view,
                                         step_generator(cfg.seed, step))
-        losses = model.loss(model(images), targets)
-        return {**losses, "log_boxes_per_image": torch.tensor(sum(len(t["boxes"]) for t in targets) / len(targets))}
+        return losses(batch, images, targets)
 
     return ctx.trainer(stage).fit(step_fn, {"model": model}, build_optimizer(model.parameters(), cfg), loader,
                                   cfg.max_steps if max_steps is None else max_steps, sampler=sampler)
@@ -333,19 +345,12 @@ def image_labeled(dataset: CXRDataset) -> list[int]:
 def train_classifier(ctx: RunContext, stage: str, model: ImageClassifier, dataset: CXRDataset, augment: Augment,
                      max_steps: int | None = None) -> FitResult:
     """Train ``model`` with masked BCE on the image labels of ``dataset``'s labeled images (stage ``stage``)."""
-    cfg = ctx.cfg.train
-    loader, sampler = labeled_loader(dataset, image_labeled(dataset), [], cfg.batch_size, 0,
-                                     cfg.seed + sum(map(ord, stage)), ctx)
-    view = view_config(augment)
-    model.train()
 
-    def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        images, _ = augment_batch(batch["image"], batch["boxes"], batch["labels"], view, step_generator(cfg.seed, step))
+    def losses(batch: dict[str, Any], images: Tensor, _: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         mask = batch["has_image_labels"].to(images.dtype)[:, None].expand_as(batch["image_labels"])
         return {"bce": masked_bce_with_logits(model(images), batch["image_labels"], mask)}
 
-    return ctx.trainer(stage).fit(step_fn, {"model": model}, build_optimizer(model.parameters(), cfg), loader,
-                                  cfg.max_steps if max_steps is None else max_steps, sampler=sampler)
+    return _fit_on(ctx, stage, model, dataset, image_labeled(dataset), augment, losses, max_steps)
 
 
 @register_method("supervised_classifier", SupervisedParams)

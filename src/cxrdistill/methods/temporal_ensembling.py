@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from cxrdistill.config import RunConfig
@@ -25,10 +25,9 @@ from cxrdistill.data.study import StudyData
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.eval.runs import evaluate_classifier
-from cxrdistill.methods.pi_model import consistency_loss, ramp_up, semi_sets
+from cxrdistill.methods.pi_model import ConsistencyParams, consistency_loss, semi_sets
 from cxrdistill.methods.registry import register_method
 from cxrdistill.methods.supervised import (
-    Augment,
     augment_batch,
     build_classifier_model,
     evaluate_final,
@@ -39,21 +38,13 @@ from cxrdistill.methods.supervised import (
 from cxrdistill.models.classifier import masked_bce_with_logits
 
 
-class TemporalEnsemblingParams(BaseModel):
+class TemporalEnsemblingParams(ConsistencyParams):
     """`method.params` of ``temporal_ensembling``; defaults are the paper's."""
-
-    model_config = ConfigDict(extra="forbid")
 
     alpha: float = Field(0.6, ge=0.0, lt=1.0)
     """Ensemble momentum α (paper: 0.6)."""
     w_max: float = Field(30.0, ge=0.0)
     """Maximum consistency weight before the M/N scaling (paper: 30)."""
-    scale_by_labeled_fraction: bool = True
-    ramp_fraction: float = Field(80 / 300, ge=0.0, le=1.0)
-    augment: Augment = "strong"
-    train_split: str = "train"
-    eval_split: str = "test"
-    n_boot: int = Field(1000, ge=0)
 
 
 class EnsembleTargets:
@@ -101,8 +92,7 @@ def run(cfg: RunConfig, params: TemporalEnsemblingParams, ctx: RunContext) -> di
     loader, sampler = labeled_loader(train, labeled, unlabeled, t.batch_size, t.unlabeled_batch_size or t.batch_size,
                                      t.seed, ctx)
     view = view_config(params.augment)
-    w_max = params.w_max * (len(labeled) / (len(labeled) + len(unlabeled)) if params.scale_by_labeled_fraction else 1.0)
-    ramp = round(params.ramp_fraction * t.max_steps)
+    weight_at = params.weight_schedule(len(labeled), len(unlabeled), t.max_steps)
     model.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
@@ -112,7 +102,7 @@ def run(cfg: RunConfig, params: TemporalEnsemblingParams, ctx: RunContext) -> di
         probs = torch.sigmoid(z)
         target, has = ensemble.targets(ids)
         mask = batch["has_image_labels"].to(x.dtype)[:, None].expand_as(batch["image_labels"])
-        weight = w_max * ramp_up(step, ramp)
+        weight = weight_at(step)
         losses = {"bce": masked_bce_with_logits(z, batch["image_labels"], mask),
                   "consistency": weight * consistency_loss(probs, target.to(probs), has.to(probs.device)),
                   "log_w": torch.tensor(weight)}

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from cxrdistill.errors import CxrDistillError  # noqa: E402
 from cxrdistill.study.runner import Cell, fraction_tag  # noqa: E402
 from cxrdistill.study.spec import StudySpec  # noqa: E402
-from cxrdistill.study.table import format_markdown  # noqa: E402
+from cxrdistill.study.table import format_delta, format_markdown, format_mean  # noqa: E402
 
 
 def _png(fig: Any) -> bytes:
@@ -100,18 +100,12 @@ def _html_table(table: dict[str, Any]) -> str:
         cells = []
         for f in fr:
             entry = row["fractions"][f]
-            text = "—" if entry["mean"] is None else f"{entry['mean']:.3f}"
-            low, high = entry["ci"]
-            if entry["mean"] is not None and low is not None:
-                text += f" ± {(high - low) / 2:.3f}"
-            if entry["mean"] is not None and entry["n_seeds"] < len(table["seeds"]):
-                text += f" (n={entry['n_seeds']})"
+            text = html.escape(format_mean(entry))
             cmp = entry.get("vs_baseline") or {}
             if cmp.get("diff") is not None:
                 p = cmp.get("p_boot")
                 cls = "" if p is None or p >= 0.05 else (" class='up'" if cmp["diff"] > 0 else " class='down'")
-                ci = f" [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}]" if cmp.get("ci_low") is not None else ""
-                text += f"<br><span{cls}>Δ {cmp['diff']:+.3f}{ci}</span>"
+                text += f"<br><span{cls}>{html.escape(format_delta(entry))}</span>"
             cells.append(f"<td>{text}</td>")
         body.append(f"<tr><td>{html.escape(row['label'])}</td>{''.join(cells)}</tr>")
     caption = (f"{html.escape(table['metric'])}: mean ± 95% CI half-width over seeds {table['seeds']} "
@@ -145,9 +139,9 @@ def build_study_report(spec: StudySpec, cells: Sequence[Cell], table: dict[str, 
     deltas = delta_plot(table, spec.fractions)
     body = [
         f"<h1>Study {html.escape(spec.name)}</h1>",
-        f"<p>{len(cells)} cells: {len(spec.recipes)} recipes × {len(spec.fractions)} fractions × "
-        f"{len(spec.seeds)} seeds ({sum(c.done for c in cells)} finished). "
-        f"Baseline: {html.escape(spec.baseline_name)}.</p>",
+        (f"<p>{len(cells)} cells: {len(spec.recipes)} recipes × {len(spec.fractions)} fractions × "
+         f"{len(spec.seeds)} seeds ({sum(c.done for c in cells)} finished). "
+         f"Baseline: {html.escape(spec.baseline_name)}.</p>"),
         f'<img alt="metric vs fraction" src="data:image/png;base64,{curve}">',
         _html_table(table),
         *([f'<img alt="difference vs baseline" src="data:image/png;base64,{base64.b64encode(deltas).decode()}">']

@@ -185,7 +185,8 @@ def _j(x: float) -> float | None:
     return None if x is None or math.isnan(x) else float(x)
 
 
-def _fmt_mean(entry: dict[str, Any]) -> str:
+def format_mean(entry: dict[str, Any]) -> str:
+    """``mean ± CI half-width`` of a table entry (``(n=k)`` when fewer than two seeds finished)."""
     if entry["mean"] is None:
         return "—"
     low, high = entry["ci"]
@@ -195,7 +196,8 @@ def _fmt_mean(entry: dict[str, Any]) -> str:
     return text + ("" if entry["n_seeds"] > 1 else f" (n={entry['n_seeds']})")
 
 
-def _fmt_delta(entry: dict[str, Any]) -> str:
+def format_delta(entry: dict[str, Any]) -> str:
+    """``Δ +d* [low, high], p=…`` of a table entry vs the baseline ("" without a comparison)."""
     cmp = entry.get("vs_baseline")
     if not cmp or cmp.get("diff") is None:
         return ""
@@ -215,13 +217,13 @@ def format_markdown(table: dict[str, Any]) -> str:
              f"({'Student t' if table['ci'] == 't' else 'bootstrap over seeds'}; seeds {table['seeds']})", "",
              head, sep]
     for row in table["rows"]:
-        lines.append(f"| {row['label']} | " + " | ".join(_fmt_mean(row["fractions"][f]) for f in fr) + " |")
+        lines.append(f"| {row['label']} | " + " | ".join(format_mean(row["fractions"][f]) for f in fr) + " |")
     lines += ["", f"Δ {table['metric']} vs {table['baseline']} [95% CI], paired bootstrap over test images "
                   f"({table['n_boot']} replicates, difference averaged over seeds; * p_boot < 0.05)", "", head, sep]
     for row in table["rows"]:
         if row["recipe"] == table["baseline"]:
             continue
-        lines.append(f"| {row['label']} | " + " | ".join(_fmt_delta(row["fractions"][f]) or "—" for f in fr) + " |")
+        lines.append(f"| {row['label']} | " + " | ".join(format_delta(row["fractions"][f]) or "—" for f in fr) + " |")
     return "\n".join(lines)
 
 
@@ -236,8 +238,8 @@ def print_table(table: dict[str, Any], console: Console) -> None:
         cells = []
         for f in table["fractions"]:
             entry = row["fractions"][f]
-            delta = _fmt_delta(entry)
-            cells.append(_fmt_mean(entry) + (f"\n{delta.split(' [')[0]}" if delta else ""))
+            delta = format_delta(entry)
+            cells.append(format_mean(entry) + (f"\n{delta.split(' [')[0]}" if delta else ""))
         out.add_row(row["label"], *cells)
     console.print(out)
 
@@ -251,5 +253,5 @@ def write_table(table: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
-__all__ = ["build_table", "format_markdown", "paired_over_seeds", "print_table", "read_metric", "seed_interval",
+__all__ = ["build_table", "format_delta", "format_markdown", "format_mean", "paired_over_seeds", "print_table", "read_metric", "seed_interval",
            "write_table"]
