@@ -70,12 +70,10 @@ def predict_to_folder(model_path: Path, out: Path, *, manifest: Path | None = No
     from cxrdistill.data.manifest import write_json_atomic
     from cxrdistill.data.study import StudyData, default_cache_root
     from cxrdistill.eval.runs import batches, detections_to_rows, image_score_rows, predict_detections
-    from cxrdistill.models.factory import load_exported_model
+    from cxrdistill.deploy.folder import load_model
 
     console = console or Console()
-    if model_path.is_dir():
-        model_path = model_path / "model.pt"
-    model, meta = load_exported_model(model_path)
+    model, meta = load_model(model_path)  # run dir, model.pt or model folder
     if (manifest is None) == (images is None):
         raise CxrDistillError("give exactly one of --manifest or --images")
     out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +131,8 @@ def predict_to_folder(model_path: Path, out: Path, *, manifest: Path | None = No
 def register(app: typer.Typer) -> None:
     @app.command()
     def predict(
-        model: Path = typer.Option(..., "--model", "-m", help="A run directory or its model.pt."),
+        model: Path = typer.Option(..., "--model", "-m", help="A run directory, its model.pt, or a model folder "
+                                   "(cxrdistill export --format folder)."),
         out: Path = typer.Option(..., "--out", "-o", help="Folder for predictions.json and image_scores.json."),
         manifest: Optional[Path] = typer.Option(None, "--manifest", help="Predict the images of a manifest."),
         images: Optional[Path] = typer.Option(None, "--images", help="Predict every PNG/JPEG/DICOM in a folder."),
