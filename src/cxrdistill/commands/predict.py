@@ -62,11 +62,45 @@ def _write_heatmaps(folder: Path, image_id: int, probs: torch.Tensor, category_i
         Image.fromarray(arr).save(folder / f"{image_id}_{cid}.png")
 
 
+def _write_dicom_objects(manifest, records, rows: list[dict], maps_of: dict[int, np.ndarray],
+                         sr_dir: Path | None, seg_dir: Path | None, console: Console) -> None:
+    """One SR (and/or SEG) per DICOM input, named after the source's SOP instance UID; other inputs
+    are listed, not skipped silently."""
+    from cxrdistill.atomic import atomic_write
+    from cxrdistill.data.io import _is_dicom
+    from cxrdistill.interop.dicom_out import boxes_to_sr, maps_to_seg, read_source
+
+    by_image: dict[int, list[dict]] = {}
+    for row in rows:
+        by_image.setdefault(row["image_id"], []).append(row)
+    written, not_dicom = 0, []
+    for rec in records:
+        path = manifest.image_path(rec)
+        if not _is_dicom(path):
+            not_dicom.append(rec.file_name)
+            continue
+        source = read_source(path)
+        targets = []
+        if sr_dir is not None:
+            targets.append((sr_dir, boxes_to_sr(source, by_image.get(rec.id, []), manifest.class_names,
+                                                manifest.category_ids)))
+        if seg_dir is not None and rec.id in maps_of:
+            targets.append((seg_dir, maps_to_seg(source, maps_of[rec.id], manifest.class_names)))
+        for folder, obj in targets:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(folder / f"{source.SOPInstanceUID}.dcm", lambda f, o=obj: o.save_as(f, enforce_file_format=True))
+            written += 1
+    console.print(f"wrote {written} DICOM object(s)" + (f"; {len(not_dicom)} input(s) are not DICOM and got none "
+                  f"(e.g. {not_dicom[0]})" if not_dicom else ""), highlight=False, soft_wrap=True)
+
+
 def predict_to_folder(model_path: Path, out: Path, *, manifest: Path | None = None, images: Path | None = None,
                       split: str | None = "test", heatmaps: bool = False, batch_size: int = 16,
                       score_thresh: float = 0.05, box_threshold: float = 0.5, on_error: str = "strict",
-                      console: Console | None = None) -> dict[str, int]:
-    """Predict and write the files; returns counts (images, boxes)."""
+                      console: Console | None = None, dicom_sr: Path | None = None,
+                      dicom_seg: Path | None = None) -> dict[str, int]:
+    """Predict and write the files; returns counts (images, boxes). `dicom_sr` / `dicom_seg`: folders
+    for one DICOM SR (boxes) / fractional SEG (heat maps) per input DICOM (`interop.dicom_out`)."""
     from cxrdistill.data.manifest import write_json_atomic
     from cxrdistill.data.study import StudyData, default_cache_root
     from cxrdistill.eval.runs import batches, detections_to_rows, image_score_rows, predict_detections
@@ -89,9 +123,12 @@ def predict_to_folder(model_path: Path, out: Path, *, manifest: Path | None = No
     dataset = data.dataset(split) if split else data.dataset(("train", "val", "test"))
     kind = meta["model"]["kind"]
     cat_ids = data.manifest.category_ids
+    if dicom_seg is not None and kind != "heatmap":
+        raise CxrDistillError(f"--dicom-seg needs a heat-map model; this one is a {kind}")
     rows: list[dict] = []
     ids: list[int] = []
     scores: list[np.ndarray] = []
+    maps_of: dict[int, np.ndarray] = {}  # heat maps kept for --dicom-seg
     with torch.no_grad():
         if kind == "detector":
             dets = predict_detections(model, dataset, batch_size=batch_size, score_thresh=score_thresh)
@@ -118,9 +155,13 @@ def predict_to_folder(model_path: Path, out: Path, *, manifest: Path | None = No
                     if heatmaps:
                         for image_id, m in zip(batch["image_id"].tolist(), maps):
                             _write_heatmaps(out / "heatmaps", image_id, m, cat_ids)
+                    if dicom_seg is not None:
+                        maps_of.update(zip(batch["image_id"].tolist(), maps.numpy()))
                 ids += batch["image_id"].tolist()
     write_json_atomic(out / "predictions.json", rows)
     write_json_atomic(out / "image_scores.json", image_score_rows(ids, np.asarray(scores), cat_ids))
+    if dicom_sr is not None or dicom_seg is not None:
+        _write_dicom_objects(data.manifest, dataset.images, rows, maps_of, dicom_sr, dicom_seg, console)
     for issue in data.manifest.skipped:
         console.print(f"[yellow]skipped[/] {issue}", highlight=False, soft_wrap=True)
     console.print(f"wrote {out / 'predictions.json'} ({len(rows)} boxes) and image_scores.json "
@@ -141,6 +182,10 @@ def register(app: typer.Typer) -> None:
         score_thresh: float = typer.Option(0.05, "--score-thresh", help="Detectors: keep boxes above this score."),
         batch_size: int = typer.Option(16, "--batch-size"),
         lenient: bool = typer.Option(False, "--lenient/--strict", help="Skip unreadable images (listed)."),
+        dicom_sr: Optional[Path] = typer.Option(None, "--dicom-sr", help="Folder for one DICOM SR (TID 1500) of "
+                                                "boxes per input DICOM (extra 'dicom')."),
+        dicom_seg: Optional[Path] = typer.Option(None, "--dicom-seg", help="Heat-map models: folder for one "
+                                                 "fractional DICOM SEG per input DICOM (extra 'dicom')."),
     ) -> None:
         """Write COCO results (+ image scores, + heat maps) of a trained model."""
         console = Console()
@@ -148,7 +193,8 @@ def register(app: typer.Typer) -> None:
             predict_to_folder(model, out, manifest=manifest, images=images,
                               split=None if split == "all" else split, heatmaps=heatmaps,
                               batch_size=batch_size, score_thresh=score_thresh,
-                              on_error="lenient" if lenient else "strict", console=console)
+                              on_error="lenient" if lenient else "strict", console=console,
+                              dicom_sr=dicom_sr, dicom_seg=dicom_seg)
         except CxrDistillError as err:
             console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None

@@ -1,0 +1,1 @@
+"""Interoperability with hospital systems (DICOM structured reports and segmentations)."""
