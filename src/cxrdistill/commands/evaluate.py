@@ -108,12 +108,20 @@ def register(app: typer.Typer) -> None:
         run_dirs: list[Path] = typer.Argument(..., help="One or more run directories."),
         out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
         max_images: int = typer.Option(12, "--max-images", help="Test images drawn per run."),
+        score_threshold: Optional[float] = typer.Option(
+            None, "--score-threshold", help="Draw boxes scoring at least this (default: the FROC operating "
+            "point at --fp-per-image false positives per image)."),
+        fp_per_image: float = typer.Option(1.0, "--fp-per-image", help="FROC operating point of the default threshold."),
+        metric: str = typer.Option("mAP", "--metric", help="Paired test of several runs: mAP, mAP@<iou> or macro_AUROC."),
+        n_boot: int = typer.Option(200, "--n-boot", help="Bootstrap replicates (CIs, paired test)."),
     ) -> None:
-        """One self-contained HTML page: metrics, curves, test images, training curves, config."""
+        """One self-contained HTML page (metrics with CIs, data, curves, test images, training curves,
+        environment, config) plus SVG figures and CSV/LaTeX tables in <stem>_files/."""
         from cxrdistill.eval.html_report import build_report
 
         try:
-            path = build_report(run_dirs, out, max_images=max_images)
+            path = build_report(run_dirs, out, max_images=max_images, n_boot=n_boot, metric=metric,
+                                score_threshold=score_threshold, fp_per_image=fp_per_image)
         except CxrDistillError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None

@@ -26,6 +26,8 @@ def train(
     except CxrDistillError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
+    if getattr(console, "final_metrics_printed", False):  # the recipe printed its titled table
+        return
     table = Table(title="final metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -52,7 +54,12 @@ def run_training(
     from cxrdistill.engine.run_dir import RunDirectory
     from cxrdistill.methods.registry import get_method, validate_method_params
 
+    from cxrdistill.data.split_policy import apply_split_policy
+
     cfg = load_config(resolve_config_path(config), overrides)
+    split_line = apply_split_policy(cfg.data, resolve_config_path(config), overrides)
+    if split_line:
+        (console or Console()).print(split_line, highlight=False, soft_wrap=True)
     if output_dir is not None:
         cfg.output_dir = output_dir
     if resume is not None:

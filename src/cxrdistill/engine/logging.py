@@ -4,7 +4,9 @@
 first appearance (loss terms, `lr`, eval metrics, `<name>/<class>` counts). A row holds the values
 logged at that step; other cells are empty. Several stages share the file, told apart by `stage`.
 When a new metric name appears the file is rewritten with the wider header (rare: first log,
-first eval), so it always stays a valid CSV for pandas / spreadsheets.
+first eval), so it always stays a valid CSV for pandas / spreadsheets. Every row also has
+`wall_s`: wall-clock seconds spent in its stage so far (a resumed stage continues from its last
+logged value), so a budget can be planned from a short run.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import csv
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 _log = logging.getLogger(__name__)
 
 FIXED_COLUMNS = ("step", "stage")
+WALL_CLOCK = "wall_s"
 
 
 class MetricsLogger:
@@ -35,10 +39,22 @@ class MetricsLogger:
                 self._columns = list(reader.fieldnames or FIXED_COLUMNS)
                 self._rows = list(reader)
         self._writer = _open_tensorboard(tensorboard_dir) if tensorboard_dir is not None else None
+        self._start = time.monotonic()
+        self._offset = self._last_wall_clock()
+
+    def _last_wall_clock(self) -> float:
+        for row in reversed(self._rows):
+            if row.get("stage") == self.stage and row.get(WALL_CLOCK):
+                try:
+                    return float(row[WALL_CLOCK])
+                except ValueError:
+                    return 0.0
+        return 0.0
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        """Write one row for `step`; non-finite values are written as `nan` / `inf`, never dropped."""
+        """Write one row for `step` (+ `wall_s`); non-finite values are written as `nan` / `inf`, never dropped."""
         row = {"step": str(step), "stage": self.stage}
+        values = {WALL_CLOCK: round(self._offset + time.monotonic() - self._start, 3), **values}
         for name, value in values.items():
             row[name] = _format(value)
         new = [name for name in values if name not in self._columns]
@@ -51,6 +67,8 @@ class MetricsLogger:
                 csv.DictWriter(handle, self._columns).writerow(row)
         if self._writer is not None:
             for name, value in values.items():
+                if name == WALL_CLOCK:
+                    continue
                 self._writer.add_scalar(f"{self.stage}/{name}", float(value), step)
 
     def truncate_after(self, step: int) -> None:
@@ -59,6 +77,7 @@ class MetricsLogger:
         if len(kept) != len(self._rows):
             self._rows = kept
             self._rewrite()
+            self._offset, self._start = self._last_wall_clock(), time.monotonic()
 
     def flush(self) -> None:
         if self._writer is not None:

@@ -21,7 +21,7 @@ from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.data.manifest import write_json_atomic
 from cxrdistill.eval.froc import AALS_FP_RATIOS, ModifiedFroc
 from cxrdistill.eval.metrics import evaluate_predictions, froc_block
-from cxrdistill.eval.predictions import GroundTruth, ground_truth_from_coco
+from cxrdistill.eval.predictions import GroundTruth, ground_truth_from_coco, image_scores_from_boxes
 
 DEFAULT_IOUS: tuple[float, ...] = (0.25, 0.5, 0.75)
 Detections = dict[str, Tensor]
@@ -118,7 +118,10 @@ def evaluate_detections(dets: dict[int, Detections], dataset: CXRDataset, out_di
     ids = [rec.id for rec in dataset.images]
     scores = None if image_scores is None else _aligned_scores(gt, ids, image_scores)
     metrics = evaluate_predictions(gt, rows, scores, iou=iou, n_boot=n_boot, seed=seed)
-    score_rows = None if image_scores is None else image_score_rows(ids, image_scores, dataset.manifest.category_ids)
+    if image_scores is None:  # a detector's image score of a class: its best box (what AUROC used)
+        score_rows = image_score_rows(gt.image_ids, image_scores_from_boxes(rows, gt), gt.category_ids)
+    else:
+        score_rows = image_score_rows(ids, image_scores, dataset.manifest.category_ids)
     return _finish(out_dir, metrics, rows, score_rows)
 
 

@@ -207,6 +207,7 @@ def print_metrics(ctx: RunContext, metrics: dict[str, float], title: str) -> Non
     for key, value in metrics.items():
         table.add_row(key, "n/a" if math.isnan(value) else f"{value:.4f}")
     ctx.console.print(table)
+    ctx.console.final_metrics_printed = True  # `cxrdistill train` then does not print them again
 
 
 # =============================================================================== detector

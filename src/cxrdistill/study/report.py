@@ -20,11 +20,11 @@ from cxrdistill.study.spec import StudySpec  # noqa: E402
 from cxrdistill.study.table import format_delta, format_markdown, format_mean  # noqa: E402
 
 
-def _png(fig: Any) -> bytes:
+def _png(fig: Any, fmt: str = "png") -> bytes:
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format=fmt, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
@@ -35,7 +35,7 @@ def _style(i: int) -> dict[str, Any]:
             "linestyle": ("-", "--", ":")[(i // 10) % 3]}
 
 
-def fraction_curve(table: dict[str, Any], fractions: Sequence[float]) -> bytes:
+def fraction_curve(table: dict[str, Any], fractions: Sequence[float], fmt: str = "png") -> bytes:
     """PNG: the metric's seed mean (error bars: the CI over seeds) vs labeled fraction, one line per
     recipe; fractions are evenly spaced and the recipes slightly dodged so the bars do not overlap."""
     fig, ax = plt.subplots(figsize=(9, 5))
@@ -58,7 +58,7 @@ def fraction_curve(table: dict[str, Any], fractions: Sequence[float]) -> bytes:
            title=f"{table['study']}: {table['metric']} (mean over seeds, 95% CI)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _png(fig)
+    return _png(fig, fmt)
 
 
 def delta_plot(table: dict[str, Any], fractions: Sequence[float]) -> bytes | None:
@@ -129,8 +129,10 @@ def build_study_report(spec: StudySpec, cells: Sequence[Cell], table: dict[str, 
         if not dirs:
             continue
         page = out_dir / f"report_{fraction_tag(fraction)}.html"
+        labels = [f"{r} (seed {seed})" for r in order for c in cells
+                  if c.recipe == r and c.fraction == fraction and c.seed == seed and c.done]
         try:
-            build_report(dirs, page, max_images=max_images, n_boot=n_boot)
+            build_report(dirs, page, max_images=max_images, n_boot=n_boot, names=labels, metric=spec.metric)
             links.append(f'<li><a href="{page.name}">fraction {fraction:g}, seed {seed}</a>: '
                          f'{", ".join(html.escape(d.parent.parent.name) for d in dirs)}</li>')
         except CxrDistillError as err:
@@ -149,6 +151,9 @@ def build_study_report(spec: StudySpec, cells: Sequence[Cell], table: dict[str, 
         "<h2>Per-fraction reports (first seed)</h2><ul>" + "".join(links) + "</ul>",
         f"<details><summary>Markdown (table.md)</summary><pre>{html.escape(format_markdown(table))}</pre></details>",
     ]
+    _write_supplement(table, spec, out_dir)
+    body.append('<p>For a supplement: <a href="table.csv">table.csv</a>, <a href="table.tex">table.tex</a>, '
+                '<a href="fraction_curve.svg">fraction_curve.svg</a></p>')
     path = out_dir / "report.html"
     path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>"
                     f"{html.escape(spec.name)}</title><style>body{{font-family:system-ui,sans-serif;margin:24px}}"
@@ -159,6 +164,26 @@ def build_study_report(spec: StudySpec, cells: Sequence[Cell], table: dict[str, 
                     ".up{color:#1a7f37;font-weight:600}.down{color:#c62828;font-weight:600}</style></head><body>"
                     + "\n".join(body) + "</body></html>\n", encoding="utf-8")
     return path
+
+
+def _write_supplement(table: dict[str, Any], spec: StudySpec, out_dir: Path) -> None:
+    """``table.csv`` / ``table.tex`` (mean, CI, Δ vs baseline per fraction) and ``fraction_curve.svg``."""
+    import csv
+    import io
+
+    from cxrdistill.eval.html_report import _latex
+
+    header = ["recipe", *[f"{f[1:]} {part}" for f in table["fractions"] for part in ("mean ± CI", "Δ vs baseline")]]
+    rows = [[row["label"], *[text for f in table["fractions"]
+                             for text in (format_mean(row["fractions"][f]), format_delta(row["fractions"][f]))]]
+            for row in table["rows"]]
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    (out_dir / "table.csv").write_text(buf.getvalue(), encoding="utf-8")
+    (out_dir / "table.tex").write_text(_latex(header, rows, f"{spec.name}: {table['metric']}, mean ± 95% CI over "
+                                              f"seeds; Δ vs {table['baseline']} (paired bootstrap)"), encoding="utf-8")
+    fig = fraction_curve(table, spec.fractions, fmt="svg")
+    (out_dir / "fraction_curve.svg").write_bytes(fig)
 
 
 __all__ = ["build_study_report", "delta_plot", "fraction_curve"]

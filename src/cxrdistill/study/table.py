@@ -70,8 +70,25 @@ def read_metric(cell: Cell, metric: str) -> float | None:
         return None
     metrics = json.loads(path.read_text(encoding="utf-8"))
     if metric not in metrics:
-        raise CxrDistillError(f"{path}: has no metric {metric!r} (has: {', '.join(metrics)}); set the study's metric")
+        # a recipe that reports other IoUs (OXnet) is scored on its predictions, like the paired test
+        value = metric_from_predictions(cell.run_dir, metric)
+        if value is None:
+            raise CxrDistillError(f"{path}: has no metric {metric!r} (has: {', '.join(metrics)}) and the run has "
+                                  "no eval/predictions.json to compute it from; set the study's metric")
+        return value
     value = metrics[metric]
+    return math.nan if value is None else float(value)
+
+
+def metric_from_predictions(run_dir: Path, metric: str) -> float | None:
+    """``metric`` (mAP, mAP@<iou>, macro_AUROC) of a run computed from its eval/ files; None without them."""
+    if not (run_dir / "eval" / "predictions.json").is_file() or not (run_dir / "eval" / "metrics.json").is_file():
+        return None
+    gt, metrics = _ground_truth(run_dir)
+    ious = {float(t) for t in (metrics.get("detection") or {}).get("iou_thresholds") or (0.25, 0.5, 0.75)}
+    iou = None if metric in ("mAP", "macro_AUROC") else _iou_of(metric)
+    params = CocoParams(iou_thresholds=tuple(sorted(ious | ({iou} if iou is not None else set()))))
+    value, _ = _replicates(run_dir, gt, metric, np.zeros((0, len(gt.image_ids)), dtype=int), params)
     return math.nan if value is None else float(value)
 
 
@@ -132,6 +149,8 @@ def paired_over_seeds(pairs: Sequence[tuple[Path, Path]], metric: str, n_boot: i
         raise CxrDistillError("paired comparison: no seed has both runs finished")
     gt, metrics = _ground_truth(pairs[0][0])
     ious = tuple((metrics.get("detection") or {}).get("iou_thresholds") or (0.25, 0.5, 0.75))
+    if metric not in ("mAP", "macro_AUROC") and _iou_of(metric) not in {float(t) for t in ious}:
+        ious = tuple(sorted({float(t) for t in ious} | {_iou_of(metric)}))  # e.g. OXnet's runs
     params = CocoParams(iou_thresholds=tuple(float(t) for t in ious))
     idx = bootstrap_indices(len(gt.image_ids), n_boot, seed)
     a_full, b_full, a_boot, b_boot = [], [], [], []
