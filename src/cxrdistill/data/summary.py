@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from rich.console import Group
 from rich.table import Table
 
 from cxrdistill.data.manifest import Manifest
@@ -27,19 +28,30 @@ def summary_counts(manifest: Manifest) -> dict[str, dict[str, int]]:
     return {k: dict(v) for k, v in sorted(out.items())}
 
 
-def summary_table(manifest: Manifest, title: str = "Manifest summary") -> Table:
-    """A Rich table: one row per split/supervision, columns images, reports, then boxes / labels per class."""
+def summary_table(manifest: Manifest, title: str = "Manifest summary") -> Group:
+    """Two Rich tables that stay readable at 80 columns with any number of classes: images and
+    reports per split/supervision, then one row per class with ``boxes / labels`` per split."""
     counts = summary_counts(manifest)
-    table = Table(title=title)
-    table.add_column("split/supervision")
-    table.add_column("images", justify="right")
-    table.add_column("reports", justify="right")
-    for name in manifest.class_names:
-        table.add_column(f"{name}\nboxes / labels", justify="right")
+    groups = Table(title=title)
+    groups.add_column("split/supervision")
+    for col in ("images", "reports", "boxes", "labels"):
+        groups.add_column(col, justify="right")
     for key, row in counts.items():
-        cells = [key, str(row.get("images", 0)), str(row.get("reports", 0))]
-        cells += [f"{row.get(f'boxes:{n}', 0)} / {row.get(f'labels:{n}', 0)}" for n in manifest.class_names]
-        table.add_row(*cells)
+        boxes = sum(v for k, v in row.items() if k.startswith("boxes:"))
+        labels = sum(v for k, v in row.items() if k.startswith("labels:"))
+        groups.add_row(key, str(row.get("images", 0)), str(row.get("reports", 0)), str(boxes), str(labels))
+    splits = list(dict.fromkeys(key.split("/", 1)[0] for key in counts))
+    classes = Table(title="per class: boxes / image labels")
+    classes.add_column("class", overflow="fold")
+    for split in splits:
+        classes.add_column(split, justify="right")
+    for name in manifest.class_names:
+        cells = []
+        for split in splits:
+            rows = [row for key, row in counts.items() if key.split("/", 1)[0] == split]
+            cells.append(f"{sum(r.get(f'boxes:{name}', 0) for r in rows)} / "
+                         f"{sum(r.get(f'labels:{name}', 0) for r in rows)}")
+        classes.add_row(name, *cells)
     if manifest.skipped:
-        table.caption = f"{len(manifest.skipped)} record(s) skipped — see the list above"
-    return table
+        classes.caption = f"{len(manifest.skipped)} record(s) skipped — see the list above"
+    return Group(groups, classes)
