@@ -10,7 +10,7 @@ browser=$(command -v chromium || command -v chromium-browser || command -v googl
 if [[ -z "$browser" ]]; then echo "no chromium found: apt-get install -y chromium" >&2; exit 1; fi
 profile=$(mktemp -d)
 trap 'rm -rf "$profile"' EXIT
-"$browser" --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
+"$browser" --headless --no-sandbox --disable-gpu --disable-quic --disable-sync --disable-background-networking --disable-component-update \
   --no-first-run --user-data-dir="$profile" --hide-scrollbars --window-size="$size" \
   --screenshot="$out" "file://$report" 2>/dev/null
 [[ -s "$out" ]] || { echo "no screenshot written to $out" >&2; exit 1; }

@@ -68,7 +68,7 @@ h1{font-size:22px} h2{font-size:18px;border-bottom:1px solid #ccc;padding-bottom
 h3{font-size:15px} table{border-collapse:collapse;font-size:13px;margin:8px 0}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} th{background:#f2f2f2}
 td:first-child,th:first-child{text-align:left} .note{color:#a05000;font-size:13px}
-.grid{display:flex;flex-wrap:wrap;gap:8px} .grid img{width:210px;border:1px solid #ddd}
+.grid{display:flex;flex-wrap:wrap;gap:8px} .grid img{width:300px;border:1px solid #ddd}
 .curves img{height:300px;margin-right:8px} pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}
 .undef{color:#999;font-style:italic} .files{font-size:12px;color:#555}
 """
@@ -339,8 +339,25 @@ def _data_section(run: RunArtifacts, sup: _Supplement) -> str:
         return '<p class="note">data table needs the manifest</p>'
     raw = json.loads(run.manifest.read_text())
     counts: dict[tuple[str, str], int] = {}
+    supervision = {int(im["id"]): str(im.get("supervision", "—")) for im in raw.get("images", []) if "id" in im}
+    data_cfg = run.config.get("data") if isinstance(run.config.get("data"), dict) else {}
+    resplit = ""
+    if data_cfg.get("boxed_fraction") is not None:  # the run re-split supervision: show what it trained on
+        try:
+            from cxrdistill.data.manifest import load_manifest
+            from cxrdistill.data.splits import make_semi_split
+
+            m = make_semi_split(load_manifest(run.manifest, check_files=False),
+                                boxed_fraction=float(data_cfg["boxed_fraction"]),
+                                weak_fraction=data_cfg.get("weak_fraction", 0.0), seed=int(data_cfg.get("split_seed", 0)))
+            supervision = {im.id: im.supervision for im in m.images}
+            resplit = (f"<p>Supervision as the run trained: the manifest re-split with data.boxed_fraction="
+                       f"{data_cfg['boxed_fraction']}, weak_fraction={data_cfg.get('weak_fraction', 0.0)}, "
+                       f"split_seed={data_cfg.get('split_seed', 0)}.</p>")
+        except (CxrDistillError, ValueError) as err:
+            resplit = f'<p class="note">the run\'s re-split could not be reproduced ({html.escape(str(err))})</p>'
     for im in raw.get("images", []):
-        key = (str(im.get("split", "—")), str(im.get("supervision", "—")))
+        key = (str(im.get("split", "—")), supervision.get(int(im.get("id", -1)), "—"))
         counts[key] = counts.get(key, 0) + 1
     splits = sorted({k[0] for k in counts})
     sups = sorted({k[1] for k in counts})
@@ -348,7 +365,7 @@ def _data_section(run: RunArtifacts, sup: _Supplement) -> str:
             for sp in splits]
     header = ["split", *[f"supervision {su}" for su in sups], "images"]
     sup.table(f"{_slug(run.label)}_data", header, rows, f"{run.label}: images per split and supervision")
-    parts = [_table(header, rows)]
+    parts = [resplit, _table(header, rows)]
     if run.gt is not None:
         by_class = {name: 0 for name in run.gt.class_names}
         names = dict(zip(run.gt.category_ids, run.gt.class_names))

@@ -122,7 +122,7 @@ def image_with_boxes(image: np.ndarray, gt_boxes: np.ndarray, pred_boxes: np.nda
     from matplotlib.patches import Patch
 
     h, w = image.shape[:2]
-    fig, ax = plt.subplots(figsize=(3, 3 * h / max(w, 1)))
+    fig, ax = plt.subplots(figsize=(4, 4 * h / max(w, 1)))
     ax.imshow(image, cmap="gray")
     if heatmap is not None:
         ax.imshow(heatmap, cmap="jet", alpha=0.35, extent=(0, w, h, 0), vmin=0, vmax=1)
@@ -131,21 +131,21 @@ def image_with_boxes(image: np.ndarray, gt_boxes: np.ndarray, pred_boxes: np.nda
     for (x, y, bw, bh), name in zip(gt, gt_labels):
         ax.add_patch(plt.Rectangle((x, y), bw, bh, fill=False, color=GT_COLOUR, lw=1.5))
         if name:
-            ax.text(x, y + bh, name, color=GT_COLOUR, fontsize=5, va="top",
-                    bbox={"facecolor": "black", "alpha": 0.5, "pad": 0.5, "lw": 0})
+            ax.text(x, y + bh, name, color="black", fontsize=7, va="top",
+                    bbox={"facecolor": GT_COLOUR, "alpha": 0.75, "pad": 0.8, "lw": 0})
     pred = np.asarray(pred_boxes).reshape(-1, 4)
     scores = np.asarray(pred_scores).reshape(-1)
     pred_labels = list(pred_labels) if pred_labels is not None else [""] * len(pred)
     for (x, y, bw, bh), s, name in zip(pred, scores, pred_labels):
         ax.add_patch(plt.Rectangle((x, y), bw, bh, fill=False, color=PRED_COLOUR, lw=1))
-        ax.text(x, y, f"{name} {s:.2f}".strip(), color=PRED_COLOUR, fontsize=5, va="bottom",
-                bbox={"facecolor": "black", "alpha": 0.5, "pad": 0.5, "lw": 0})
+        ax.text(x, y, f"{name} {s:.2f}".strip(), color="white", fontsize=7, va="bottom",
+                bbox={"facecolor": PRED_COLOUR, "alpha": 0.75, "pad": 0.8, "lw": 0})
     ax.set_axis_off()
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     if title:
-        ax.set_title(title, fontsize=7)
+        ax.set_title(title, fontsize=8)
     ax.legend(handles=[Patch(fill=False, edgecolor=GT_COLOUR, label=f"ground truth ({len(gt)})"),
                        Patch(fill=False, edgecolor=PRED_COLOUR, label=f"prediction ({len(pred)})")],
-              fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=2, frameon=False)
+              fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=2, frameon=False)
     return _png(fig, fmt)

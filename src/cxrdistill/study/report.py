@@ -86,7 +86,8 @@ def delta_plot(table: dict[str, Any], fractions: Sequence[float]) -> bytes | Non
         ax.set_xlabel(f"Δ {table['metric']}")
     axes[0][0].set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
     axes[0][0].invert_yaxis()
-    fig.suptitle(f"Δ vs {table['baseline']} (paired bootstrap over test images, 95% CI)", fontsize=10)
+    fig.suptitle(f"Δ vs {table['baseline']} (paired bootstrap over test images, 95% CI)", fontsize=10,
+                 y=1 + 0.3 / fig.get_figheight())  # above the panel titles
     return _png(fig)
 
 
