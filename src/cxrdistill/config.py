@@ -117,6 +117,8 @@ class TrainConfig(_Section):
     progress: bool = True
     """Show a Rich progress bar (never shown when stdout is not a terminal or under CI)."""
     tensorboard: bool = True
+    loggers: list[str] = Field(default_factory=list)
+    """Extra trackers beside metrics.csv / TensorBoard: "mlflow:<tracking uri>", "wandb:<project>"."""
 
 
 class MethodConfig(_Section):

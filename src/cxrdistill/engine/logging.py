@@ -6,7 +6,8 @@ logged at that step; other cells are empty. Several stages share the file, told 
 When a new metric name appears the file is rewritten with the wider header (rare: first log,
 first eval), so it always stays a valid CSV for pandas / spreadsheets. Every row also has
 `wall_s`: wall-clock seconds spent in its stage so far (a resumed stage continues from its last
-logged value), so a budget can be planned from a short run.
+logged value), so a budget can be planned from a short run. Experiment trackers (MLflow, W&B)
+plug in as Fabric loggers (`engine.trackers`, config `train.loggers`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 _log = logging.getLogger(__name__)
 
@@ -28,8 +29,11 @@ WALL_CLOCK = "wall_s"
 class MetricsLogger:
     """Append rows `{step, stage, **values}` to a CSV and, optionally, TensorBoard."""
 
-    def __init__(self, csv_path: Path | str, stage: str, tensorboard_dir: Path | str | None = None) -> None:
+    def __init__(self, csv_path: Path | str, stage: str, tensorboard_dir: Path | str | None = None,
+                 trackers: Sequence[Any] = ()) -> None:
+        """`trackers`: extra `lightning_fabric.loggers.Logger`s (MLflow, W&B: `engine.trackers`)."""
         self.csv_path = Path(csv_path)
+        self.trackers = list(trackers)
         self.stage = stage
         self._columns: list[str] = list(FIXED_COLUMNS)
         self._rows: list[dict[str, str]] = []
@@ -65,6 +69,8 @@ class MetricsLogger:
         else:
             with self.csv_path.open("a", newline="", encoding="utf-8") as handle:
                 csv.DictWriter(handle, self._columns).writerow(row)
+        for tracker in self.trackers:
+            tracker.log_metrics({f"{self.stage}/{k}": float(v) for k, v in values.items()}, step)
         if self._writer is not None:
             for name, value in values.items():
                 if name == WALL_CLOCK:
@@ -84,6 +90,9 @@ class MetricsLogger:
             self._writer.flush()
 
     def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.finalize("success")
+        self.trackers = []
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -464,7 +464,12 @@ class Trainer:
         tb_dir = self.run_dir.logs / "tensorboard" / self.stage if self.cfg.tensorboard else None
         if not self.fabric.is_global_zero:
             tb_dir = None
-        return MetricsLogger(self.run_dir.metrics_csv, self.stage, tb_dir)
+        trackers = []
+        if self.fabric.is_global_zero and getattr(self.cfg, "loggers", None):
+            from cxrdistill.engine.trackers import make_trackers
+
+            trackers = make_trackers(self.cfg.loggers, self.run_dir.path)
+        return MetricsLogger(self.run_dir.metrics_csv, self.stage, tb_dir, trackers)
 
 
 # ---------------------------------------------------------------------- helpers
