@@ -119,3 +119,13 @@ def test_folder_with_wrong_weights_is_refused(world, tmp_path):
     save_file({"x": torch.zeros(2)}, str(out / "model.safetensors"))
     with pytest.raises(CheckpointError, match="do not fit"):
         load_model(out)
+
+
+def test_the_runtime_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import cxrdistill.deploy.runtime, cxrdistill.deploy.postprocess; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -57,8 +57,12 @@ def test_report_is_a_supplement(tmp_path):
         "python": "3.11.0", "packages": {"torch": "2.13.0"}, "git_commit": None,
         "argv": ["/x/bin/cxrdistill", "train", "--config", str(tmp_path / "c.yaml")]}))
     (run / "model.pt").write_bytes(b"weights")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["boxed_fraction"] = 0.5  # the run re-split supervision: the data table shows that split
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out" / "report.html"
     page = build_report([run], out, n_boot=30).read_text()
+    assert "Supervision as the run trained" in page and "data.boxed_fraction=0.5" in page
     metrics = page.split('id="metrics-0"')[1].split('id="data-0"')[0]
     for name in ("mAP@0.5", "FROC (mean)", "macro AUROC"):
         row = re.search(rf"<td>{re.escape(name)}</td><td>[^<]*</td><td>([^<]*)</td>", metrics)

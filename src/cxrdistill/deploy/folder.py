@@ -128,16 +128,18 @@ def _data_lines(run_dir: Path) -> list[str]:
     manifest = _run_manifest(run_dir)
     if manifest is None:
         return ["- training data: not recorded (the run's manifest was not found)"]
+    import yaml
+
+    from cxrdistill.eval.html_report import split_counts
+
     raw = json.loads(manifest.read_text())
-    counts: dict[tuple[str, str], int] = {}
-    for im in raw.get("images", []):
-        key = (str(im.get("split", "?")), str(im.get("supervision", "?")))
-        counts[key] = counts.get(key, 0) + 1
+    data_cfg = ((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {})
+    counts, note = split_counts(manifest, raw, data_cfg)
     info = raw.get("info", {}) or {}
     lines = [f"- manifest: `{manifest.name}` (source: {info.get('source', 'not recorded')}), "
              f"{len(raw.get('images', []))} images, {len(raw.get('annotations', []))} boxes"]
     lines += [f"- split `{s}`, supervision `{v}`: {n} images" for (s, v), n in sorted(counts.items())]
-    return lines
+    return lines + ([f"- {note}"] if note else [])
 
 
 def model_card(meta: dict[str, Any], run_dir: Path | None) -> str:

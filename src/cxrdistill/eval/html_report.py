@@ -333,32 +333,43 @@ def _metrics_section(run: RunArtifacts, sup: _Supplement, cis: dict[str, Any]) -
     return "\n".join(parts)
 
 
+def split_counts(manifest: Path, raw: dict[str, Any], data_cfg: dict[str, Any]) -> tuple[dict[tuple[str, str], int], str]:
+    """Images per (split, supervision) as the run trained: a run with ``data.boxed_fraction`` re-split
+    the manifest, so the same re-split is made here. Returns the counts and a sentence ("" when the
+    manifest's own supervision applies)."""
+    supervision = {int(im["id"]): str(im.get("supervision", "—")) for im in raw.get("images", []) if "id" in im}
+    note = ""
+    if data_cfg.get("boxed_fraction") is not None:
+        try:
+            from cxrdistill.data.manifest import load_manifest
+            from cxrdistill.data.splits import make_semi_split
+
+            m = make_semi_split(load_manifest(manifest, check_files=False),
+                                boxed_fraction=float(data_cfg["boxed_fraction"]),
+                                weak_fraction=data_cfg.get("weak_fraction", 0.0),
+                                seed=int(data_cfg.get("split_seed", 0)))
+            supervision = {im.id: im.supervision for im in m.images}
+            note = (f"Supervision as the run trained: the manifest re-split with data.boxed_fraction="
+                    f"{data_cfg['boxed_fraction']}, weak_fraction={data_cfg.get('weak_fraction', 0.0)}, "
+                    f"split_seed={data_cfg.get('split_seed', 0)}.")
+        except (CxrDistillError, ValueError) as err:
+            note = f"the run's re-split could not be reproduced ({err}); the manifest's own supervision is shown"
+    counts: dict[tuple[str, str], int] = {}
+    for im in raw.get("images", []):
+        key = (str(im.get("split", "—")), supervision.get(int(im.get("id", -1)), "—"))
+        counts[key] = counts.get(key, 0) + 1
+    return counts, note
+
+
 def _data_section(run: RunArtifacts, sup: _Supplement) -> str:
     """Images per split and supervision, and boxes per class in the evaluated split."""
     if run.manifest is None:
         return '<p class="note">data table needs the manifest</p>'
     raw = json.loads(run.manifest.read_text())
-    counts: dict[tuple[str, str], int] = {}
-    supervision = {int(im["id"]): str(im.get("supervision", "—")) for im in raw.get("images", []) if "id" in im}
     data_cfg = run.config.get("data") if isinstance(run.config.get("data"), dict) else {}
-    resplit = ""
-    if data_cfg.get("boxed_fraction") is not None:  # the run re-split supervision: show what it trained on
-        try:
-            from cxrdistill.data.manifest import load_manifest
-            from cxrdistill.data.splits import make_semi_split
-
-            m = make_semi_split(load_manifest(run.manifest, check_files=False),
-                                boxed_fraction=float(data_cfg["boxed_fraction"]),
-                                weak_fraction=data_cfg.get("weak_fraction", 0.0), seed=int(data_cfg.get("split_seed", 0)))
-            supervision = {im.id: im.supervision for im in m.images}
-            resplit = (f"<p>Supervision as the run trained: the manifest re-split with data.boxed_fraction="
-                       f"{data_cfg['boxed_fraction']}, weak_fraction={data_cfg.get('weak_fraction', 0.0)}, "
-                       f"split_seed={data_cfg.get('split_seed', 0)}.</p>")
-        except (CxrDistillError, ValueError) as err:
-            resplit = f'<p class="note">the run\'s re-split could not be reproduced ({html.escape(str(err))})</p>'
-    for im in raw.get("images", []):
-        key = (str(im.get("split", "—")), supervision.get(int(im.get("id", -1)), "—"))
-        counts[key] = counts.get(key, 0) + 1
+    counts, resplit_note = split_counts(run.manifest, raw, data_cfg)
+    resplit = f'<p{" class=note" if resplit_note.startswith("the run") else ""}>{html.escape(resplit_note)}</p>' \
+        if resplit_note else ""
     splits = sorted({k[0] for k in counts})
     sups = sorted({k[1] for k in counts})
     rows = [[sp, *[counts.get((sp, su), 0) for su in sups], sum(counts.get((sp, su), 0) for su in sups)]
