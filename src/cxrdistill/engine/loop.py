@@ -64,6 +64,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 from lightning_fabric import Fabric
+from lightning_fabric.strategies import ParallelStrategy
 from rich.console import Console
 from torch import Tensor, nn
 
@@ -376,8 +377,8 @@ class Trainer:
                        find_unused_parameters: bool) -> None:
         """`fabric.setup_module` for the trained modules; route their forward through the wrapper."""
         self._wrapped = []
-        if self.fabric.world_size == 1:
-            return  # one process: nothing to synchronise, the module runs as it is
+        if not isinstance(self.fabric.strategy, ParallelStrategy):
+            return  # one device, no process group: nothing to synchronise, the module runs as it is
         with ddp_options(self.fabric.strategy, find_unused_parameters=find_unused_parameters):
             for name in trained_modules(modules, optimizer):
                 module = modules[name]
