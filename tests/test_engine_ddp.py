@@ -189,3 +189,10 @@ def test_trained_modules_are_the_outermost_optimized_ones():
     with pytest.raises(ValueError, match="share some parameters"):
         trained_modules({"a": student, "b": nn.ModuleList([student[1], nn.Linear(1, 1)])},
                         torch.optim.SGD(list(student.parameters()) + [nn.Parameter(torch.ones(1))], lr=0.1))
+
+
+def test_strategy_names_are_fabrics():
+    for name in ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed", "ddp_find_unused_parameters_true"):
+        assert TrainConfig(strategy=name).strategy == name
+    with pytest.raises(ValueError, match="unknown strategy 'fsdb'.*did you mean 'fsdp'"):
+        TrainConfig(strategy="fsdb")

@@ -379,7 +379,8 @@ class Trainer:
         self._wrapped = []
         if not isinstance(self.fabric.strategy, ParallelStrategy):
             return  # one device, no process group: nothing to synchronise, the module runs as it is
-        with ddp_options(self.fabric.strategy, find_unused_parameters=find_unused_parameters):
+        unused = {"find_unused_parameters": True} if find_unused_parameters else {}  # else the strategy's own
+        with ddp_options(self.fabric.strategy, **unused):
             for name in trained_modules(modules, optimizer):
                 module = modules[name]
                 wrapper = self.fabric.setup_module(module)
