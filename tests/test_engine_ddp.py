@@ -3,7 +3,8 @@
 Two forked ranks train through `Trainer.fit` with `train.strategy="ddp"` (the trained module set up
 by Fabric, gradients all-reduced by DDP, an EMA teacher left unwrapped), each on its own half of
 every global batch from the distributed `RatioBatchSampler`. One process then trains the same
-model on the whole batches. Tolerance: 1e-5 absolute on every weight after 3 Adam steps (the only
+model on the whole batches (with gradient accumulation: DDP syncs only the last micro-batch,
+`fabric.no_backward_sync`, and still matches one process accumulating the doubled micro-batches). Tolerance: 1e-5 absolute on every weight after 3 Adam steps (the only
 difference is the order of float32 sums in the all-reduce). Also: a 2-rank pseudo-labeling pass
 writes each image exactly once, a DDP checkpoint resumes on one process, and the trained module
 is plain again after `fit`.
@@ -31,6 +32,7 @@ from cxrdistill.models.detector import RetinaNet
 
 STEPS, PER_RANK, WORLD, N_IMAGES = 3, 2, 2, 16
 ATOL = 1e-5
+RECIPES = ("supervised", "mean_teacher", "accumulate")
 
 
 def _data() -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
@@ -61,9 +63,11 @@ def _cfg(world: int, **kw) -> TrainConfig:
 
 
 def train(recipe: str, out: Path, world: int, rank: int, fabric=None) -> dict[str, torch.Tensor]:
-    """Train `recipe` ("supervised" | "mean_teacher") for STEPS steps; returns the student's weights."""
+    """Train `recipe` ("supervised" | "mean_teacher" | "accumulate": supervised, 2 micro-batches of
+    1 image per rank) for STEPS steps; returns the student's weights."""
     images, targets = _data()
-    per = PER_RANK if world > 1 else PER_RANK * WORLD
+    accumulate = 2 if recipe == "accumulate" else 1
+    per = (PER_RANK // accumulate) * (1 if world > 1 else WORLD)
     sampler = RatioBatchSampler(range(N_IMAGES), [], per, 0, seed=3, rank=rank, world_size=world)
 
     def batches():
@@ -76,7 +80,7 @@ def train(recipe: str, out: Path, world: int, rank: int, fabric=None) -> dict[st
     if recipe == "mean_teacher":
         teacher = EMATeacher(model, decay=0.5)
         modules["teacher"] = teacher
-    trainer = Trainer(_cfg(world), RunDirectory(out, min_free_bytes=0), recipe, fabric=fabric)
+    trainer = Trainer(_cfg(world, accumulate=accumulate), RunDirectory(out, min_free_bytes=0), recipe, fabric=fabric)
 
     def step_fn(batch, step):
         x, idx = batch
@@ -101,7 +105,7 @@ def _rank_main(rank: int, port: int, out: str, dataset, results: str) -> None:
     torch.set_num_threads(1)
     fabric = make_fabric(_cfg(WORLD))
     assert fabric.world_size == WORLD and fabric.global_rank == rank
-    found = {name: train(name, Path(out) / name, WORLD, rank, fabric) for name in ("supervised", "mean_teacher")}
+    found = {name: train(name, Path(out) / name, WORLD, rank, fabric) for name in RECIPES}
     # a 2-rank pseudo-labeling pass
     from cxrdistill.pseudo.generate import generate_pseudo_labels
     from cxrdistill.pseudo.store import PseudoLabelStore
@@ -147,7 +151,7 @@ def ddp_run(tmp_path_factory):
     return root, dataset, [torch.load(root / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("recipe", ["supervised", "mean_teacher"])
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_ddp_two_ranks_equal_one_process_on_the_doubled_batch(ddp_run, recipe, tmp_path):
     root, _, ranks = ddp_run
     single = train(recipe, tmp_path / recipe, 1, 0)
