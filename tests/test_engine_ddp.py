@@ -200,3 +200,35 @@ def test_strategy_names_are_fabrics():
         assert TrainConfig(strategy=name).strategy == name
     with pytest.raises(ValueError, match="unknown strategy 'fsdb'.*did you mean 'fsdp'"):
         TrainConfig(strategy="fsdb")
+
+
+def test_routed_forward_goes_through_the_wrapper_only_for_the_module_itself():
+    """While a stage runs, `model(x)` with gradients reaches the wrapper; no-grad / eval calls and a
+    deep copy made meanwhile (e.g. a new EMA teacher) run the plain forward."""
+    import copy
+
+    from cxrdistill.engine.distributed import route_forward, unroute
+
+    model = nn.Linear(2, 1)
+    calls = []
+
+    def wrapper(x):
+        calls.append("wrapper")
+        return model(x)  # DDP's inner call reaches the original forward
+
+    route_forward(model, wrapper)
+    x = torch.ones(1, 2)
+    expected = nn.functional.linear(x, model.weight, model.bias)
+    assert torch.equal(model(x), expected) and calls == ["wrapper"]
+    with torch.no_grad():
+        model(x)
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(x), expected) and calls == ["wrapper"]
+    with pytest.raises(RuntimeError, match="already set up"):
+        route_forward(model, wrapper)
+    unroute(model)
+    model(x)
+    assert calls == ["wrapper"] and "forward" not in model.__dict__
+    route_forward(twin, wrapper)  # the copy's stale marker does not block setting it up itself
+    unroute(twin)
+    assert "forward" not in twin.__dict__

@@ -16,6 +16,8 @@ broadcast from rank 0 once, at a fresh start (:func:`broadcast_module`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+import types
+import weakref
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,27 +29,28 @@ _ROUTED = "_cxrdistill_routed_forward"
 
 def route_forward(module: nn.Module, wrapper: Callable[..., Any]) -> None:
     """Make ``module(...)`` go through ``wrapper`` (whose own call of ``module`` reaches the original)."""
-    if _ROUTED in module.__dict__:
+    owner = module.__dict__.get(_ROUTED)
+    if owner is not None and owner() is module:  # (a deep copy made during a stage holds a stale marker)
         raise RuntimeError(f"{type(module).__name__} is already set up by another running Trainer.fit")
-    original = module.forward  # the class's bound forward
     inside = [False]
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if inside[0] or not (module.training and torch.is_grad_enabled()):
-            return original(*args, **kwargs)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        # a deep copy made during the stage (bound to the copy) or DDP's own inner call: plain forward
+        if self is not module or inside[0] or not (self.training and torch.is_grad_enabled()):
+            return type(self).forward(self, *args, **kwargs)
         inside[0] = True
         try:
             return wrapper(*args, **kwargs)
         finally:
             inside[0] = False
 
-    module.__dict__["forward"] = forward
-    module.__dict__[_ROUTED] = True
+    module.__dict__["forward"] = types.MethodType(forward, module)
+    module.__dict__[_ROUTED] = weakref.ref(module)
 
 
 def unroute(module: nn.Module) -> None:
     """Undo :func:`route_forward` (no-op on a plain module)."""
-    if module.__dict__.pop(_ROUTED, None):
+    if module.__dict__.pop(_ROUTED, None) is not None:
         module.__dict__.pop("forward", None)
 
 
