@@ -33,6 +33,10 @@ CASES = [
      ["decode + resize every epoch", "decode-once cache (memmap rows)", "cache build, once"]),
     ("bench_engine_overhead.py", [], ["loop", "seconds", "ms/step", "ratio to plain"],
      ["plain PyTorch (run 1)", "plain PyTorch (run 2)", "Trainer.fit"]),
+    ("bench_host_syncs.py", [], ["training step", "ms/step", "step-time ratio (with / without)"],
+     ["with the per-step host syncs (before)", "without (now)"]),
+    ("bench_sa_nms.py", [], ["implementation", "seconds per batch", "same boxes kept"],
+     ["cxrdistill batched NMS (`batched_nms_sorted`)", "MONAI `batched_nms` (before)"]),
 ]
 HOST_ONLY = {"bench_eval.py", "bench_cache.py", "bench_engine_overhead.py"}  # no --device option
 

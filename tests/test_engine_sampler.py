@@ -74,3 +74,29 @@ def test_works_as_a_dataloader_batch_sampler():
     loader = DataLoader(data, batch_sampler=sampler)
     batch = next(iter(loader))[0]
     assert batch.shape == (4,) and set(batch[:2].tolist()) <= {0.0, 1.0, 2.0}
+
+
+def test_ranks_resume_exactly_and_a_state_moves_between_world_sizes():
+    """Two ranks resume their own streams from one (rank 0's) state; the same state resumes one
+    process where the global stream stopped, and a one-process state resumes two ranks."""
+    one = RatioBatchSampler(range(5), range(5, 17), 2, 2, seed=4)  # one process, the reference stream
+    ref = take(one, 7)
+    ranks = [RatioBatchSampler(range(5), range(5, 17), 1, 1, seed=4, rank=r, world_size=2) for r in (0, 1)]
+    first = [take(s, 3) for s in ranks]
+    for k in range(3):  # rank batches k together = global batch k of twice the size (labeled first)
+        assert sorted(first[0][k] + first[1][k]) == sorted(ref[k])
+    state = ranks[0].state_dict()
+    resumed = [RatioBatchSampler(range(5), range(5, 17), 1, 1, seed=4, rank=r, world_size=2) for r in (0, 1)]
+    for s, orig in zip(resumed, ranks):
+        s.load_state_dict(state)
+        assert take(s, 2) == take(orig, 2)
+    # 2 ranks x 3 batches of 2 = 3 global batches of 4; one process with 4 per batch goes on at batch 3
+    single = RatioBatchSampler(range(5), range(5, 17), 2, 2, seed=4)
+    single.load_state_dict(state)
+    assert take(single, 2) == ref[3:5]
+    # and back: the one-process state (5 global batches) resumes two ranks at global batch 5
+    back = [RatioBatchSampler(range(5), range(5, 17), 1, 1, seed=4, rank=r, world_size=2) for r in (0, 1)]
+    for s in back:
+        s.load_state_dict(single.state_dict())
+    got = [take(s, 1)[0] for s in back]
+    assert sorted(got[0] + got[1]) == sorted(ref[5])

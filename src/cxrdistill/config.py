@@ -105,6 +105,8 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0)
     devices: int | str | list[int] = "auto"
     strategy: str = "auto"
+    """A Lightning Fabric strategy name: "auto" (one device), "ddp", "ddp_spawn", "fsdp",
+    "deepspeed", ... (see docs/cluster.md; only DDP is tested with the recipes)."""
     resume: bool = True
     best_metric: str | None = None
     """Key of `evaluate()`'s dict that selects `best.pt` (None: no best checkpoint)."""
@@ -119,6 +121,18 @@ class TrainConfig(_Section):
     tensorboard: bool = True
     loggers: list[str] = Field(default_factory=list)
     """Extra trackers beside metrics.csv / TensorBoard: "mlflow:<tracking uri>", "wandb:<project>"."""
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from lightning_fabric.strategies import STRATEGY_REGISTRY
+
+        names = ["auto", *sorted(STRATEGY_REGISTRY.available_strategies())]
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown strategy {value!r}{hint}; Fabric knows: {', '.join(names)}")
+        return value
 
 
 class MethodConfig(_Section):

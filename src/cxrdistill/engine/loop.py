@@ -30,11 +30,24 @@ Several GPUs and nodes (DDP). Set `train.devices` / `train.strategy`, or launch 
     torchrun --nproc_per_node=4 -m cxrdistill.cli train --config X.yaml train.devices=4 train.strategy=ddp
     # SLURM (one task per GPU): srun cxrdistill train --config X.yaml train.devices=4 train.strategy=ddp
 
-Every rank runs the same recipe; gradients of the optimizer's parameters are averaged across
-ranks before each step, and initial weights are broadcast from rank 0, so the modules never need
-to be wrapped (the recipe's references stay valid). Give each rank its own batches
+`train.strategy` is any Fabric strategy name ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed", ...).
+Every rank runs the same recipe. The modules whose parameters the optimizer trains are set up with
+`fabric.setup_module` (DDP: bucketed gradient all-reduce overlapped with backward), and while the
+stage runs the recipe's own object routes its grad-enabled forward through the wrapper
+(`cxrdistill.engine.distributed`), so the recipe's references stay valid. Modules that do not
+train (EMA or frozen teachers) stay unwrapped; every module's weights are broadcast from rank 0
+once at a fresh start. `find_unused_parameters=True` is for a recipe whose trained module leaves
+parameters without gradient in some steps. Under gradient accumulation, all micro-batches but the
+last run in `fabric.no_backward_sync`. Give each rank its own batches
 (`RatioBatchSampler(..., rank=fabric.global_rank, world_size=fabric.world_size)`). Rank 0 writes
-checkpoints and metrics.
+checkpoints (the unwrapped modules' state dicts: a checkpoint written by N processes loads in one
+and vice versa) and metrics.
+
+Host syncs: on an accelerator the loss terms, `log_*` values and the gradient norm stay on the
+device and are copied to the host once per `train.log_every` steps (one transfer), where the
+NaN/inf check runs too (and always before a checkpoint or an evaluation, so no checkpoint holds
+non-finite weights): a non-finite term raises (or rolls back) at the next log step, naming the step
+it occurred in. On the CPU (no device to wait for) each step's terms are checked at once.
 """
 
 from __future__ import annotations
@@ -44,18 +57,21 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from lightning_fabric import Fabric
+from lightning_fabric.strategies import ParallelStrategy
 from rich.console import Console
 from torch import Tensor, nn
 
 from cxrdistill.atomic import write_json_atomic
 from cxrdistill.config import TrainConfig
 from cxrdistill.engine.checkpoint import load_checkpoint, save_checkpoint
+from cxrdistill.engine.distributed import broadcast_module, ddp_options, route_forward, trained_modules, unroute
 from cxrdistill.engine.logging import MetricsLogger
 from cxrdistill.engine.optim import build_scheduler
 from cxrdistill.engine.progress import StepProgress, progress_enabled
@@ -121,9 +137,15 @@ class Trainer:
         self.best_path = self.stage_dir / "best.pt"
         self.done_path = self.stage_dir / "done.json"
         self.step = 0
-        self._window: dict[str, list[float]] = {}
+        self._window: dict[str, list[float | Tensor]] = {}
+        self._pending: list[tuple[int, list[str], Tensor]] = []
+        """Per step since the last check: (step, term names, their values on the device)."""
         self._logger: MetricsLogger | None = None
         self._last_losses: dict[str, float] = {}
+        self._wrapped: list[nn.Module] = []
+        self.check_every_step: bool | None = None
+        """Check the loss terms for NaN/inf every step (a host sync) rather than at each flush;
+        None: on the CPU only."""
 
     @property
     def device(self) -> torch.device:
@@ -138,9 +160,12 @@ class Trainer:
         self.log_metrics({f"{name}/{key}": float(value) for key, value in counts.items()})
 
     def log_metrics(self, values: Mapping[str, float | Tensor]) -> None:
-        """Add scalars to this step's log; averaged over the `log_every` window like the losses."""
+        """Add scalars to this step's log; averaged over the `log_every` window like the losses.
+
+        Tensors stay on the device until the window is flushed (no host sync per step)."""
         for key, value in values.items():
-            self._window.setdefault(key, []).append(float(value))
+            value = value.detach().reshape(()) if isinstance(value, Tensor) else float(value)
+            self._window.setdefault(key, []).append(value)
 
     # ------------------------------------------------------------------ fit
 
@@ -156,12 +181,14 @@ class Trainer:
         extra_state: Mapping[str, Stateful] | None = None,
         on_step_end: Callable[[int], None] | None = None,
         evaluate: Callable[[], Mapping[str, float]] | None = None,
+        find_unused_parameters: bool = False,
     ) -> FitResult:
         """Train until `max_steps` optimizer steps (resuming from `last.pt` when allowed).
 
         step_fn(batch, step) -> {name: scalar loss}; the terms not starting with "log_" are summed
         and back-propagated. `on_step_end(step)` runs after each optimizer step (e.g. EMA update);
-        `evaluate()` every `train.eval_every` steps and at the end.
+        `evaluate()` every `train.eval_every` steps and at the end. `find_unused_parameters`: DDP's
+        option, for a recipe whose trained modules leave parameters without a gradient in a step.
         """
         extra = dict(extra_state or {})
         fabric = self.fabric
@@ -189,6 +216,7 @@ class Trainer:
                 stale.unlink(missing_ok=True)
             self._logger.truncate_after(-1)
             self._broadcast_weights(modules)
+        self._setup_modules(modules, optimizer, find_unused_parameters)
         opt = fabric.setup_optimizers(optimizer)
         modes = {name: m.training for name, m in modules.items()}
 
@@ -196,7 +224,7 @@ class Trainer:
         if resumed_from is not None:
             _set_rng_state(state["rng"])
         consumed = getattr(sampler, "position", 0) if sampler is not None else 0
-        self._window = {}
+        self._window, self._pending = {}, []
         start_time = time.perf_counter()
         shown: dict[str, float] = {}
         try:
@@ -208,6 +236,14 @@ class Trainer:
                 while self.step < max_steps:
                     try:
                         consumed += self._optimizer_step(step_fn, batch_iter, optimizer, opt, scheduler)
+                        final = self.step == max_steps
+                        saving = final or self.step % self.cfg.checkpoint_every == 0
+                        evaluating = evaluate is not None and (
+                            final or bool(self.cfg.eval_every and self.step % self.cfg.eval_every == 0))
+                        if self.step % self.cfg.log_every == 0 or final:  # both raise on a non-finite term
+                            shown = {"loss": self._flush_window(optimizer).get("loss", math.nan)}
+                        elif saving or evaluating:
+                            self._check_pending()
                     except NonFiniteLossError as err:
                         if not self._may_roll_back(rollbacks):
                             raise
@@ -216,15 +252,12 @@ class Trainer:
                         continue
                     if on_step_end is not None:
                         on_step_end(self.step)
-                    final = self.step == max_steps
-                    if self.step % self.cfg.log_every == 0 or final:
-                        shown = {"loss": self._flush_window(optimizer).get("loss", math.nan)}
                     bar.update(self.step, **shown)
-                    if evaluate is not None and (final or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)):
+                    if evaluating:
                         last_metrics, best = self._evaluate(evaluate, modules, modes, best)
                     elif evaluate is None and final:
                         last_metrics = self._last_losses
-                    if final or self.step % self.cfg.checkpoint_every == 0:
+                    if saving:
                         self._save_last(modules, optimizer, scheduler, sampler, consumed, extra, best,
                                         last_metrics, max_steps)
             if resumed_from is not None and resumed_from >= max_steps and evaluate is not None:
@@ -236,6 +269,7 @@ class Trainer:
             fabric.barrier()
         finally:
             self._logger.close()
+            self._teardown_modules(modules)
         return result
 
     # ------------------------------------------------------------------ NaN rollback
@@ -256,7 +290,7 @@ class Trainer:
                 group["initial_lr"] *= factor
         if hasattr(scheduler, "base_lrs"):
             scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-        self._window = {}
+        self._window, self._pending = {}, []
         message = (f"{err} Rolled back to step {self.step} ({self.last_path.name}) with the learning rate "
                    f"multiplied by {factor:g}.")
         (self.console or Console(stderr=True)).print(f"[yellow]warning:[/] {message}", highlight=False,
@@ -268,25 +302,26 @@ class Trainer:
 
     def _optimizer_step(self, step_fn, batch_iter, optimizer, opt, scheduler) -> int:
         """One optimizer step over `accumulate` micro-batches; returns the number of batches used."""
-        fabric, step = self.fabric, self.step
+        fabric, step, accumulate = self.fabric, self.step, self.cfg.accumulate
         optimizer.zero_grad(set_to_none=True)
-        for _ in range(self.cfg.accumulate):
+        for micro in range(accumulate):
             batch = self._next_batch(batch_iter, step)
-            with fabric.autocast():
-                losses = step_fn(fabric.to_device(batch), step)
-            total = self._total_loss(losses, step)
-            fabric.backward(total / self.cfg.accumulate)
-        self._sync_gradients(optimizer)
+            with ExitStack() as no_sync:
+                if micro < accumulate - 1:  # gradients are all-reduced once, after the last micro-batch
+                    for wrapper in self._wrapped:
+                        no_sync.enter_context(fabric.no_backward_sync(wrapper))
+                with fabric.autocast():
+                    losses = step_fn(fabric.to_device(batch), step)
+                total = self._total_loss(losses, step)
+                fabric.backward(total / accumulate)
         if self.cfg.grad_clip is not None:
-            fabric.strategy.precision.unscale_gradients(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                _optimizer_params(optimizer), self.cfg.grad_clip, error_if_nonfinite=False
-            )
-            self.log_metrics({"grad_norm": float(grad_norm)})
+            grad_norm = fabric.clip_gradients(self._wrapped[0] if self._wrapped else nn.Module(), opt,
+                                              max_norm=self.cfg.grad_clip, error_if_nonfinite=False)
+            self.log_metrics({"grad_norm": grad_norm})
         opt.step()
         scheduler.step()
         self.step = step + 1
-        return self.cfg.accumulate
+        return accumulate
 
     def _next_batch(self, batch_iter: Any, step: int) -> Any:
         try:
@@ -308,46 +343,73 @@ class Trainer:
             if not isinstance(value, Tensor) or value.numel() != 1:
                 raise TypeError(f"loss term {name!r} must be a scalar tensor, got {_describe_value(value)}")
         names = list(losses)
-        values = torch.stack([torch.as_tensor(losses[k], dtype=torch.float32, device=self.device).detach().reshape(())
-                              for k in names]).cpu()
-        bad = [(n, v) for n, v in zip(names, values.tolist()) if not math.isfinite(v)]
-        if bad:
-            detail = ", ".join(f"{n}={v}" for n, v in bad)
-            raise NonFiniteLossError(
-                f"stage {self.stage!r}, step {step}: non-finite loss term(s): {detail}. Lower train.lr, set "
-                f"train.grad_clip, or check the inputs and targets of this batch."
-            )
-        total = sum(terms.values())
-        record = dict(zip(names, values.tolist()))
-        record["loss"] = float(sum(record[k] for k in terms))
-        self.log_metrics(record)
-        return total
+        values = torch.stack([torch.as_tensor(losses[k], device=self.device).detach().to(torch.float32).reshape(())
+                              for k in names])
+        self._pending.append((step, names, values))
+        check_now = self.check_every_step if self.check_every_step is not None else self.device.type == "cpu"
+        if check_now:
+            self._check_pending()
+        return sum(terms.values())
 
-    def _sync_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        """Average the gradients of the optimizer's parameters across ranks (DDP without wrapping)."""
-        world = self.fabric.world_size
-        if world == 1:
+    def _check_pending(self) -> None:
+        """Copy the pending loss values to the host (one transfer), raise on the first non-finite
+        term, and add the terms plus their non-`log_` sum as "loss" to the window."""
+        if not self._pending:
             return
-        grads = [p.grad for p in _optimizer_params(optimizer) if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= world
+        pending, self._pending = self._pending, []
+        flat = torch.cat([values for _, _, values in pending]).cpu().tolist()
         offset = 0
-        for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
-            offset += g.numel()
+        for step, names, _ in pending:
+            record = dict(zip(names, flat[offset: offset + len(names)]))
+            offset += len(names)
+            bad = [(n, v) for n, v in record.items() if not math.isfinite(v)]
+            if bad:
+                detail = ", ".join(f"{n}={v}" for n, v in bad)
+                raise NonFiniteLossError(
+                    f"stage {self.stage!r}, step {step}: non-finite loss term(s): {detail}. Lower train.lr, set "
+                    f"train.grad_clip, or check the inputs and targets of this batch."
+                )
+            record["loss"] = float(sum(v for n, v in record.items() if not n.startswith("log_")))
+            for key, value in record.items():
+                self._window.setdefault(key, []).append(value)
+
+    def _setup_modules(self, modules: Mapping[str, nn.Module], optimizer: torch.optim.Optimizer,
+                       find_unused_parameters: bool) -> None:
+        """`fabric.setup_module` for the trained modules; route their forward through the wrapper."""
+        self._wrapped = []
+        if not isinstance(self.fabric.strategy, ParallelStrategy):
+            return  # one device, no process group: nothing to synchronise, the module runs as it is
+        unused = {"find_unused_parameters": True} if find_unused_parameters else {}  # else the strategy's own
+        with ddp_options(self.fabric.strategy, **unused):
+            for name in trained_modules(modules, optimizer):
+                module = modules[name]
+                wrapper = self.fabric.setup_module(module)
+                route_forward(module, wrapper._forward_module)
+                self._wrapped.append(wrapper)
+
+    def _teardown_modules(self, modules: Mapping[str, nn.Module]) -> None:
+        for module in modules.values():
+            unroute(module)
+        self._wrapped = []
 
     def _broadcast_weights(self, modules: Mapping[str, nn.Module]) -> None:
+        """Rank 0's initial weights everywhere (trained and untrained modules alike), once."""
         if self.fabric.world_size == 1:
             return
         for module in modules.values():
-            for tensor in module.state_dict().values():
-                torch.distributed.broadcast(tensor, src=0)
+            broadcast_module(module)
 
     def _flush_window(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """Log the means of this window's values (plus the learning rate) at the current step."""
+        """Log the means of this window's values (plus the learning rate) at the current step.
+
+        The one host transfer of the window: pending loss terms (checked for NaN/inf here) and
+        every tensor logged since the last flush."""
+        self._check_pending()
+        tensors = [v for values in self._window.values() for v in values if isinstance(v, Tensor)]
+        if tensors:
+            host = iter(torch.stack([t.to(self.device, torch.float32) for t in tensors]).cpu().tolist())
+            self._window = {k: [next(host) if isinstance(v, Tensor) else v for v in values]
+                            for k, values in self._window.items()}
         logged = {k: sum(v) / len(v) for k, v in self._window.items() if v}
         logged["lr"] = optimizer.param_groups[0]["lr"]
         self._window = {}
@@ -477,10 +539,6 @@ class Trainer:
 
 def _module_states(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, Tensor]]:
     return {name: module.state_dict() for name, module in modules.items()}
-
-
-def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _describe_value(value: Any) -> str:

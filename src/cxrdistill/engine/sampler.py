@@ -14,7 +14,12 @@ Use it as a DataLoader's `batch_sampler`. In each batch the labeled indices come
     trainer.fit(step_fn, modules, optimizer, loader, max_steps, sampler=sampler)
 
 With several processes (DDP), pass `rank` and `world_size`: rank `r` takes global batches
-`r, r + W, r + 2W, ...`, so ranks never see the same batch.
+`r, r + W, r + 2W, ...`, so ranks never see the same batch, and the union of the ranks' batches
+number `k` is the global batch of one process with `W` times the batch size. Every rank resumes
+exactly from the same state (rank 0's checkpoint: all ranks are at the same position). A state
+written with another world size continues both pools' *global* item streams where they stopped
+(a DDP checkpoint resumes on one process and vice versa; the per-rank batch size may differ then,
+e.g. 2 ranks x 8 -> 1 x 16).
 """
 
 from __future__ import annotations
@@ -58,13 +63,15 @@ class RatioBatchSampler:
         self.world_size = world_size
         self.position = 0
         """Batches this rank has yielded so far (the next batch is number `position`)."""
+        self.offset = (0, 0)
+        """(labeled, unlabeled) items of the global streams drawn under an earlier world size."""
         self._perm_cache: dict[int, tuple[int, list[int]]] = {}
 
     def batch(self, k: int) -> list[int]:
         """This rank's batch number `k` (labeled indices first)."""
         g = k * self.world_size + self.rank
-        out = self._take(0, self.labeled, g * self.labeled_per_batch, self.labeled_per_batch)
-        out += self._take(1, self.unlabeled, g * self.unlabeled_per_batch, self.unlabeled_per_batch)
+        out = self._take(0, self.labeled, self.offset[0] + g * self.labeled_per_batch, self.labeled_per_batch)
+        out += self._take(1, self.unlabeled, self.offset[1] + g * self.unlabeled_per_batch, self.unlabeled_per_batch)
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -77,6 +84,8 @@ class RatioBatchSampler:
         """Position plus what identifies the stream (seed, pool sizes, per-batch counts)."""
         return {
             "position": self.position,
+            "offset": list(self.offset),
+            "world_size": self.world_size,
             "seed": self.seed,
             "labeled_size": len(self.labeled),
             "unlabeled_size": len(self.unlabeled),
@@ -85,15 +94,26 @@ class RatioBatchSampler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at `state["position"]`; refuse a state from a different seed or data."""
+        """Continue at `state["position"]` (re-based on another world size); refuse a state from a
+        different seed or data."""
         mine = self.state_dict()
-        for key in ("seed", "labeled_size", "unlabeled_size", "labeled_per_batch", "unlabeled_per_batch"):
+        saved_world = int(state.get("world_size", self.world_size))
+        keys = ("seed", "labeled_size", "unlabeled_size") + (
+            ("labeled_per_batch", "unlabeled_per_batch") if saved_world == self.world_size else ())
+        for key in keys:
             if key in state and state[key] != mine[key]:
                 raise ValueError(
                     f"sampler state does not match this run: {key} was {state[key]}, now {mine[key]} "
                     f"(the data or the config changed since the checkpoint)"
                 )
-        self.position = int(state["position"])
+        labeled, unlabeled = (int(v) for v in state.get("offset", (0, 0)))
+        position = int(state["position"])
+        if saved_world != self.world_size:  # re-base: continue the global item streams
+            drawn = position * saved_world
+            labeled += drawn * int(state["labeled_per_batch"])
+            unlabeled += drawn * int(state["unlabeled_per_batch"])
+            position = 0
+        self.offset, self.position = (labeled, unlabeled), position
 
     def _take(self, pool_id: int, pool: list[int], start: int, count: int) -> list[int]:
         n = len(pool)

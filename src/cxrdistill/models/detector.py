@@ -12,6 +12,7 @@ location. Boxes are xyxy in pixels of the input tensor (see docs/architecture.md
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,10 +26,14 @@ from monai.apps.detection.utils.box_coder import BoxCoder
 from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 from torch import Tensor, nn
 
+from cxrdistill.engine.distributed import global_mean
 from cxrdistill.models.backbones import ResNetBackbone, conv_stack, init_normal, prior_bias
 from cxrdistill.models.losses import giou_loss, pairwise_box_iou, sigmoid_focal_loss
 
 BOX_LOSSES = ("smooth_l1", "giou")
+CHECK_TARGETS_PER_IMAGE = os.environ.get("CXRDISTILL_CHECK_TARGETS", "") == "per_image"
+"""Debug option: validate each image's targets separately (several host syncs per image) instead of
+one combined check per batch; set ``CXRDISTILL_CHECK_TARGETS=per_image`` or assign this flag."""
 MATCHERS = ("iou", "atss")
 
 
@@ -186,6 +191,9 @@ class RetinaNet(nn.Module):
         focal_alpha, focal_gamma: focal loss parameters.
         score_weighted_box_loss: weight each positive anchor's box loss by its target's score
             (soft targets); no effect on hard targets.
+        sync_normaliser: under DDP, divide the losses by the mean positive-anchor count over all
+            ranks (one all-reduce of a scalar per training loss), so the averaged gradient is that
+            of one process on the global batch. Every rank must then call :meth:`loss` in lockstep.
     """
 
     def __init__(
@@ -211,6 +219,7 @@ class RetinaNet(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         score_weighted_box_loss: bool = True,
+        sync_normaliser: bool = True,
     ) -> None:
         super().__init__()
         levels = tuple(int(level) for level in fpn_levels)
@@ -239,6 +248,7 @@ class RetinaNet(nn.Module):
         self.smooth_l1_beta = smooth_l1_beta
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.score_weighted_box_loss = score_weighted_box_loss
+        self.sync_normaliser = sync_normaliser
 
         self.backbone = ResNetBackbone(depth, in_channels, base_width, freeze_bn=freeze_bn)
         self._backbone_levels = [level for level in levels if level <= 5]
@@ -351,22 +361,27 @@ class RetinaNet(nn.Module):
         focal = sigmoid_focal_loss(logits, cls_target, self.focal_alpha, self.focal_gamma)
         cls_per_image = (focal.sum(-1) * ~ignore).sum(-1)  # (B,)
         # positives of the images that take part (weight > 0); at least 1
-        normaliser = (positive.sum(dim=1) * (weights > 0)).sum().clamp(min=1).to(logits.dtype)
+        normaliser = (positive.sum(dim=1) * (weights > 0)).sum().to(logits.dtype)
+        if self.sync_normaliser and torch.is_grad_enabled():
+            normaliser = global_mean(normaliser)
+        normaliser = normaliser.clamp(min=1)
 
-        pos_b, pos_a = positive.nonzero(as_tuple=True)
-        gt_boxes = boxes[pos_b, matched[pos_b, pos_a]]  # (P, 4)
-        pos_anchors = anchors[pos_a]
+        # dense over (B, A), masked by `positive`: no data-dependent shapes, no host sync
+        gt_boxes = boxes.gather(1, matched.unsqueeze(-1).expand(-1, -1, 4))  # (B, A, 4)
+        anchors_b = anchors.unsqueeze(0).expand(batch, -1, -1)
+        gt_boxes = torch.where(positive.unsqueeze(-1), gt_boxes, anchors_b)  # finite targets off the positives
         if self.box_loss_kind == "giou":
-            pred = self.box_coder.decode_single(deltas[pos_b, pos_a], pos_anchors)
-            box_each = giou_loss(pred, gt_boxes)
+            pred = self.box_coder.decode_single(deltas.reshape(-1, 4), anchors_b.reshape(-1, 4))
+            box_each = giou_loss(pred, gt_boxes.reshape(-1, 4)).reshape(batch, num_anchors)
         else:
-            encoded = self.box_coder.encode_single(gt_boxes, pos_anchors)
+            encoded = self.box_coder.encode_single(gt_boxes.reshape(-1, 4), anchors_b.reshape(-1, 4))
             box_each = F.smooth_l1_loss(
-                deltas[pos_b, pos_a], encoded, beta=self.smooth_l1_beta, reduction="none"
-            ).sum(-1)
-        box_weight = weights[pos_b]
+                deltas.reshape(-1, 4), encoded, beta=self.smooth_l1_beta, reduction="none"
+            ).sum(-1).reshape(batch, num_anchors)
+        box_weight = weights.unsqueeze(1) * positive
         if self.score_weighted_box_loss:
-            box_weight = box_weight * pos_scores[pos_b, pos_a]
+            box_weight = box_weight * pos_scores
+        box_each = torch.where(positive, box_each, torch.zeros_like(box_each))
         return {
             "cls": (cls_per_image * weights).sum() / normaliser,
             "box": (box_each * box_weight).sum() / normaliser,
@@ -479,12 +494,18 @@ def batched_nms_sorted(
 def _pad_targets(
     targets: Sequence[Mapping[str, Tensor]], num_classes: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Validate targets and stack them into ``boxes (B, N, 4)``, ``labels (B, N)``, ``scores (B, N)``."""
+    """Validate targets and stack them into ``boxes (B, N, 4)``, ``labels (B, N)``, ``scores (B, N)``.
+
+    Shapes are checked per image (host metadata, free); values with one combined check of the
+    padded batch (one host sync), which names the first bad image only when it fails. With
+    :data:`CHECK_TARGETS_PER_IMAGE` each image is checked on its own instead.
+    """
     n_max = max([1] + [int(t["boxes"].shape[0]) for t in targets])
     batch = len(targets)
     boxes = torch.zeros(batch, n_max, 4, device=device, dtype=dtype)
     labels = torch.zeros(batch, n_max, dtype=torch.long, device=device)
     scores = torch.zeros(batch, n_max, device=device, dtype=dtype)
+    real = torch.zeros(batch, n_max, dtype=torch.bool)
     for i, target in enumerate(targets):
         b = target["boxes"]
         n = b.shape[0]
@@ -493,19 +514,36 @@ def _pad_targets(
         lab = target["labels"]
         if lab.shape != (n,):
             raise ValueError(f"target {i}: labels must be ({n},), got shape {tuple(lab.shape)}")
+        s = target.get("scores")
+        if s is not None and s.shape != (n,):
+            raise ValueError(f"target {i}: scores must be ({n},) in [0, 1], got shape {tuple(s.shape)}")
         if n == 0:
             continue
-        if not ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).all():
-            raise ValueError(f"target {i}: every box needs x2 > x1 and y2 > y1, got {b.tolist()}")
-        if lab.min() < 0 or lab.max() >= num_classes:
-            raise ValueError(f"target {i}: labels must lie in [0, {num_classes}), got {lab.tolist()}")
-        s = target.get("scores")
-        if s is not None and (s.shape != (n,) or s.min() < 0 or s.max() > 1):
-            raise ValueError(f"target {i}: scores must be ({n},) in [0, 1], got {s.tolist()}")
+        if CHECK_TARGETS_PER_IMAGE:
+            _check_target_values(i, b, lab, s, num_classes)
         boxes[i, :n] = b.to(device=device, dtype=dtype)
         labels[i, :n] = lab.to(device)
         scores[i, :n] = 1.0 if s is None else s.to(device=device, dtype=dtype)
+        real[i, :n] = True
+    if not CHECK_TARGETS_PER_IMAGE:
+        real = real.to(device)
+        ok = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+        ok &= (labels >= 0) & (labels < num_classes) & (scores >= 0) & (scores <= 1)
+        if bool((real & ~ok).any()):  # the batch's one host sync; find and name the culprit
+            for i, target in enumerate(targets):
+                if target["boxes"].shape[0]:
+                    _check_target_values(i, target["boxes"], target["labels"], target.get("scores"), num_classes)
     return boxes, labels, scores
+
+
+def _check_target_values(i: int, b: Tensor, lab: Tensor, s: Tensor | None, num_classes: int) -> None:
+    """Raise a ValueError naming target ``i`` when its boxes, labels or scores are out of range."""
+    if not ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).all():
+        raise ValueError(f"target {i}: every box needs x2 > x1 and y2 > y1, got {b.tolist()}")
+    if lab.min() < 0 or lab.max() >= num_classes:
+        raise ValueError(f"target {i}: labels must lie in [0, {num_classes}), got {lab.tolist()}")
+    if s is not None and (s.min() < 0 or s.max() > 1):
+        raise ValueError(f"target {i}: scores must be ({len(s)},) in [0, 1], got {s.tolist()}")
 
 
 def _image_weights(weights: Tensor | None, batch: int, like: Tensor) -> Tensor:

@@ -5,9 +5,10 @@ NMS together, {(y_cv, B_cv)} = NMS({(y_pv, B_pv)} ∪ {(ŷ, B̂)}), and the resu
 teacher's pseudo-labels in the unsupervised loss of Eq. (2). A confident student box thus replaces
 an overlapping, weaker teacher box, while boxes of either model that overlap nothing are kept.
 
-NMS is class-wise (boxes of different classes never suppress each other), via
-``monai.data.box_utils.batched_nms``. On an exact score tie the teacher's box wins (it is listed
-first and the sort is stable). The student's predictions are thresholded with ``score_thresh``
+NMS is class-wise (boxes of different classes never suppress each other), via the project's
+batched NMS (:func:`cxrdistill.models.detector.batched_nms_sorted`, the same greedy result as
+MONAI's ``batched_nms``, 15x faster on 32 x 1000 boxes: docs/benchmarks.md). On an exact score tie
+the teacher's box wins (it is listed first and the sort is stable). The student's predictions are thresholded with ``score_thresh``
 before pooling; the teacher's input is expected to be pseudo-labels already (see
 :func:`cxrdistill.pseudo.thresholds.filter_detections`).
 """
@@ -17,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.data.box_utils import batched_nms
 from torch import Tensor
 
+from cxrdistill.models.detector import batched_nms_sorted
 from cxrdistill.pseudo.thresholds import Detections, check_detections, filter_detections
 
 TEACHER = 0
@@ -58,9 +59,10 @@ def self_adaptive_nms(
     ).to(labels.device)
     keep = labels[:0]
     if boxes.shape[0]:
-        # batched_nms separates classes by offsetting boxes by label * (max coordinate + 1), which
-        # assumes coordinates >= 0; shifting all boxes by their minimum keeps IoUs and makes it so.
-        keep = batched_nms(boxes - boxes.min(), scores, labels, iou_thresh).long()
+        order = scores.argsort(descending=True, stable=True)  # ties: the teacher's box (listed first) wins
+        kept = batched_nms_sorted(boxes[order][None], labels[order][None],
+                                  torch.ones(1, len(order), dtype=torch.bool, device=boxes.device), iou_thresh)[0]
+        keep = order[kept]
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep], "source": source[keep]}
 
 
