@@ -49,10 +49,9 @@ def crop_rotate_flip_matrices(n: int, size: tuple[int, int], aug: CXRAugment, ge
     area = _uniform(n, aug.crop_scale[0], aug.crop_scale[1], generator)
     factor = 1.0 / area.sqrt()  # >= 1: the crop side is sqrt(area) of the image side
     zoom[:, 0, 0], zoom[:, 1, 1] = factor, factor
-    # the crop centre may move so that the crop stays inside the image
-    slack = (1.0 - area.sqrt()) / 2
-    offset_x = _uniform(n, -1, 1, generator) * slack * width * factor
-    offset_y = _uniform(n, -1, 1, generator) * slack * height * factor
+    # the crop centre may move as far as keeps every sampled pixel centre inside the image
+    offset_x = _uniform(n, -1, 1, generator) * (width - 1) / 2 * (factor - 1)
+    offset_y = _uniform(n, -1, 1, generator) * (height - 1) / 2 * (factor - 1)
     angle = torch.deg2rad(_uniform(n, -aug.rotate_deg, aug.rotate_deg, generator))
     rotate[:, 0, 0], rotate[:, 0, 1] = torch.cos(angle), -torch.sin(angle)
     rotate[:, 1, 0], rotate[:, 1, 1] = torch.sin(angle), torch.cos(angle)

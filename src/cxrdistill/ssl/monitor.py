@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 def knn_balanced_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
     """Leave-one-out kNN (cosine) on ``features (N, F)`` with multi-hot ``labels (N, C)``.
 
-    Each image's class c is predicted present when most of its ``k`` nearest other images have it;
-    returns the balanced accuracy ((TPR + TNR) / 2) averaged over the classes that have both
+    Each image's class c is predicted present when more of its ``k`` nearest other images have it
+    than the class's prevalence (so rare classes are not always voted absent); returns the balanced accuracy ((TPR + TNR) / 2) averaged over the classes that have both
     positives and negatives (0.5 = chance). NaN when no class qualifies or N <= k.
     """
     n = features.shape[0]
@@ -25,8 +25,8 @@ def knn_balanced_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float
     sim.fill_diagonal_(-math.inf)
     neighbours = sim.topk(k, dim=1).indices  # (N, k)
     votes = labels.double()[neighbours].mean(dim=1)  # (N, C)
-    pred = votes > 0.5
     truth = labels > 0.5
+    pred = votes > truth.double().mean(dim=0, keepdim=True)
     scores = []
     for c in range(labels.shape[1]):
         pos, neg = truth[:, c], ~truth[:, c]

@@ -1,7 +1,8 @@
 """The pretraining recipe (``method.name: pretrain``) run by `cxrdistill pretrain`.
 
 Trains MoCo v2 or BYOL on every image of the manifest outside ``exclude_splits`` (test by default),
-labels ignored, as one resumable engine stage ``pretrain``. Logged per step: the loss,
+labels ignored, as one resumable engine stage ``pretrain``. ``knn_acc_init`` is the same kNN
+accuracy of the initial weights (what pretraining must beat). Logged per step: the loss,
 ``images_per_s`` and ``feature_std`` (a warning when it falls below ``collapse_ratio`` of the
 well-spread value); every ``train.eval_every`` steps and at the end, ``eval/knn_acc``: the
 leave-one-out kNN balanced accuracy of the backbone's pooled features on the images that carry
@@ -151,11 +152,12 @@ def run_pretrain(cfg: RunConfig, params: PretrainParams, ctx: RunContext) -> dic
         feats, labels = embed_all(embedder, knn_loader, ctx.device)
         return {"knn_acc": knn_balanced_accuracy(feats, labels, params.knn_k)}
 
+    initial = evaluate()["knn_acc"]  # the initial weights (random: the same for every resume of this seed)
     model.train()
     started = time.perf_counter()
     result = trainer.fit(step_fn, {"model": model}, build_optimizer(model.online_parameters(), train), loader,
                          train.max_steps, sampler=sampler, on_step_end=on_step_end, evaluate=evaluate)
-    metrics = {"knn_acc": float(result.metrics.get("knn_acc", math.nan))}
+    metrics = {"knn_acc": float(result.metrics.get("knn_acc", math.nan)), "knn_acc_init": float(initial)}
     if ctx.fabric.is_global_zero:
         from safetensors.torch import save
 
@@ -164,7 +166,7 @@ def run_pretrain(cfg: RunConfig, params: PretrainParams, ctx: RunContext) -> dic
         write_json_atomic(ctx.run_dir.path / "pretrain.json", {
             "algorithm": params.algorithm, "model": cfg.model.model_dump(mode="json"), "splits": splits,
             "n_images": len(dataset), "n_knn_images": len(labeled), "steps": result.step,
-            "seconds_this_run": time.perf_counter() - started, "knn_acc": metrics["knn_acc"],
+            "seconds_this_run": time.perf_counter() - started, **metrics,
             "weights": WEIGHTS_FILE})
     ctx.fabric.barrier()
     return metrics
