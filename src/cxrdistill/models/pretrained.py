@@ -45,6 +45,8 @@ def read_state_dict(path_or_url: str | Path) -> dict[str, Tensor]:
             raise CheckpointError(f"{source}: cannot download weights ({type(exc).__name__}: {exc})") from exc
         return dict(state)
     path = Path(source).expanduser()
+    if path.is_dir() and (path / "model.safetensors").is_file():  # a `cxrdistill pretrain` run directory
+        path = path / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     try:
