@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cxrdistill.errors import CxrDistillError
@@ -16,7 +17,7 @@ from cxrdistill.errors import CxrDistillError
 def train(
     config: Path = typer.Option(..., "--config", "-c", help="YAML run config, or the name of a packaged one (tsd, ceird, aals ...)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Overrides such as train.lr=3e-4 method.params.kappa=0.5"),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from checkpoints (default: train.resume)."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from checkpoints (default: train.resume); --no-resume moves an earlier run in the folder aside (<dir>.old-<n>) and starts over."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run directory (default: output_dir in the config)."),
 ) -> None:
     """Train with a recipe; finished stages are skipped and interrupted ones resume."""
@@ -24,13 +25,13 @@ def train(
     try:
         metrics = run_training(config, overrides or [], resume=resume, output_dir=output_dir, console=console)
     except CxrDistillError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     table = Table(title="final metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(escape(key), f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
 
 
@@ -65,6 +66,11 @@ def run_training(
         resolve_data_config(cfg.data)  # the synthetic world, built once, is named in config.yaml
     ctx.fabric.barrier()
     resolve_data_config(cfg.data)
+    # Every rank compares (an error stops them all); only rank 0 moves an old run aside.
+    moved = run_dir.check_run(cfg, resume=cfg.train.resume, move=ctx.fabric.is_global_zero)
+    if moved is not None and console is not None:
+        console.print(f"--no-resume: the earlier run was moved to {escape(str(moved))}", highlight=False)
+    ctx.fabric.barrier()
     if ctx.fabric.is_global_zero:
         run_dir.write_config(cfg)
         run_dir.write_environment()
