@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cxrdistill.console import error as print_error
 from cxrdistill.errors import CxrDistillError
 
 
@@ -25,7 +26,7 @@ def train(
     try:
         metrics = run_training(config, overrides or [], resume=resume, output_dir=output_dir, console=console)
     except CxrDistillError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        print_error(console, err)
         raise typer.Exit(code=2) from None
     table = Table(title="final metrics")
     table.add_column("metric")
@@ -48,6 +49,7 @@ def run_training(
 
     from cxrdistill.config import load_config
     from cxrdistill.resources import resolve_config_path
+    from cxrdistill.data.skipped import skip_sink
     from cxrdistill.data.study import resolve_data_config
     from cxrdistill.engine.context import RunContext
     from cxrdistill.engine.run_dir import RunDirectory
@@ -75,7 +77,9 @@ def run_training(
         run_dir.write_config(cfg)
         run_dir.write_environment()
     seed_everything(cfg.train.seed, verbose=False)
-    metrics = dict(spec.run(cfg, params, ctx))
+    sink_path = run_dir.path / "skipped.json" if ctx.fabric.is_global_zero else None
+    with skip_sink(sink_path, ctx.console):  # every record a lenient run leaves out: console + skipped.json
+        metrics = dict(spec.run(cfg, params, ctx))
     if ctx.fabric.is_global_zero:
         (run_dir.path / "final_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics

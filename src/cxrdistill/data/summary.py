@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from rich.markup import escape
 from rich.table import Table
 
 from cxrdistill.data.manifest import Manifest
@@ -35,9 +36,9 @@ def summary_table(manifest: Manifest, title: str = "Manifest summary") -> Table:
     table.add_column("images", justify="right")
     table.add_column("reports", justify="right")
     for name in manifest.class_names:
-        table.add_column(f"{name}\nboxes / labels", justify="right")
+        table.add_column(f"{escape(name)}\nboxes / labels", justify="right")
     for key, row in counts.items():
-        cells = [key, str(row.get("images", 0)), str(row.get("reports", 0))]
+        cells = [escape(key), str(row.get("images", 0)), str(row.get("reports", 0))]
         cells += [f"{row.get(f'boxes:{n}', 0)} / {row.get(f'labels:{n}', 0)}" for n in manifest.class_names]
         table.add_row(*cells)
     if manifest.skipped:
