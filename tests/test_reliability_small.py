@@ -82,3 +82,12 @@ def test_predict_folder_refuses_an_escaping_symlink_by_name_and_lenient_leaves_i
     path, problems = folder_manifest(folder, ["nodule"], tmp_path / "m.json", on_error="lenient")
     assert [im["file_name"] for im in json.loads(path.read_text())["images"]] == ["ok.png"]
     assert len(problems) == 1 and "link.png" in problems[0]
+
+
+def test_image_size_1_is_refused_by_key():
+    from cxrdistill.config import validate_config
+    from cxrdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.image_size"):
+        validate_config({"method": {"name": "x"}, "data": {"image_size": 1}})
+    assert validate_config({"method": {"name": "x"}, "data": {"image_size": 16}}).data.image_size == 16
