@@ -339,14 +339,15 @@ def test_report_limit_is_generous_for_real_reports():
 
 def test_file_names_outside_the_root_are_allowed_only_when_asked(tmp_path):
     outside = write_png(tmp_path / "elsewhere" / "x.png")
+    other = write_png(tmp_path / "elsewhere" / "y.png")  # one file may back one record only (issue #21)
     root = tmp_path / "data"
     raw = good_raw(root)
     raw["images"][1]["file_name"] = "../elsewhere/x.png"
-    raw["images"][2]["file_name"] = str(outside)
+    raw["images"][2]["file_name"] = str(other)
     lenient = manifest_from_dict(copy.deepcopy(raw), root=root, on_error="lenient")
     assert [im.id for im in lenient.images] == [1] and len(lenient.skipped) == 3  # 2 images + box 11
     allowed = manifest_from_dict(raw, root=root, allow_outside_root=True)
-    assert allowed.image_path(2) == outside.resolve() and allowed.image_path(3) == outside
+    assert allowed.image_path(2) == outside.resolve() and allowed.image_path(3) == other
 
 
 def test_manifest_file_not_json_not_utf8_or_missing_keys(tmp_path):

@@ -54,7 +54,8 @@ class DataConfig(_Section):
 
     manifest: Path | None = None
     synthetic: dict[str, Any] = Field(default_factory=dict)
-    image_size: int = Field(256, gt=0)
+    image_size: int = Field(256, ge=16)
+    """Side of the decoded training images; below 16 px no network's coarsest level has a pixel."""
     cache_dir: Path | None = None
     on_error: Literal["strict", "lenient"] = "strict"
     num_workers: int = Field(0, ge=0)

@@ -16,13 +16,19 @@ import torch
 import typer
 from rich.console import Console
 
+from cxrdistill.console import error as print_error
+from cxrdistill.console import say
 from cxrdistill.errors import CxrDistillError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
-def folder_manifest(folder: Path, class_names: list[str], out: Path, on_error: str = "strict") -> Path:
-    """A manifest of every image under `folder` (supervision "none", split "test"), written to `out`."""
+def folder_manifest(folder: Path, class_names: list[str], out: Path, on_error: str = "strict") -> tuple[Path, list[str]]:
+    """A manifest of every image under `folder` (supervision "none", split "test"), written to `out`.
+
+    Returns the manifest path and the files left out (lenient), each as ``<path>: <reason>``. A
+    symlink leading outside `folder` is refused (strict: an error naming it; lenient: left out).
+    """
     from cxrdistill.data.io import read_image_size
     from cxrdistill.data.manifest import manifest_from_dict
     from cxrdistill.errors import ImageReadError
@@ -31,7 +37,12 @@ def folder_manifest(folder: Path, class_names: list[str], out: Path, on_error: s
     if not files:
         raise CxrDistillError(f"{folder}: no PNG/JPEG/DICOM files found")
     images, problems = [], []
+    inside = folder.resolve()
     for path in files:
+        if not path.resolve().is_relative_to(inside):
+            problems.append(f"{path}: a symlink to {path.resolve()}, outside the --images folder; refused "
+                            "(copy the file into the folder to predict it)")
+            continue
         try:
             h, w = read_image_size(path)
         except ImageReadError as err:
@@ -40,17 +51,14 @@ def folder_manifest(folder: Path, class_names: list[str], out: Path, on_error: s
         images.append({"id": len(images) + 1, "file_name": str(path.relative_to(folder)), "width": w,
                        "height": h, "split": "test", "supervision": "none"})
     if problems and on_error == "strict":
-        raise CxrDistillError(f"{len(problems)} unreadable image(s) (use --lenient to skip them):\n  "
+        raise CxrDistillError(f"{len(problems)} unreadable or refused image(s) (use --lenient to skip them):\n  "
                               + "\n  ".join(problems[:20]))
+    if not images:
+        raise CxrDistillError(f"{folder}: none of the {len(files)} image file(s) can be read")
     raw = {"info": {"source": "folder"}, "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)],
            "images": images, "annotations": []}
-    manifest = manifest_from_dict(raw, root=folder, on_error="strict")
-    for reason in problems:
-        from cxrdistill.data.manifest import Issue
-
-        manifest.skipped.append(Issue(reason.split(": ", 1)[0], reason.split(": ", 1)[-1]))
-    manifest.save(out)
-    return out
+    manifest_from_dict(raw, root=folder, on_error="strict").save(out)
+    return out, problems
 
 
 def _write_heatmaps(folder: Path, image_id: int, probs: torch.Tensor, category_ids: list[int]) -> None:
@@ -91,7 +99,7 @@ def _write_dicom_objects(manifest, records, rows: list[dict], maps_of: dict[int,
             atomic_write(folder / f"{source.SOPInstanceUID}.dcm", lambda f, o=obj: o.save_as(f, enforce_file_format=True))
             written += 1
     console.print(f"wrote {written} DICOM object(s)" + (f"; {len(not_dicom)} input(s) are not DICOM and got none "
-                  f"(e.g. {not_dicom[0]})" if not_dicom else ""), highlight=False, soft_wrap=True)
+                  f"(e.g. {not_dicom[0]})" if not_dicom else ""), highlight=False, soft_wrap=True, markup=False)
 
 
 def predict_to_folder(model_path: Path, out: Path, *, manifest: Path | None = None, images: Path | None = None,
@@ -102,7 +110,9 @@ def predict_to_folder(model_path: Path, out: Path, *, manifest: Path | None = No
     """Predict and write the files; returns counts (images, boxes). `dicom_sr` / `dicom_seg`: folders
     for one DICOM SR (boxes) / fractional SEG (heat maps) per input DICOM (`interop.dicom_out`)."""
     from cxrdistill.data.manifest import write_json_atomic
-    from cxrdistill.data.study import StudyData, default_cache_root
+    from cxrdistill.data.manifest import Issue
+    from cxrdistill.data.skipped import report_skipped, skip_sink
+    from cxrdistill.data.study import StudyData, cache_root_checked
     from cxrdistill.eval.runs import batches, detections_to_rows, image_score_rows, predict_detections
     from cxrdistill.deploy.folder import load_model
 
@@ -111,11 +121,14 @@ def predict_to_folder(model_path: Path, out: Path, *, manifest: Path | None = No
     if (manifest is None) == (images is None):
         raise CxrDistillError("give exactly one of --manifest or --images")
     out.mkdir(parents=True, exist_ok=True)
-    if images is not None:
-        manifest = folder_manifest(images, meta["class_names"], out / "images_manifest.json", on_error)
-        split = None
-    data = StudyData.open(manifest, image_size=meta["image_size"], cache_dir=default_cache_root() / "images",
-                          on_error=on_error)
+    (out / "skipped.json").unlink(missing_ok=True)
+    with skip_sink(out / "skipped.json", console):  # every image left out: console + <out>/skipped.json
+        if images is not None:
+            manifest, problems = folder_manifest(images, meta["class_names"], out / "images_manifest.json", on_error)
+            report_skipped("predict", [Issue(p.split(": ", 1)[0], p.split(": ", 1)[-1]) for p in problems])
+            split = None
+        data = StudyData.open(manifest, image_size=meta["image_size"],
+                              cache_dir=cache_root_checked() / "images", on_error=on_error)
     n_classes = len(data.class_names)
     if meta["class_names"][:n_classes] != data.class_names:
         raise CxrDistillError(f"the manifest's classes {data.class_names} differ from the model's {meta['class_names']}")
@@ -162,10 +175,8 @@ def predict_to_folder(model_path: Path, out: Path, *, manifest: Path | None = No
     write_json_atomic(out / "image_scores.json", image_score_rows(ids, np.asarray(scores), cat_ids))
     if dicom_sr is not None or dicom_seg is not None:
         _write_dicom_objects(data.manifest, dataset.images, rows, maps_of, dicom_sr, dicom_seg, console)
-    for issue in data.manifest.skipped:
-        console.print(f"[yellow]skipped[/] {issue}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {out / 'predictions.json'} ({len(rows)} boxes) and image_scores.json "
-                  f"({len(ids)} images)", highlight=False)
+    say(console, "", f"wrote {out / 'predictions.json'} ({len(rows)} boxes) and image_scores.json "
+                     f"({len(ids)} images)")
     return {"images": len(ids), "boxes": len(rows)}
 
 
@@ -196,5 +207,5 @@ def register(app: typer.Typer) -> None:
                               on_error="lenient" if lenient else "strict", console=console,
                               dicom_sr=dicom_sr, dicom_seg=dicom_seg)
         except CxrDistillError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            print_error(console, err)
             raise typer.Exit(code=2) from None

@@ -15,7 +15,14 @@ import typer
 import yaml
 from rich.console import Console
 
+from cxrdistill.console import error as print_error
+from cxrdistill.console import escape, say
 from cxrdistill.errors import CxrDistillError
+
+
+def skipped_path(out: Path) -> Path:
+    """``<out>.skipped.json`` next to the manifest: the records `prepare` left out (lenient)."""
+    return Path(out).with_name(Path(out).name + ".skipped.json")
 
 
 def _parse_options(options: list[str]) -> dict[str, Any]:
@@ -73,12 +80,14 @@ def prepare_manifest(*, out: Path, source: str | None = None, root: Path | None 
                      boxes: Path | None = None,
                      val_fraction: float = 0.15, test_fraction: float = 0.15,
                      boxed_fraction: float | None = None, weak_fraction: float | str = 0.0, seed: int = 0,
-                     on_error: str = "strict", check_images: bool = False,
-                     allow_outside_root: bool = False, console: Console | None = None):
+                     on_error: str = "strict", check_images: bool | str = False,
+                     allow_outside_root: bool = False, hash_files: bool = False, workers: int = 0,
+                     console: Console | None = None):
     """Build, validate, split and save a manifest; returns it. Problems are printed, never dropped."""
     from cxrdistill.data.manifest import Issue, load_manifest, manifest_from_dict
     from cxrdistill.data.sources import get_source
     from cxrdistill.data.splits import make_semi_split, make_splits
+    from cxrdistill.data.skipped import report_skipped, skip_sink
     from cxrdistill.data.summary import summary_table
 
     console = console or Console()
@@ -90,8 +99,8 @@ def prepare_manifest(*, out: Path, source: str | None = None, root: Path | None 
     if manifest is not None:
         if boxes is not None:
             raise CxrDistillError("--boxes merges into a --csv / --coco / --source input, not --manifest")
-        m = load_manifest(manifest, on_error=on_error, check_images=check_images,
-                          allow_outside_root=allow_outside_root)  # type: ignore[arg-type]
+        m = load_manifest(manifest, on_error=on_error, check_images=check_images,  # type: ignore[arg-type]
+                          allow_outside_root=allow_outside_root, hash_files=hash_files, decode_workers=workers)
     else:
         if coco is not None:
             source, root = "coco", Path(images or coco.parent)
@@ -118,17 +127,19 @@ def prepare_manifest(*, out: Path, source: str | None = None, root: Path | None 
             source_skipped += merge_problems
         m = manifest_from_dict(raw, root=root, on_error=on_error,  # type: ignore[arg-type]
                                check_images=check_images, allow_outside_root=allow_outside_root,
-                               source=f"{source} source")
+                               source=f"{source} source", hash_files=hash_files, decode_workers=workers)
         m.skipped[:0] = [Issue(str(s).split(": ", 1)[0], str(s).split(": ", 1)[-1]) for s in source_skipped]
     m = make_splits(m, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     if boxed_fraction is not None:
         m = make_semi_split(m, boxed_fraction=boxed_fraction, weak_fraction=weak_fraction, seed=seed)
-    for issue in m.skipped:
-        console.print(f"[yellow]skipped[/] {issue}", highlight=False, soft_wrap=True)
+    listed = skipped_path(out)
+    listed.unlink(missing_ok=True)
+    with skip_sink(listed, console):
+        report_skipped("prepare", m.skipped)
     m.save(out)
-    console.print(summary_table(m, title=f"{out}"))
-    console.print(f"wrote {out} ({len(m.images)} images, {len(m.annotations)} boxes, "
-                  f"{len(m.skipped)} record(s) skipped)", highlight=False)
+    console.print(summary_table(m, title=escape(str(out))))
+    say(console, "", f"wrote {out} ({len(m.images)} images, {len(m.annotations)} boxes, "
+                     f"{len(m.skipped)} record(s) skipped" + (f", listed in {listed}" if m.skipped else "") + ")")
     return m
 
 
@@ -151,7 +162,9 @@ def register(app: typer.Typer) -> None:
                                           "(a fraction, or 'rest': every patient without boxes)."),
         seed: int = typer.Option(0, help="Seed of the splits."),
         lenient: bool = typer.Option(False, "--lenient/--strict", help="Skip bad records (listed) instead of stopping."),
-        check_images: bool = typer.Option(False, "--check-images", help="Open every image header (slower)."),
+        check_images: bool = typer.Option(False, "--check-images", help="Decode every image fully, in parallel (slower; finds truncated pixel data that headers hide)."),
+        hash_files: bool = typer.Option(False, "--hash-files", help="Also find one file under two names (sha256 of every image; slower)."),
+        workers: int = typer.Option(0, "--workers", help="Threads for --check-images (0: up to 8)."),
         allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Permit file names outside the data root."),
     ) -> None:
         """Build a validated manifest from a dataset, with patient-level stratified splits."""
@@ -165,8 +178,10 @@ def register(app: typer.Typer) -> None:
                              manifest=manifest, options=_parse_options(option or []), boxes=boxes,
                              val_fraction=val_fraction, test_fraction=test_fraction,
                              boxed_fraction=boxed_fraction, weak_fraction=weak, seed=seed,
-                             on_error="lenient" if lenient else "strict", check_images=check_images,
-                             allow_outside_root=allow_outside_root, console=console)
+                             on_error="lenient" if lenient else "strict",
+                             check_images="decode" if check_images else False,
+                             allow_outside_root=allow_outside_root, hash_files=hash_files, workers=workers,
+                             console=console)
         except CxrDistillError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            print_error(console, err)
             raise typer.Exit(code=2) from None

@@ -8,15 +8,17 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from cxrdistill.console import error as print_error
 from cxrdistill.errors import CxrDistillError
 
 
 def train(
     config: Path = typer.Option(..., "--config", "-c", help="YAML run config, or the name of a packaged one (tsd, ceird, aals ...)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Overrides such as train.lr=3e-4 method.params.kappa=0.5"),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from checkpoints (default: train.resume)."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from checkpoints (default: train.resume); --no-resume moves an earlier run in the folder aside (<dir>.old-<n>) and starts over."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run directory (default: output_dir in the config)."),
 ) -> None:
     """Train with a recipe; finished stages are skipped and interrupted ones resume."""
@@ -24,7 +26,7 @@ def train(
     try:
         metrics = run_training(config, overrides or [], resume=resume, output_dir=output_dir, console=console)
     except CxrDistillError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        print_error(console, err)
         raise typer.Exit(code=2) from None
     if getattr(console, "final_metrics_printed", False):  # the recipe printed its titled table
         return
@@ -32,7 +34,7 @@ def train(
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(escape(key), f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
 
 
@@ -49,6 +51,7 @@ def run_training(
 
     from cxrdistill.config import load_config
     from cxrdistill.resources import resolve_config_path
+    from cxrdistill.data.skipped import skip_sink
     from cxrdistill.data.study import resolve_data_config
     from cxrdistill.engine.context import RunContext
     from cxrdistill.engine.run_dir import RunDirectory
@@ -72,11 +75,18 @@ def run_training(
         resolve_data_config(cfg.data)  # the synthetic world, built once, is named in config.yaml
     ctx.fabric.barrier()
     resolve_data_config(cfg.data)
+    # Every rank compares (an error stops them all); only rank 0 moves an old run aside.
+    moved = run_dir.check_run(cfg, resume=cfg.train.resume, move=ctx.fabric.is_global_zero)
+    if moved is not None and console is not None:
+        console.print(f"--no-resume: the earlier run was moved to {escape(str(moved))}", highlight=False)
+    ctx.fabric.barrier()
     if ctx.fabric.is_global_zero:
         run_dir.write_config(cfg)
         run_dir.write_environment()
     seed_everything(cfg.train.seed, verbose=False)
-    metrics = dict(spec.run(cfg, params, ctx))
+    sink_path = run_dir.path / "skipped.json" if ctx.fabric.is_global_zero else None
+    with skip_sink(sink_path, ctx.console):  # every record a lenient run leaves out: console + skipped.json
+        metrics = dict(spec.run(cfg, params, ctx))
     if ctx.fabric.is_global_zero:
         (run_dir.path / "final_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics

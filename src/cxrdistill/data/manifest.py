@@ -217,14 +217,17 @@ class Manifest:
 
 # ------------------------------------------------------------------------------------------
 def load_manifest(path: str | Path, *, root: str | Path | None = None, on_error: OnError = "strict",
-                  check_files: bool = True, check_images: bool = False,
-                  allow_outside_root: bool = False) -> Manifest:
+                  check_files: bool = True, check_images: bool | str = False,
+                  allow_outside_root: bool = False, hash_files: bool = False,
+                  decode_workers: int = 0) -> Manifest:
     """Read and validate a manifest file.
 
     `root` defaults to `info.image_root` when the manifest declares one (absolute or relative to
     the manifest), else the manifest's directory; `file_name`s are relative to it.
     `check_files` checks every image exists; `check_images` also reads each header and checks
-    width/height. A `file_name` that escapes `root` is refused unless `allow_outside_root`.
+    width/height (``"decode"``: and decodes every image fully, in `decode_workers` threads).
+    Two records naming one file (by path; by sha256 of the content with `hash_files`) are a problem.
+    A `file_name` that escapes `root` is refused unless `allow_outside_root`.
     """
     path = Path(path)
     if not path.is_file():
@@ -239,7 +242,8 @@ def load_manifest(path: str | Path, *, root: str | Path | None = None, on_error:
         root = _declared_root(raw, path)
     return manifest_from_dict(raw, root=Path(root),
                               on_error=on_error, check_files=check_files, check_images=check_images,
-                              allow_outside_root=allow_outside_root, source=str(path))
+                              allow_outside_root=allow_outside_root, source=str(path),
+                              hash_files=hash_files, decode_workers=decode_workers)
 
 
 def _declared_root(raw: Any, path: Path) -> Path:
@@ -254,12 +258,14 @@ def _declared_root(raw: Any, path: Path) -> Path:
 
 
 def manifest_from_dict(raw: Any, *, root: str | Path, on_error: OnError = "strict",
-                       check_files: bool = True, check_images: bool = False,
-                       allow_outside_root: bool = False, source: str = "manifest") -> Manifest:
+                       check_files: bool = True, check_images: bool | str = False,
+                       allow_outside_root: bool = False, source: str = "manifest",
+                       hash_files: bool = False, decode_workers: int = 0) -> Manifest:
     """Validate a manifest given as a dict (see `load_manifest`)."""
     if on_error not in ("strict", "lenient"):
         raise ValueError(f"on_error must be 'strict' or 'lenient', not {on_error!r}")
-    validator = _Validator(Path(root), check_files, check_images, allow_outside_root, source)
+    validator = _Validator(Path(root), check_files, check_images, allow_outside_root, source,
+                           hash_files, decode_workers)
     manifest = validator.run(raw)
     if validator.issues and on_error == "strict":
         shown = "\n".join(f"  - {issue.record}: {issue.problem}" for issue in validator.issues[:50])
@@ -274,11 +280,13 @@ def manifest_from_dict(raw: Any, *, root: str | Path, on_error: OnError = "stric
 class _Validator:
     """Checks every record of a raw manifest dict; collects issues instead of stopping."""
 
-    def __init__(self, root: Path, check_files: bool, check_images: bool,
-                 allow_outside_root: bool, source: str) -> None:
+    def __init__(self, root: Path, check_files: bool, check_images: bool | str,
+                 allow_outside_root: bool, source: str, hash_files: bool = False, decode_workers: int = 0) -> None:
         self.root = root
         self.check_files = check_files
         self.check_images = check_images
+        self.hash_files = hash_files
+        self.decode_workers = decode_workers
         self.allow_outside_root = allow_outside_root
         self.source = source
         self.issues: list[Issue] = []
@@ -302,6 +310,9 @@ class _Validator:
         if not categories:
             raise ManifestError(f"{self.source}: no valid categories")
         images = self.images(raw["images"], {c.name for c in categories})
+        if self.check_images == "decode":
+            images = self.decoded(images)
+        images = self.shared_files(images)
         annotations = self.annotations(raw.get("annotations", []), images, {c.id for c in categories})
         images = self.patient_leaks(images)
         images = self.labels_vs_boxes(images, annotations, {c.id: c.name for c in categories})
@@ -458,6 +469,54 @@ class _Validator:
                 return False
         return True
 
+    def decoded(self, images: list[ImageRecord]) -> list[ImageRecord]:
+        """Decode every image fully (threads; headers alone miss truncated pixel data)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from cxrdistill.data.io import read_image
+        from cxrdistill.errors import ImageReadError
+
+        def problem_of(im: ImageRecord) -> str | None:
+            try:
+                read_image(self.root / im.file_name)
+            except ImageReadError as exc:
+                return exc.reason
+            return None
+
+        workers = self.decode_workers or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            problems = list(pool.map(problem_of, images))
+        for im, reason in zip(images, problems):
+            if reason is not None:
+                self.problem(f"image {im.id} ({im.file_name})", f"unreadable image (full decode): {reason}")
+        return [im for im, reason in zip(images, problems) if reason is None]
+
+    def shared_files(self, images: list[ImageRecord]) -> list[ImageRecord]:
+        """One file, one record: later records naming the same file (by path, and by content with
+        ``hash_files``) are listed; a file in two splits would leak test images into training."""
+        first: dict[Any, ImageRecord] = {}
+        out = []
+        for im in images:
+            keys: list[Any] = [("path", os.path.normpath(str(self.root / im.file_name)))]
+            if self.hash_files:
+                digest = _content_hash(self.root / im.file_name)
+                if digest is not None:
+                    keys.append(("sha256", digest))
+            earlier = next((first[k] for k in keys if k in first), None)
+            if earlier is None:
+                for k in keys:
+                    first[k] = im
+                out.append(im)
+                continue
+            how = "the same file as" if os.path.normpath(str(self.root / im.file_name)) == \
+                os.path.normpath(str(self.root / earlier.file_name)) else "a file with the same content as"
+            splits = f" (splits {earlier.split!r} and {im.split!r}: test images would leak into training)" \
+                if earlier.split != im.split else ""
+            self.problem(f"image {im.id} ({im.file_name})",
+                         f"uses {how} image {earlier.id} ({earlier.file_name}){splits}; one file may back one "
+                         "record only")
+        return out
+
     def annotations(self, rows: list[Any], images: list[ImageRecord], category_ids: set[int]) -> list[Annotation]:
         by_id = {im.id: im for im in images}
         out: list[Annotation] = []
@@ -541,6 +600,16 @@ class _Validator:
                 continue
             out.append(im)
         return out
+
+
+def _content_hash(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 def _is_int(value: Any) -> bool:

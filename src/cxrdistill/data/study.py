@@ -26,6 +26,27 @@ def default_cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "cxrdistill"
 
 
+def cache_root_checked(root: Path | None = None) -> Path:
+    """`root` (default: :func:`default_cache_root`) created and writable, else a `CxrDistillError`
+    naming it and `CXRDISTILL_CACHE` (a file, a read-only folder, a missing parent...)."""
+    import tempfile
+
+    from cxrdistill.errors import CxrDistillError
+
+    root = Path(root) if root is not None else default_cache_root()
+    where = f"{root} (CXRDISTILL_CACHE)" if os.environ.get("CXRDISTILL_CACHE") else str(root)
+    if root.exists() and not root.is_dir():
+        raise CxrDistillError(f"cache folder {where} is not a directory; set CXRDISTILL_CACHE to a writable folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise CxrDistillError(f"cache folder {where} is not writable ({err.strerror or err}); set "
+                              "CXRDISTILL_CACHE to a writable folder") from None
+    return root
+
+
 def synthetic_world(options: dict[str, Any], cache_root: Path) -> Path:
     """Build (once) the synthetic world for `options` (kwargs of `make_world`); return its manifest.
 
@@ -47,7 +68,7 @@ def resolve_data_config(data_cfg: Any, cache_root: Path | None = None) -> Any:
     After this the resolved config names every file the run reads, so `config.yaml` reproduces it.
     """
     if data_cfg.cache_dir is None:
-        data_cfg.cache_dir = (cache_root or default_cache_root()).resolve()
+        data_cfg.cache_dir = cache_root_checked(cache_root).resolve()
     if data_cfg.manifest is None:
         data_cfg.manifest = synthetic_world(dict(data_cfg.synthetic), Path(data_cfg.cache_dir))
     return data_cfg
@@ -64,12 +85,17 @@ class StudyData:
              boxed_fraction: float | None = None, weak_fraction: WeakFraction = 0.0, split_seed: int = 0,
              workers: int = 0) -> "StudyData":
         """Load and validate the manifest, optionally re-split supervision, build the cache."""
+        from cxrdistill.data.skipped import report_skipped
+
         manifest = load_manifest(manifest_path, on_error=on_error)  # type: ignore[arg-type]
+        report_skipped("manifest", manifest.skipped)
         if boxed_fraction is not None:
             manifest = make_semi_split(manifest, boxed_fraction=boxed_fraction,
                                        weak_fraction=weak_fraction, seed=split_seed)
+        before = len(manifest.skipped)
         cache, row_of = build_manifest_cache(manifest, image_size, cache_dir, on_error=on_error,
                                              workers=workers)
+        report_skipped("cache build", manifest.skipped[before:])  # lenient: undecodable images, each listed
         return cls(manifest, cache, row_of)
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 
 from cxrdistill.data.manifest import Manifest
@@ -39,7 +40,7 @@ def summary_table(manifest: Manifest, title: str = "Manifest summary") -> Group:
     for key, row in counts.items():
         boxes = sum(v for k, v in row.items() if k.startswith("boxes:"))
         labels = sum(v for k, v in row.items() if k.startswith("labels:"))
-        groups.add_row(key, str(row.get("images", 0)), str(row.get("reports", 0)), str(boxes), str(labels))
+        groups.add_row(escape(key), str(row.get("images", 0)), str(row.get("reports", 0)), str(boxes), str(labels))
     splits = list(dict.fromkeys(key.split("/", 1)[0] for key in counts))
     classes = Table(title="per class: boxes / image labels")
     classes.add_column("class", overflow="fold")
@@ -51,7 +52,7 @@ def summary_table(manifest: Manifest, title: str = "Manifest summary") -> Group:
             rows = [row for key, row in counts.items() if key.split("/", 1)[0] == split]
             cells.append(f"{sum(r.get(f'boxes:{name}', 0) for r in rows)} / "
                          f"{sum(r.get(f'labels:{name}', 0) for r in rows)}")
-        classes.add_row(name, *cells)
+        classes.add_row(escape(name), *cells)
     if manifest.skipped:
         classes.caption = f"{len(manifest.skipped)} record(s) skipped — see the list above"
     return Group(groups, classes)

@@ -3,6 +3,7 @@
 ```
 <output_dir>/
   config.yaml        the resolved config (every default filled in)
+  run.json           the run's fingerprint: the config keys that decide its results + manifest sha256
   environment.json   python / torch / monai / ... versions, git commit (no host names)
   metrics.csv        one row per logged step: step, stage, loss terms, eval metrics, counts
   logs/              TensorBoard event files, text logs
@@ -12,10 +13,16 @@
 
 The directory is checked up front for write access and free space, so a full disk fails in the
 first second rather than at the first checkpoint hours later.
+
+A folder knows what it holds (`run.json`): `check_run(cfg, resume=True)` refuses to continue a run
+made with a different config (or manifest content), listing the differing keys, and
+`check_run(cfg, resume=False)` moves an earlier run aside (`<name>.old-<n>/`) before starting over,
+so finished stages are only ever reused by the config that made them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -34,6 +41,16 @@ if TYPE_CHECKING:
 
 DEFAULT_MIN_FREE_BYTES = 1 << 30  # 1 GiB
 
+# Keys that do not change a run's numbers: where it is written, whether it resumes, how it shows
+# progress, where the image cache lives. `data.manifest` is compared by content (sha256), not path.
+VOLATILE_KEYS = frozenset({"output_dir", "train.resume", "train.progress", "train.tensorboard",
+                           "data.cache_dir", "data.manifest"})
+MANIFEST_KEY = "data.manifest (sha256 of its content)"
+
+
+class RunMismatchError(CxrDistillError):
+    """The run folder holds a run made with a different config; the message lists the keys."""
+
 
 class RunDirectory:
     """Creates and names the files of one run; `path` may already exist (resume)."""
@@ -51,6 +68,74 @@ class RunDirectory:
     @property
     def config_path(self) -> Path:
         return self.path / "config.yaml"
+
+    @property
+    def fingerprint_path(self) -> Path:
+        return self.path / "run.json"
+
+    def holds_run(self) -> bool:
+        """True when an earlier `train` wrote its config here."""
+        return self.fingerprint_path.is_file() or self.config_path.is_file()
+
+    def check_run(self, cfg: "RunConfig", *, resume: bool, move: bool = True) -> Path | None:
+        """Make sure this folder may hold the run of `cfg`, before any stage is resumed or reused.
+
+        resume=True: an earlier run with a different fingerprint raises `RunMismatchError` listing
+        each differing key (old → new) and offering --no-resume. resume=False: an earlier run is
+        renamed to `<name>.old-<n>` (when `move`; other DDP ranks pass False) and the folder starts
+        empty; returns where it went. Writes `run.json` for the new run.
+        """
+        new = run_fingerprint(cfg)
+        moved: Path | None = None
+        if self.holds_run():
+            old = self._saved_fingerprint()
+            if resume:
+                diff = fingerprint_diff(old, new)
+                if diff:
+                    lines = "; ".join(f"{key}: {_short(a)} -> {_short(b)}" for key, a, b in diff)
+                    raise RunMismatchError(
+                        f"{self.path}: holds a run made with a different config ({len(diff)} key(s) differ: "
+                        f"{lines}). Its finished stages would be reused for the new settings. Rerun with "
+                        f"--no-resume to start over (the old run is moved to {self.path.name}.old-<n>/), or "
+                        f"choose another --output-dir."
+                    )
+            elif move:
+                moved = self._move_aside()
+        if move:
+            self.fingerprint_path.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        return moved
+
+    def _saved_fingerprint(self) -> dict[str, Any]:
+        if self.fingerprint_path.is_file():
+            try:
+                return dict(json.loads(self.fingerprint_path.read_text(encoding="utf-8")))
+            except (ValueError, OSError, TypeError) as err:
+                raise RunMismatchError(f"{self.fingerprint_path}: unreadable ({err}); rerun with --no-resume") from err
+        import yaml  # a run from before run.json: compare its config.yaml (manifest by path only)
+
+        try:
+            raw = yaml.safe_load(self.config_path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, OSError) as err:
+            raise RunMismatchError(f"{self.config_path}: unreadable ({err}); rerun with --no-resume") from err
+        flat = flatten(raw) if isinstance(raw, dict) else {}
+        out = {k: v for k, v in flat.items() if k not in VOLATILE_KEYS}
+        out[MANIFEST_KEY] = "unknown (run made before run.json)"
+        return out
+
+    def _move_aside(self) -> Path:
+        n = 1
+        while (target := self.path.with_name(f"{self.path.name}.old-{n}")).exists():
+            n += 1
+        try:
+            os.rename(self.path, target)
+            for sub in (self.path, self.logs, self.checkpoints, self.eval):
+                sub.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CxrDistillError(
+                f"{self.path}: cannot move the earlier run aside to {target} ({err.strerror or err}); "
+                f"move or delete it yourself, or choose another --output-dir"
+            ) from err
+        return target
 
     @property
     def environment_path(self) -> Path:
@@ -112,6 +197,53 @@ class RunDirectory:
                 f"{self.path}: only {free / 2**20:.0f} MiB free, need at least {min_free_bytes / 2**20:.0f} MiB "
                 f"for checkpoints and logs; free space or choose another --output-dir"
             )
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"lr": 1}}` -> `{"train.lr": 1}` (lists are values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def run_fingerprint(cfg: "RunConfig") -> dict[str, Any]:
+    """The config keys that decide a run's results (flat, JSON values) plus the manifest's sha256."""
+    flat = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in VOLATILE_KEYS}
+    manifest = cfg.data.manifest
+    flat[MANIFEST_KEY] = file_sha256(Path(manifest)) if manifest is not None and Path(manifest).is_file() \
+        else str(manifest)
+    return flat
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """`(key, old, new)` for every key whose value differs (a missing key reads as `<unset>`)."""
+    unset = "<unset>"
+    diff = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, unset), new.get(key, unset)
+        if key == MANIFEST_KEY and str(a).startswith("unknown"):
+            continue  # a run from before run.json: its manifest content is not known
+        if a != b:
+            diff.append((key, a, b))
+    return diff
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def environment_info() -> dict[str, Any]:

@@ -89,6 +89,17 @@ def _read_json(path: Path, what: str) -> Any:
         raise CxrDistillError(f"{path}: not valid JSON ({err})") from None
 
 
+def _int_id(value: Any) -> int | None:
+    """An id as int: an int (not a bool) or an integral float; None for anything else (4.9, [1], "1")."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
 def ground_truth_from_coco(coco: dict[str, Any], split: str | None = None, path: Path | None = None) -> GroundTruth:
     """Validate a COCO(-manifest) dict and keep the images of ``split`` (all when ``None``).
 
@@ -101,18 +112,23 @@ def ground_truth_from_coco(coco: dict[str, Any], split: str | None = None, path:
             raise ManifestError(f"{src}: missing list {key!r}")
     cats = []
     for c in coco["categories"]:
-        if "id" not in c or "name" not in c:
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
             problems.append(f"category {c!r}: needs 'id' and 'name'")
+        elif _int_id(c["id"]) is None:
+            problems.append(f"category {c.get('name')!r}: id must be an integer, got {c['id']!r}")
         else:
-            cats.append({"id": int(c["id"]), "name": str(c["name"])})
+            cats.append({"id": _int_id(c["id"]), "name": str(c["name"])})
     cat_ids = {c["id"] for c in cats}
     images = []
     seen: set[int] = set()
-    for im in coco["images"]:
-        if "id" not in im:
-            problems.append(f"image {im!r}: no 'id'")
+    for n, im in enumerate(coco["images"]):
+        if not isinstance(im, dict) or "id" not in im:
+            problems.append(f"image #{n} {im!r}: no 'id'")
             continue
-        iid = int(im["id"])
+        iid = _int_id(im["id"])
+        if iid is None:
+            problems.append(f"image #{n} ({im.get('file_name', '?')}): id must be an integer, got {im['id']!r}")
+            continue
         if iid in seen:
             problems.append(f"image {iid}: duplicate id")
         seen.add(iid)
@@ -121,8 +137,15 @@ def ground_truth_from_coco(coco: dict[str, Any], split: str | None = None, path:
     keep = {im["id"] for im in images}
     anns = []
     for n, a in enumerate(coco.get("annotations", []) or []):
+        if not isinstance(a, dict):
+            problems.append(f"annotation #{n}: is not a JSON object")
+            continue
         aid = a.get("id", n + 1)
         bbox = a.get("bbox")
+        if _int_id(aid) is None or _int_id(a.get("image_id")) is None or _int_id(a.get("category_id")) is None:
+            problems.append(f"annotation #{n}: id, image_id and category_id must be integers, got "
+                            f"{aid!r}, {a.get('image_id')!r} and {a.get('category_id')!r}")
+            continue
         if a.get("image_id") not in seen:
             problems.append(f"annotation {aid}: image_id {a.get('image_id')!r} is not an image of the manifest")
             continue
@@ -171,7 +194,10 @@ def _check_rows(rows: Any, path: str, gt: GroundTruth, need_bbox: bool) -> tuple
     for n, r in enumerate(rows):
         where = f"row {n}"
         try:
-            iid, cid, score = int(r["image_id"]), int(r["category_id"]), float(r["score"])
+            iid, cid = _int_id(r["image_id"]), _int_id(r["category_id"])
+            if iid is None or cid is None or isinstance(r["score"], (bool, str)):
+                raise TypeError
+            score = float(r["score"])
         except (KeyError, TypeError, ValueError):
             problems.append(f"{where}: needs integer 'image_id', 'category_id' and a numeric 'score': {r!r}")
             continue
@@ -209,6 +235,17 @@ def load_predictions(path: str | Path, gt: GroundTruth) -> Predictions:
     """
     rows, dropped = _check_rows(_read_json(Path(path), "predictions"), str(path), gt, need_bbox=True)
     notes = [f"{dropped} prediction(s) for images outside split {gt.split!r} were not evaluated"] if dropped else []
+    outside = sum(1 for r in rows if not 0.0 <= r["score"] <= 1.0)
+    if outside:
+        notes.append(f"{outside} prediction score(s) lie outside [0, 1] (e.g. logits): AP and FROC use only their "
+                     "order, but score thresholds and AUROC from box scores assume probabilities")
+    unique: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        unique.setdefault((r["image_id"], r["category_id"], r["score"], tuple(r["bbox"])), r)
+    if len(unique) < len(rows):
+        notes.append(f"{len(rows) - len(unique)} fully duplicated prediction row(s) (same image, category, box and "
+                     "score) were counted once")
+        rows = list(unique.values())
     return Predictions(rows=rows, dropped_other_split=dropped, notes=notes)
 
 

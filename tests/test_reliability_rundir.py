@@ -1,0 +1,82 @@
+"""A run folder knows the config of what it holds (issue #21, item 2).
+
+`cxrdistill train --config tsd -o RUN ... train.max_steps=80 train.lr=0.01 train.seed=7` on a
+folder holding a run made with other settings used to return at once with the old model; now it
+stops, lists the differing keys and offers --no-resume, which moves the old run aside.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cxrdistill.cli import app
+
+runner = CliRunner()
+
+TINY = ["data.synthetic={n_images: 16, image_size: 32, splits: [0.6, 0.1, 0.3]}", "data.image_size=32",
+        "model.base_width=4", "model.options={fpn_channels: 8, fpn_levels: [3, 4], head_convs: 1}",
+        "train.batch_size=3", "train.progress=false", "train.tensorboard=false", "train.checkpoint_every=2",
+        "method.params.student_steps=2", "method.params.n_boot=0", "method.params.pseudo_score_thresh=0.01"]
+
+
+def _train(out, *extra):
+    return runner.invoke(app, ["train", "--config", "tsd", "-o", str(out), *TINY, *extra])
+
+
+def _weights(out):
+    return torch.load(out / "model.pt", weights_only=True)
+
+
+def test_a_different_config_in_a_run_folder_stops_and_no_resume_moves_it_aside(tmp_path):
+    out = tmp_path / "RUN"
+    first = _train(out, "train.max_steps=2")
+    assert first.exit_code == 0, first.output
+    old_model = (out / "model.pt").read_bytes()
+    old_config = (out / "config.yaml").read_text()
+    assert json.loads((out / "run.json").read_text())["train.max_steps"] == 2
+
+    again = _train(out, "train.max_steps=3", "train.lr=0.01", "train.seed=7")
+    assert again.exit_code == 2, again.output
+    text = " ".join(again.output.split())
+    for key in ("train.max_steps: 2 -> 3", "train.lr: 0.002 -> 0.01", "train.seed: 0 -> 7"):
+        assert key in text, text
+    assert "3 key(s) differ" in text and "--no-resume" in text
+    assert (out / "model.pt").read_bytes() == old_model  # nothing was touched
+    assert (out / "config.yaml").read_text() == old_config and not (out / "config.previous.yaml").exists()
+
+    same = _train(out, "train.max_steps=2")  # the same config still resumes (finished stages reused)
+    assert same.exit_code == 0, same.output
+    assert (out / "model.pt").read_bytes() == old_model
+
+    fresh = _train(out, "train.max_steps=3", "train.lr=0.01", "train.seed=7", "--no-resume")
+    assert fresh.exit_code == 0, fresh.output
+    assert (tmp_path / "RUN.old-1" / "model.pt").read_bytes() == old_model  # the old run, moved aside
+    assert (out / "model.pt").read_bytes() != old_model
+    assert json.loads((out / "run.json").read_text())["train.seed"] == 7
+    done = json.loads((out / "checkpoints" / "vision_gen0" / "done.json").read_text())
+    assert done["step"] == 3 and done["resumed_from"] is None
+
+
+def test_a_changed_manifest_content_is_a_different_run(tmp_path):
+    from cxrdistill.engine.run_dir import MANIFEST_KEY, RunDirectory, RunMismatchError
+    from cxrdistill.config import validate_config
+
+    manifest = tmp_path / "m.json"
+    manifest.write_text('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}')
+    cfg = validate_config({"method": {"name": "x"}, "data": {"manifest": str(manifest)}})
+    run = RunDirectory(tmp_path / "run", min_free_bytes=0)
+    run.check_run(cfg, resume=True)
+    run.write_config(cfg)
+    run.check_run(cfg, resume=True)  # same content: fine
+    manifest.write_text('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "b"}]}')
+    with pytest.raises(RunMismatchError, match=r"1 key\(s\) differ: data.manifest \(sha256"):
+        run.check_run(cfg, resume=True)
+    assert MANIFEST_KEY in json.loads(run.fingerprint_path.read_text())
+    # keys that do not change the numbers (progress bar, output folder) are not a different run
+    run2 = RunDirectory(tmp_path / "run2", min_free_bytes=0)
+    run2.check_run(cfg, resume=True)
+    run2.check_run(cfg.model_copy(update={"output_dir": tmp_path / "elsewhere"}), resume=True)
