@@ -1,7 +1,7 @@
 """Mean Teacher for detection (Tarvainen & Valpola 2017, as used by Unbiased Teacher / Soft Teacher),
 and the Soft-Teacher-style variant (Xu et al., ICCV 2021) adapted to RetinaNet.
 
-1. **Burn-in**: the student trains on the box images D_B alone                    stage ``burn_in``
+1. **Burn-in**: the shared supervised stage on D_B (`kit.supervised_stage`)      stage ``supervised``
 2. **Mean teacher**: the teacher is the EMA of the student (`engine.ema.EMATeacher`, decay 0.999).
    Every step, each unlabeled image gets a weak and a strong view (`data.views.make_views`);
    the teacher detects on the weak view, the boxes scoring ≥ τ are **projected into the strong
@@ -33,7 +33,7 @@ from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_detector
 from cxrdistill.methods.registry import register_method
-from cxrdistill.methods.supervised import (
+from cxrdistill.methods.kit import (
     Augment,
     augment_batch,
     boxed_indices,
@@ -41,7 +41,7 @@ from cxrdistill.methods.supervised import (
     evaluate_final,
     labeled_loader,
     step_generator,
-    train_detector,
+    supervised_stage,
     view_config,
 )
 from cxrdistill.models.detector import DetectorOutput, RetinaNet
@@ -132,9 +132,11 @@ def _run(cfg: RunConfig, params: MeanTeacherParams, ctx: RunContext, title: str)
         raise ConfigError(f"{title}: no unlabeled training image; lower data.boxed_fraction")
     t = cfg.train
     burn_in = params.burn_in_steps if params.burn_in_steps is not None else t.max_steps // 2
-    student = build_detector(cfg.model, data.num_classes)
-    if burn_in > 0:
-        train_detector(ctx, "burn_in", student, train, params.augment, burn_in)
+    if burn_in > 0:  # the shared supervised stage (the supervised_detector checkpoint at these steps)
+        student = supervised_stage(ctx, data, steps=burn_in, augment=params.augment, split=params.train_split).model
+    else:
+        student = build_detector(cfg.model, data.num_classes, t.seed)
+    student.train()
     teacher = EMATeacher(student, decay=params.ema_decay)  # from the burned-in student
     loader, sampler = labeled_loader(train, boxed, unlabeled, t.batch_size, t.unlabeled_batch_size or t.batch_size,
                                      t.seed + 1, ctx)
