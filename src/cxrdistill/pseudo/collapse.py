@@ -110,7 +110,9 @@ def guard(report: CollapseReport, on_collapse: str, console: Any = None, where: 
                                   "method.params.pseudo.selection=precision@0.8 (per-class thresholds "
                                   "calibrated on the validation split) or topk_per_class.")
     if console is not None:
-        console.print(f"[bold yellow]warning:[/] {text} Consider method.params.pseudo.selection=precision@0.8.",
+        from rich.markup import escape
+
+        console.print(f"[bold yellow]warning:[/] {escape(text)} Consider method.params.pseudo.selection=precision@0.8.",
                       highlight=False, soft_wrap=True)
 
 
