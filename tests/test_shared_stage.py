@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from rich.console import Console
 
 from cxrdistill.config import validate_config
 from cxrdistill.engine.loop import Trainer
@@ -26,7 +27,6 @@ def _run(world, out, method: str, params: dict | None = None, steps: int = 3, lr
     from cxrdistill.data.study import resolve_data_config
     from cxrdistill.engine.context import RunContext
     from cxrdistill.engine.run_dir import RunDirectory
-    from rich.console import Console
 
     cfg = validate_config({
         "data": {"manifest": str(world), "image_size": 32, "boxed_fraction": 0.3,
@@ -127,3 +127,33 @@ def test_a_teacher_that_passes_no_box_is_reported_and_can_stop_the_run(world, tm
                                                "store_score_thresh": 0.0, "pseudo": {"on_collapse": "stop"}})
     assert labeled[0] in str(err.value) and "unlabeled images" in str(err.value)
     assert not (tmp_path / "stop" / "checkpoints" / "vision_gen1").exists()  # stopped before the student
+
+
+def test_study_table_shows_delta_vs_own_teacher_and_the_baseline_is_that_teacher(world, tmp_path, monkeypatch):
+    import yaml
+
+    from cxrdistill.study.runner import run_study
+    from cxrdistill.study.spec import StudySpec
+
+    monkeypatch.setenv("CXRDISTILL_STAGE_STORE", str(tmp_path / "store"))
+    base = {"data": {"manifest": str(world), "image_size": 32, "cache_dir": str(tmp_path / "cache")},
+            "model": {"kind": "detector", "base_width": 4,
+                      "options": {"fpn_channels": 8, "fpn_levels": [3, 4], "head_convs": 1}},
+            "train": {"max_steps": 3, "batch_size": 3, "progress": False, "tensorboard": False}}
+    configs = {}
+    for name, params in {"supervised_detector": {"topk_candidates": 50, "predict_batch_size": 32},
+                         "tsd": {"topk_candidates": 50, "pseudo_score_thresh": 0.01,
+                                 "pseudo": {"min_image_fraction": 0.0}}}.items():
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump({**base, "method": {"name": name, "params": {"n_boot": 10, **params}}}))
+    spec = StudySpec(name="tiny", output_dir=tmp_path / "study", fractions=[0.3], seeds=[0], n_boot=20,
+                     recipes={"supervised": {"config": configs["supervised_detector"]},
+                              "tsd": {"config": configs["tsd"]}})
+    result = run_study(spec, tmp_path / "study", Console(record=True), report=True)
+    rows = {r["recipe"]: r["fractions"]["f0.3"] for r in result.table["rows"]}
+    own, vs_base = rows["tsd"]["vs_teacher"], rows["tsd"]["vs_baseline"]
+    # the own teacher is the baseline's checkpoint: both comparisons are the same numbers
+    assert own["a"] == vs_base["a"] and own["diff"] == vs_base["diff"] and "vs_teacher" not in rows["supervised"]
+    assert "vs own teacher" in result.table_path.read_text()
+    assert "vs own teacher" in result.report_path.read_text()
+
