@@ -43,6 +43,7 @@ def run_training(
     console: Console | None = None,
 ) -> dict[str, float]:
     """Load the config, prepare the run directory, seed, and call the recipe; returns its metrics."""
+    import torch
     from lightning_fabric.utilities.seed import seed_everything
 
     from cxrdistill.config import load_config
@@ -69,6 +70,7 @@ def run_training(
         run_dir.write_config(cfg)
         run_dir.write_environment()
     seed_everything(cfg.train.seed, verbose=False)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # where torch offers one (docs/results.md)
     metrics = dict(spec.run(cfg, params, ctx))
     if ctx.fabric.is_global_zero:
         (run_dir.path / "final_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
