@@ -35,7 +35,8 @@ def _run(world, out, method: str, params: dict | None = None, steps: int = 3, lr
                   "options": {"fpn_channels": 8, "fpn_levels": [3, 4], "head_convs": 1}},
         "train": {"max_steps": steps, "batch_size": 3, "lr": lr, "progress": False, "tensorboard": False,
                   "checkpoint_every": 1},
-        "method": {"name": method, "params": {"n_boot": 10, "topk_candidates": 50, **(params or {})}},
+        "method": {"name": method, "params": {"n_boot": 10, **({} if method == "mean_teacher" else
+                                                               {"topk_candidates": 50}), **(params or {})}},
         "output_dir": str(out),
     })
     resolve_data_config(cfg.data)
@@ -157,3 +158,22 @@ def test_study_table_shows_delta_vs_own_teacher_and_the_baseline_is_that_teacher
     assert "vs own teacher" in result.table_path.read_text()
     assert "vs own teacher" in result.report_path.read_text()
 
+
+
+@pytest.mark.parametrize("method,selection", [("stac", "precision@0.8"), ("mean_teacher", "topk_per_class"),
+                                              ("tsd", "topk_per_class")])
+def test_every_detection_recipe_takes_a_pseudo_selection_and_reports_delta_vs_own_teacher(world, tmp_path,
+                                                                                         monkeypatch, method,
+                                                                                         selection):
+    monkeypatch.setenv("CXRDISTILL_STAGE_STORE", str(tmp_path / "store"))
+    params = {"pseudo": {"selection": selection, "min_image_fraction": 0.0, "min_val_boxes": 1}}
+    if method == "tsd":
+        params["store_score_thresh"] = 0.0
+    metrics, _ = _run(world, tmp_path / method, method, params, steps=4)
+    saved = json.loads((tmp_path / method / "pseudo_selection.json").read_text())
+    assert saved["selection"] == selection and set(saved["thresholds"]) == set(saved["kept_per_class"])
+    for name, record in saved["per_class"].items():
+        assert record["kept_unlabeled"] == saved["kept_per_class"][name]
+    assert metrics["delta_teacher/mAP@0.5"] == pytest.approx(metrics["mAP@0.5"] - metrics["teacher/mAP@0.5"],
+                                                             abs=1e-6)
+    assert (tmp_path / method / "eval_teacher" / "predictions.json").is_file()

@@ -41,11 +41,16 @@ from cxrdistill.methods.kit import (
     evaluate_final,
     labeled_loader,
     step_generator,
+    evaluate_stage,
     supervised_stage,
+    teacher_comparison,
     view_config,
+    write_teacher_comparison,
 )
+from cxrdistill.methods.offline import TrainSets, select_pseudo_labels, stored_detections
 from cxrdistill.models.detector import DetectorOutput, RetinaNet
 from cxrdistill.models.losses import sigmoid_focal_loss
+from cxrdistill.pseudo.selection import PseudoSelection
 from cxrdistill.pseudo.thresholds import filter_detections
 
 
@@ -61,6 +66,9 @@ class MeanTeacherParams(BaseModel):
     ema_decay: float = Field(0.999, ge=0.0, le=1.0)
     soft_teacher: bool = False
     """Weight the negatives of L_u by the teacher's background score (module docstring)."""
+    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)
+    """Pseudo-label selection (``fixed``: τ; ``precision@P`` / ``topk_per_class``: per-class thresholds
+    chosen once with the burned-in model) and what a collapse of them does."""
     burn_in_steps: int | None = Field(None, ge=0)
     """Supervised steps before the teacher is made (None: half of `train.max_steps`)."""
     augment: Augment = "flip"
@@ -75,8 +83,8 @@ class MeanTeacherParams(BaseModel):
 
 
 @torch.no_grad()
-def teacher_targets_in_strong_view(teacher: RetinaNet | EMATeacher, views: dict[str, Any], threshold: float
-                                   ) -> list[dict[str, Tensor]]:
+def teacher_targets_in_strong_view(teacher: RetinaNet | EMATeacher, views: dict[str, Any],
+                                   threshold: float | Tensor) -> list[dict[str, Tensor]]:
     """The teacher's boxes (score ≥ τ) on the weak view, projected into the strong view.
 
     Returns per image ``{"boxes": (K, 4) strong-view xyxy, "labels": (K,), "scores": (K,)}``; a box
@@ -132,8 +140,18 @@ def _run(cfg: RunConfig, params: MeanTeacherParams, ctx: RunContext, title: str)
         raise ConfigError(f"{title}: no unlabeled training image; lower data.boxed_fraction")
     t = cfg.train
     burn_in = params.burn_in_steps if params.burn_in_steps is not None else t.max_steps // 2
+    held_out = data.dataset(params.eval_split)
+    thresholds: float | Tensor = params.threshold
+    stage = None
     if burn_in > 0:  # the shared supervised stage (the supervised_detector checkpoint at these steps)
-        student = supervised_stage(ctx, data, steps=burn_in, augment=params.augment, split=params.train_split).model
+        stage = supervised_stage(ctx, data, steps=burn_in, augment=params.augment, split=params.train_split)
+        student = stage.model
+        evaluate_stage(ctx, stage, held_out, split=params.eval_split, n_boot=params.n_boot, topk_candidates=1000,
+                       out_dirs=[ctx.run_dir.path / "eval_teacher"])  # its own teacher: the burned-in model
+        sets = TrainSets(train, boxed, unlabeled)
+        dets = stored_detections(ctx, student, sets, 0, fresh=stage.fresh, root="pseudo/burn_in")
+        thresholds = select_pseudo_labels(ctx, student, sets, data, dets, params.threshold, params.pseudo,
+                                          name="burn-in model")[0].thresholds
     else:
         student = build_detector(cfg.model, data.num_classes, t.seed)
     student.train()
@@ -151,7 +169,7 @@ def _run(cfg: RunConfig, params: MeanTeacherParams, ctx: RunContext, title: str)
         sup = student.loss(student(images), targets)
         views = make_views(batch["image"][n_l:], None, ViewConfig.weak(), ViewConfig.martins_silva(),
                            step_generator(t.seed, step, stream=1))
-        pseudo = teacher_targets_in_strong_view(teacher, views, params.threshold)
+        pseudo = teacher_targets_in_strong_view(teacher, views, thresholds)
         out = student(views["strong"])
         hard = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo]
         unsup = student.loss(out, hard)
@@ -166,10 +184,15 @@ def _run(cfg: RunConfig, params: MeanTeacherParams, ctx: RunContext, title: str)
 
     trainer.fit(step_fn, {"student": student, "teacher": teacher}, build_optimizer(student.parameters(), t), loader,
                 max(t.max_steps - burn_in, 1), sampler=sampler, on_step_end=lambda _: teacher.update(student))
-    held_out = data.dataset(params.eval_split)
-    return evaluate_final(ctx, lambda: evaluate_detector(teacher.module, held_out, ctx.run_dir.eval,
-                                                         split=params.eval_split, n_boot=params.n_boot), title,
-                          teacher.module, data.class_names)
+    metrics = evaluate_final(ctx, lambda: evaluate_detector(teacher.module, held_out, ctx.run_dir.eval,
+                                                            split=params.eval_split, n_boot=params.n_boot), title,
+                             teacher.module, data.class_names)
+    if stage is not None:  # the final (EMA) model − the burned-in model it started from, same test images
+        comparison = teacher_comparison(held_out, params.eval_split, ctx.run_dir.path / "eval_teacher",
+                                        ctx.run_dir.eval, n_boot=params.n_boot)
+        write_teacher_comparison(ctx, comparison, stage)
+        metrics.update(comparison)
+    return metrics
 
 
 @register_method("mean_teacher", MeanTeacherParams)
