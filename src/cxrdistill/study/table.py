@@ -7,7 +7,8 @@ Numbers, per (recipe, fraction):
   ``final_metrics.json``. ``ci="t"``: ``mean ± t(0.975, n-1) · s / √n`` (Student t; needs n ≥ 2).
   ``ci="bootstrap"``: the 2.5/97.5 percentiles of the mean of ``n`` seeds drawn with replacement
   (coarse for 3 seeds: it cannot be wider than the range of the values).
-- **Δ vs own teacher** (distillation recipes, whose runs keep ``eval_teacher/``): the same paired
+- **Δ vs own teacher** (distillation recipes, whose runs keep ``eval_teacher/`` and
+  ``teacher_comparison.json``, both written by `methods.kit`): the same paired
   bootstrap between the run's final model and its own supervised teacher on the same test images.
   Since the teacher is the shared supervised stage, it is the baseline row's checkpoint when the
   schedules match, and the two Δ agree.
@@ -182,7 +183,7 @@ def build_table(spec: StudySpec, cells: Sequence[Cell]) -> dict[str, Any]:
                     cmp = paired_over_seeds(pairs, spec.metric, spec.n_boot, cache=replicates)
                     entry["vs_baseline"] = {**cmp.to_dict(), "seeds": len(pairs)}
             own = [(by_key[(recipe, fraction, s)].run_dir,) * 2 for s in done
-                   if (by_key[(recipe, fraction, s)].run_dir / TEACHER_EVAL / "predictions.json").is_file()]
+                   if (by_key[(recipe, fraction, s)].run_dir / "teacher_comparison.json").is_file()]
             if own:  # a distillation recipe: student − its own teacher, on the same test images
                 cmp = paired_over_seeds(own, spec.metric, spec.n_boot, cache=replicates,
                                         eval_names=(TEACHER_EVAL, "eval"))
