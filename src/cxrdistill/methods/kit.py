@@ -233,8 +233,10 @@ def _file_sha(path: Path) -> str:
     return digest.hexdigest()
 
 
-def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: str) -> tuple[str, dict[str, Any]]:
-    """The hash of everything that determines a supervised stage's weights, and what was hashed."""
+def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: str,
+              stage: str = SUPERVISED_STAGE) -> tuple[str, dict[str, Any]]:
+    """The hash of everything that determines a supervised stage's weights, and what was hashed
+    (the stage name too: it seeds the loader)."""
     cfg = ctx.cfg
     data = cfg.data
     manifest = Path(data.manifest) if data.manifest is not None else None
@@ -243,7 +245,8 @@ def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: s
         "step_milestones", "step_gamma", "precision", "accumulate", "grad_clip", "seed", "nan_policy",
         "rollback_lr_factor", "max_rollbacks"})
     payload = {
-        "version": STAGE_VERSION, "kind": kind, "steps": int(steps), "augment": augment, "split": split,
+        "version": STAGE_VERSION, "kind": kind, "stage": stage, "steps": int(steps), "augment": augment,
+        "split": split,
         "data": {"manifest_sha256": _file_sha(manifest) if manifest is not None and manifest.is_file() else None,
                  "image_size": data.image_size, "boxed_fraction": data.boxed_fraction,
                  "weak_fraction": data.weak_fraction, "split_seed": data.split_seed, "on_error": data.on_error},
@@ -265,7 +268,7 @@ def supervised_stage(ctx: RunContext, data: StudyData, *, kind: Literal["detecto
     """
     cfg = ctx.cfg
     steps = cfg.train.max_steps if steps is None else int(steps)
-    key, payload = stage_key(ctx, kind, steps, augment, split)
+    key, payload = stage_key(ctx, kind, steps, augment, split, stage)
     if kind == "detector":
         model: nn.Module = build_detector(cfg.model, data.num_classes, cfg.train.seed)
         dataset = data.dataset(split, supervision="box")

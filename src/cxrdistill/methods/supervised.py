@@ -215,7 +215,9 @@ def run_heatmap(cfg: RunConfig, params: SupervisedParams, ctx: RunContext) -> di
 def run_classifier(cfg: RunConfig, params: SupervisedParams, ctx: RunContext) -> dict[str, float]:
     """The image classifier trained on the image labels of D_B ∪ D_W."""
     data = StudyData.from_config(cfg.data)
-    model = supervised_stage(ctx, data, kind="classifier", augment=params.augment, split=params.train_split).model
+    # stage "classifier" (its checkpoint folder and loader seed as before the shared stage)
+    model = supervised_stage(ctx, data, kind="classifier", augment=params.augment, split=params.train_split,
+                             stage="classifier").model
     held_out = data.dataset(params.eval_split)
     return evaluate_final(ctx, lambda: evaluate_classifier(model, held_out, ctx.run_dir.eval, split=params.eval_split,
                                                            n_boot=params.n_boot), "supervised classifier",
