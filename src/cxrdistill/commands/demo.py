@@ -22,7 +22,7 @@ def teacher_verdicts(table: dict[str, Any]) -> list[dict[str, Any]]:
     """Per distillation recipe and fraction: student, own teacher, Δ with its CI, and a verdict.
 
     ``helped``: the CI of Δ (student − own teacher) lies above zero; ``hurt``: below zero;
-    otherwise ``did not help`` (the CI does not exclude zero above it).
+    otherwise ``distillation did not help`` (the CI does not exclude zero above it).
     """
     out = []
     for row in table["rows"]:
@@ -34,9 +34,9 @@ def teacher_verdicts(table: dict[str, Any]) -> list[dict[str, Any]]:
             if low is not None and low > 0:
                 verdict = "helped"
             elif high is not None and high < 0:
-                verdict = "hurt: the student is worse than its own teacher"
+                verdict = "hurt (worse than its teacher)"
             else:
-                verdict = "distillation did not help (the CI includes zero)"
+                verdict = "distillation did not help"
             out.append({"label": row["label"], "fraction": fraction, "student": cmp["b"], "teacher": cmp["a"],
                         "diff": cmp["diff"], "ci_low": low, "ci_high": high, "verdict": verdict})
     return out
@@ -60,7 +60,9 @@ def print_teacher_table(table: dict[str, Any], console: Console) -> list[dict[st
     console.print(out)
     for v in verdicts:
         if not v["verdict"].startswith("helped"):
-            console.print(f"{v['label']}: {v['verdict']} (Δ {v['diff']:+.3f} vs its own teacher).", highlight=False)
+            ci = "" if v["ci_low"] is None else f", 95% CI [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
+            console.print(f"{v['label']}: {v['verdict']} (Δ {v['diff']:+.3f} vs its own teacher{ci}).",
+                          highlight=False)
     return verdicts
 
 
