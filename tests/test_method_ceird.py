@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import cxrdistill.methods.ceird as ceird
+import cxrdistill.methods.offline as offline
 import cxrdistill.methods.tsd as tsd
 from cxrdistill.config import validate_config
 from cxrdistill.errors import ConfigError
@@ -85,7 +86,7 @@ def test_params_default_to_the_paper_and_reject_typos():
     with pytest.raises(ConfigError, match="sa_nmss"):
         validate_method_params("ceird", {"sa_nmss": False})
     assert get_method("tsd").params_cls is tsd.TsdParams
-    assert tsd.batch_split(6, 2, 1) == (4, 2) and tsd.batch_split(3, 2, 1) == (2, 1)
+    assert offline.batch_split(6, 2, 1) == (4, 2) and offline.batch_split(3, 2, 1) == (2, 1)
 
 
 # ------------------------------------------------------------------------------ tiny end-to-end runs
@@ -122,7 +123,7 @@ def _ctx(world, out, **params):
 def test_generations_rebirth_students_and_hand_the_frozen_student_on(world, tmp_path, monkeypatch):
     built, distilled, stored, sa_calls = [], [], [], []
     real_build, real_distill, real_store = ceird.build_detector, ceird.distill_detector, ceird.stored_detections
-    real_view, real_sa = tsd.random_view, ceird.self_adaptive_nms_batch
+    real_view, real_sa = offline.random_view, ceird.self_adaptive_nms_batch
     views = []
 
     def build(model_cfg, num_classes, seed):
@@ -130,19 +131,19 @@ def test_generations_rebirth_students_and_hand_the_frozen_student_on(world, tmp_
         built.append((seed, {k: v.clone() for k, v in model.state_dict().items()}))
         return model
 
-    def distill(ctx, stage, student, sets, pseudo, params, refiner, seed):
+    def distill(ctx, stage, student, sets, pseudo, thresholds, schedule, refiner, seed):
         distilled.append({"stage": stage, "student": student, "pseudo": pseudo, "refiner": refiner,
                           "init": {k: v.clone() for k, v in student.state_dict().items()}})
-        return real_distill(ctx, stage, student, sets, pseudo, params, refiner, seed)
+        return real_distill(ctx, stage, student, sets, pseudo, thresholds, schedule, refiner, seed)
 
-    def store(ctx, model, sets, generation, params, fresh):
-        result = real_store(ctx, model, sets, generation, params, fresh)
+    def store(ctx, model, sets, generation, **kwargs):
+        result = real_store(ctx, model, sets, generation, **kwargs)
         stored.append({"generation": generation, "model": model, "result": result,
                        "weights": {k: v.clone() for k, v in model.state_dict().items()}})
         return result
 
-    def view(images, params, generator):
-        out = real_view(images, params, generator)
+    def view(images, flip_p, translate, generator):
+        out = real_view(images, flip_p, translate, generator)
         views.append(out)
         return out
 
@@ -151,7 +152,7 @@ def test_generations_rebirth_students_and_hand_the_frozen_student_on(world, tmp_
         model = distilled[-1]["student"]
         unlabeled = [i for i in range(views[-1][0].shape[0])][-len(teacher):]
         with torch.no_grad():
-            expected = model.decode(tsd.output_rows(model(views[-1][0]), torch.tensor(unlabeled)),
+            expected = model.decode(offline.output_rows(model(views[-1][0]), torch.tensor(unlabeled)),
                                     score_thresh=0.05, topk_candidates=50)
         for got, want in zip(student, expected):
             assert torch.allclose(got["scores"], want["scores"]) and torch.equal(got["labels"], want["labels"])
@@ -161,7 +162,7 @@ def test_generations_rebirth_students_and_hand_the_frozen_student_on(world, tmp_
     monkeypatch.setattr(ceird, "build_detector", build)
     monkeypatch.setattr(ceird, "distill_detector", distill)
     monkeypatch.setattr(ceird, "stored_detections", store)
-    monkeypatch.setattr(tsd, "random_view", view)
+    monkeypatch.setattr(offline, "random_view", view)
     monkeypatch.setattr(ceird, "self_adaptive_nms_batch", sa)
     cfg, params, ctx = _ctx(world, tmp_path / "run")
     metrics = ceird.run(cfg, params, ctx)
@@ -229,9 +230,15 @@ def test_tsd_recipe_runs_teacher_then_student(world, tmp_path):
     params = tsd.TsdParams(topk_candidates=50, n_boot=10, pseudo_score_thresh=0.01, store_score_thresh=0.001)
     metrics = tsd.run(cfg, params, ctx)
     keys = {f"mAP@{t}" for t in ("0.25", "0.5", "0.75")}
-    assert set(metrics) == keys | {f"{m}/{k}" for m in ("teacher", "student") for k in keys}
+    deltas = {f"delta_teacher/{k}{s}" for k in keys for s in ("", "_ci_low", "_ci_high", "_p_boot")}
+    assert set(metrics) == keys | {f"{m}/{k}" for m in ("teacher", "student") for k in keys} | deltas | {
+        "pseudo/collapsed"}
+    for k in keys:  # Δ vs own teacher: student − teacher on the same test images, CI around it
+        assert metrics[f"delta_teacher/{k}"] == pytest.approx(metrics[k] - metrics[f"teacher/{k}"], abs=1e-6)
+    saved = json.loads((tmp_path / "tsd" / "teacher_comparison.json").read_text())
+    assert saved["delta_teacher/mAP@0.5"] == pytest.approx(metrics["delta_teacher/mAP@0.5"])
     assert all(metrics[k] == metrics[f"student/{k}"] for k in keys)  # the final model is the student
     assert (tmp_path / "tsd" / "model.pt").is_file()
     counts = json.loads((tmp_path / "tsd" / "pseudo_counts.json").read_text())["vision_gen1"]
     assert set(counts) == {"teacher"} and sum(counts["teacher"].values()) > 0
-    assert tsd.PseudoLabelStore(tmp_path / "tsd" / "pseudo" / "vision", 0).is_complete()
+    assert offline.PseudoLabelStore(tmp_path / "tsd" / "pseudo" / "vision", 0).is_complete()

@@ -256,15 +256,16 @@ def test_recipe_runs_end_to_end_checkpoints_prototypes_and_resumes(tmp_path):
     assert (tmp_path / "run" / "eval_teacher" / "metrics.json").is_file()
 
 
-def test_omni_stage_fine_tunes_at_its_own_learning_rate(tmp_path):
+def test_omni_stage_fine_tunes_at_its_own_learning_rate(tmp_path, monkeypatch):
     """``method.params.lr`` sets the omni-supervised stage's rate; the base stage keeps ``train.lr``."""
+    monkeypatch.setenv("CXRDISTILL_STAGE_STORE", "off")  # train the base (shared supervised) stage here
     run_training(_tiny_config(tmp_path, lr=3e-5, global_head="none", gpa=False, distill="none"), [],
                  output_dir=tmp_path / "run")
     def initial_lr(stage: str) -> float:
         state = torch.load(tmp_path / "run" / "checkpoints" / stage / "last.pt", weights_only=True)
         return state["optimizer"]["param_groups"][0]["initial_lr"]
     assert initial_lr("oxnet") == pytest.approx(3e-5)
-    assert initial_lr("base") == pytest.approx(load_config(_tiny_config(tmp_path)).train.lr)
+    assert initial_lr("supervised") == pytest.approx(load_config(_tiny_config(tmp_path)).train.lr)
 
 
 def test_base_only_and_gpa_needs_daa(tmp_path):

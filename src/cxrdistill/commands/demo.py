@@ -1,18 +1,69 @@
 """`cxrdistill demo`: a small study on the built-in synthetic world, ending with a table and a report.
 
 It runs the packaged study `configs/studies/demo.yaml` (supervised vs TSD vs CEIRD) with the study
-runner, so a second run skips what is done and an interrupted one resumes.
+runner, so a second run skips what is done and an interrupted one resumes. It ends with each
+distillation recipe next to *its own teacher* (the shared supervised stage, the same checkpoint as
+the supervised row) with the paired bootstrap Δ and its CI, and says plainly when distillation
+did not help.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 
 from cxrdistill.errors import CxrDistillError
+
+
+def teacher_verdicts(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per distillation recipe and fraction: student, own teacher, Δ with its CI, and a verdict.
+
+    ``helped``: the CI of Δ (student − own teacher) lies above zero; ``hurt``: below zero;
+    otherwise ``distillation did not help`` (the CI does not exclude zero above it).
+    """
+    out = []
+    for row in table["rows"]:
+        for fraction, entry in row["fractions"].items():
+            cmp = entry.get("vs_teacher")
+            if not cmp or cmp.get("diff") is None:
+                continue
+            low, high = cmp.get("ci_low"), cmp.get("ci_high")
+            if low is not None and low > 0:
+                verdict = "helped"
+            elif high is not None and high < 0:
+                verdict = "hurt (worse than its teacher)"
+            else:
+                verdict = "distillation did not help"
+            out.append({"label": row["label"], "fraction": fraction, "student": cmp["b"], "teacher": cmp["a"],
+                        "diff": cmp["diff"], "ci_low": low, "ci_high": high, "verdict": verdict})
+    return out
+
+
+def print_teacher_table(table: dict[str, Any], console: Console) -> list[dict[str, Any]]:
+    """The demo's last table: student vs own teacher, paired Δ and CI, and the verdict in words."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    verdicts = teacher_verdicts(table)
+    if not verdicts:
+        return verdicts
+    out = Table(title=f"Student vs its own teacher ({table['metric']}, same test images, paired bootstrap 95% CI)")
+    for column in ("recipe", "fraction", "own teacher", "student", "Δ student − teacher", "95% CI", "verdict"):
+        out.add_column(column, justify="left" if column in ("recipe", "verdict") else "right")
+    for v in verdicts:
+        ci = "—" if v["ci_low"] is None else f"[{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
+        out.add_row(escape(v["label"]), v["fraction"][1:], f"{v['teacher']:.3f}", f"{v['student']:.3f}",
+                    f"{v['diff']:+.3f}", escape(ci), v["verdict"])
+    console.print(out)
+    for v in verdicts:
+        if not v["verdict"].startswith("helped"):
+            ci = "" if v["ci_low"] is None else f", 95% CI [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
+            console.print(f"{v['label']}: {v['verdict']} (Δ {v['diff']:+.3f} vs its own teacher{ci}).",
+                          highlight=False)
+    return verdicts
 
 
 def run_demo(out: Path, seeds: int = 1, overrides: list[str] | None = None, console: Console | None = None):
@@ -30,6 +81,7 @@ def run_demo(out: Path, seeds: int = 1, overrides: list[str] | None = None, cons
                   "unlabeled images with reports.\nRecipes: " + ", ".join(spec.label(r) for r in spec.recipes)
                   + f"; seeds: {spec.seeds}; output: {out}", highlight=False)
     result = run_study(spec, out, console)
+    print_teacher_table(result.table, console)
     console.rule("done")
     console.print(f"table: {result.table_path}\nHTML report: {result.report_path}", highlight=False)
     return result

@@ -47,6 +47,7 @@ def run_training(
     console: Console | None = None,
 ) -> dict[str, float]:
     """Load the config, prepare the run directory, seed, and call the recipe; returns its metrics."""
+    import torch
     from lightning_fabric.utilities.seed import seed_everything
 
     from cxrdistill.config import load_config
@@ -84,6 +85,7 @@ def run_training(
         run_dir.write_config(cfg)
         run_dir.write_environment()
     seed_everything(cfg.train.seed, verbose=False)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # where torch offers one (docs/results.md)
     sink_path = run_dir.path / "skipped.json" if ctx.fabric.is_global_zero else None
     with skip_sink(sink_path, ctx.console):  # every record a lenient run leaves out: console + skipped.json
         metrics = dict(spec.run(cfg, params, ctx))

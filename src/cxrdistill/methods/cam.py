@@ -24,7 +24,7 @@ from cxrdistill.data.study import StudyData
 from cxrdistill.engine.context import RunContext
 from cxrdistill.eval.runs import batches, evaluate_detections
 from cxrdistill.methods.registry import register_method
-from cxrdistill.methods.supervised import Augment, build_classifier_model, evaluate_final, train_classifier
+from cxrdistill.methods.kit import Augment, build_classifier_model, evaluate_final, train_classifier
 from cxrdistill.models.classifier import ImageClassifier
 
 

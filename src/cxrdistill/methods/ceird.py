@@ -5,7 +5,7 @@ unlabeled image + report pairs (supervision "none" images keep their ``report``)
 
 - **Report TSD** (Eq. 1): a teacher report classifier on labeled reports; a student on labeled
   reports and the teacher's pseudo-labels of the unlabeled reports (cross-entropy), 1:1.
-- **Vision TSD** (Eq. 2, :mod:`cxrdistill.methods.tsd`): a fixed teacher RetinaNet's pseudo-boxes
+- **Vision TSD** (Eq. 2, the offline pattern of :mod:`cxrdistill.methods.offline`): a fixed teacher RetinaNet's pseudo-boxes
   on unlabeled images, labeled:unlabeled 2:1 per batch.
 - **SA-NMS**: per mini-batch, NMS over the teacher's pseudo-boxes ∪ the student's current
   predictions, so the maturing student's confident boxes rectify the teacher's.
@@ -39,6 +39,7 @@ from pydantic import Field
 from rich.table import Table
 from torch import Tensor
 
+from cxrdistill.atomic import write_json_atomic
 from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
 from cxrdistill.engine.context import RunContext
@@ -47,20 +48,26 @@ from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_image_scores
 from cxrdistill.methods.registry import register_method
 from cxrdistill.models.factory import export_model
-from cxrdistill.methods.tsd import (
+from cxrdistill.methods.kit import (
     DETECTION_KEYS,
-    Detections,
-    TrainSets,
-    TsdParams,
     build_detector,
+    detection_headline,
+    supervised_stage,
+    teacher_comparison,
+    write_teacher_comparison,
+)
+from cxrdistill.methods.offline import (
+    Detections,
+    OfflineParams,
+    TrainSets,
     class_counts,
+    describe_delta,
     distill_detector,
+    evaluate_teacher,
     evaluate_vision,
-    headline,
+    select_pseudo_labels,
     split_train,
     stored_detections,
-    vision_generation0,
-    write_json,
 )
 from cxrdistill.models.report import TfidfReportClassifier, TransformerReportClassifier
 from cxrdistill.pseudo.report_filter import detections_to_presence, filter_boxes_by_image_labels, filter_labels_by_detections
@@ -69,7 +76,7 @@ from cxrdistill.pseudo.store import PseudoLabelStore
 from cxrdistill.pseudo.thresholds import filter_detections
 
 
-class CeirdParams(TsdParams):
+class CeirdParams(OfflineParams):
     """CEIRD's switches and settings; defaults are the paper's full method (Table 2, column c)."""
 
     generations: int = Field(2, ge=1)
@@ -183,7 +190,7 @@ def _fit_transformer(ctx: RunContext, stage: str, params: CeirdParams, texts: li
 
 def stored_report_probs(ctx: RunContext, model: Any, reports: ReportSets, generation: int, fresh: bool) -> Tensor:
     """``(N_u, C)`` probabilities of generation ``generation``'s report model on the unlabeled reports,
-    predicted once and kept in ``pseudo/report/generation_k`` (see :func:`tsd.stored_detections`)."""
+    predicted once and kept in ``pseudo/report/generation_k`` (see :func:`offline.stored_detections`)."""
     store = PseudoLabelStore(ctx.run_dir.path / "pseudo" / "report", generation)
     if ctx.fabric.is_global_zero:
         if fresh and store.path.exists():
@@ -274,11 +281,11 @@ def detected_classes(reports: ReportSets, dets: dict[int, Detections], num_class
 # ===================================================================================== the recipe
 
 
-def _static_counts(dets: dict[int, Detections], ids: list[int], params: CeirdParams, names: list[str],
+def _static_counts(dets: dict[int, Detections], ids: list[int], thresholds: Tensor, names: list[str],
                    present: dict[int, Tensor] | None) -> dict[str, dict[str, int]]:
     """Teacher pseudo-boxes per class on the whole unlabeled set, before and after RPDLR (no SA-NMS:
-    that one needs the student and is counted per batch)."""
-    boxes = filter_detections([dets[i] for i in ids], params.pseudo_score_thresh)
+    that one needs the student and is counted per batch); ``thresholds (C,)`` per class."""
+    boxes = filter_detections([dets[i] for i in ids], thresholds)
     out = {"teacher": class_counts(boxes, names)}
     if present is not None:
         c = len(names)
@@ -314,16 +321,18 @@ def run(cfg: RunConfig, params: CeirdParams, ctx: RunContext) -> dict[str, float
     run_path = ctx.run_dir.path
 
     # generation 0: both teachers on labeled data only
-    vision, fresh = vision_generation0(ctx, cfg, params, sets, data.num_classes)
-    gen: dict[str, Any] = {"generation": 0, "vision": headline(evaluate_vision(
-        ctx, vision, eval_set, params, [run_path / "eval_vision_gen0"]))}
+    stage = supervised_stage(ctx, data, steps=params.teacher_steps, augment=params.teacher_augment)
+    vision, fresh = stage.model, stage.fresh
+    gen: dict[str, Any] = {"generation": 0, "vision": evaluate_teacher(
+        ctx, stage, eval_set, params, [run_path / "eval_teacher", run_path / "eval_vision_gen0"])}
     if reports is not None:
         report, r_fresh = fit_report_model(ctx, "report_gen0", params, reports, data.num_classes, None)
         gen["report"] = _flat_report(evaluate_report(report, data, params.eval_split, run_path / "eval_report_gen0",
                                                      params.n_boot))
         report_probs = stored_report_probs(ctx, report, reports, 0, r_fresh)
     summary["generations"].append(gen)
-    teacher_dets = stored_detections(ctx, vision, sets, 0, params, fresh)
+    teacher_dets = _stored(ctx, vision, sets, 0, params, fresh)
+    collapses = {}
 
     for k in range(1, params.generations + 1):
         gen = {"generation": k, "counts": {}}
@@ -340,29 +349,58 @@ def run(cfg: RunConfig, params: CeirdParams, ctx: RunContext) -> dict[str, float
                                                          run_path / f"eval_report_gen{k}", params.n_boot))
             report_probs = stored_report_probs(ctx, report, reports, k, r_fresh)
             present = report_presence(reports, report_probs, params.report_thresh)
-        gen["counts"]["vision_pseudo_boxes_offline"] = _static_counts(teacher_dets, sets.unlabeled_ids, params,
-                                                                      names, present)
+        teacher_model = vision if k == 1 else student
+        selection, collapse = select_pseudo_labels(ctx, teacher_model, sets, data, teacher_dets,
+                                                   params.pseudo_score_thresh, params.pseudo,
+                                                   topk_candidates=params.topk_candidates,
+                                                   batch_size=params.predict_batch_size, name=f"vision_gen{k - 1}",
+                                                   out_name=f"pseudo_selection_gen{k}.json")
+        collapses[f"vision_gen{k - 1}"] = collapse.to_dict()
+        gen["pseudo_selection"] = selection.to_dict()
+        gen["counts"]["vision_pseudo_boxes_offline"] = _static_counts(teacher_dets, sets.unlabeled_ids,
+                                                                      selection.thresholds, names, present)
         # vision student k, reborn, distilled from the frozen V_{k-1} with SA-NMS and RPDLR by R_k
         student = build_detector(cfg.model, data.num_classes, cfg.train.seed + k)
         refiner = CeirdPseudoLabels(names, params.sa_nms, params.sa_nms_iou, params.sa_nms_score_thresh, present)
-        result, totals = distill_detector(ctx, f"vision_gen{k}", student, sets, teacher_dets, params, refiner,
-                                          cfg.train.seed + k)
+        result, totals = distill_detector(ctx, f"vision_gen{k}", student, sets, teacher_dets, selection.thresholds,
+                                          params.schedule(), refiner, cfg.train.seed + k)
         gen["counts"]["vision_pseudo_boxes_per_batch"] = totals.totals
         final = k == params.generations
         out_dirs = [run_path / f"eval_vision_gen{k}"] + ([ctx.run_dir.eval] if final else [])
-        gen["vision"] = headline(evaluate_vision(ctx, student, eval_set, params, out_dirs))
+        gen["vision"] = detection_headline(evaluate_vision(
+            student, eval_set, out_dirs, split=params.eval_split, n_boot=params.n_boot,
+            topk_candidates=params.topk_candidates, batch_size=params.predict_batch_size))
         summary["generations"].append(gen)
         if not final:  # V_k, frozen, is the next teacher and drives APCLR for R_{k+1}
-            teacher_dets = stored_detections(ctx, student, sets, k, params, not result.skipped)
-        write_json(run_path / "ceird_summary.json", summary)
+            teacher_dets = _stored(ctx, student, sets, k, params, not result.skipped or fresh)
+        _write(ctx, run_path / "ceird_summary.json", summary)
 
-    write_json(run_path / "ceird_summary.json", summary)
-    write_json(run_path / "pseudo_counts.json", {f"generation_{g['generation']}": g.get("counts", {})
-                                                 for g in summary["generations"]})
+    comparison = teacher_comparison(eval_set, params.eval_split, run_path / "eval_teacher", ctx.run_dir.eval,
+                                    n_boot=params.n_boot)
+    write_teacher_comparison(ctx, comparison, stage)
+    summary["vs_own_teacher"] = comparison
+    summary["collapse"] = collapses
+    _write(ctx, run_path / "ceird_summary.json", summary)
+    _write(ctx, run_path / "pseudo_counts.json", {f"generation_{g['generation']}": g.get("counts", {})
+                                                  for g in summary["generations"]})
     print_summary(ctx, summary)
+    out = {**flat_metrics(summary), **comparison,
+           "pseudo/collapsed": float(any(c["collapsed"] for c in collapses.values()))}
+    ctx.console.print(describe_delta(f"CEIRD (generation {params.generations})", out), highlight=False)
     if ctx.fabric.is_global_zero:
         export_model(run_path / "model.pt", student, cfg.model, data.class_names, cfg.data.image_size)
-    return flat_metrics(summary)
+    return out
+
+
+def _stored(ctx: RunContext, model, sets: TrainSets, generation: int, params: CeirdParams,
+            fresh: bool) -> dict[int, Detections]:
+    return stored_detections(ctx, model, sets, generation, fresh=fresh, store_score_thresh=params.store_score_thresh,
+                             topk_candidates=params.topk_candidates, batch_size=params.predict_batch_size)
+
+
+def _write(ctx: RunContext, path: Path, payload: Any) -> None:
+    if ctx.fabric.is_global_zero:
+        write_json_atomic(path, payload)
 
 
 def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:

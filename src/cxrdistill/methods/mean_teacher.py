@@ -1,7 +1,7 @@
 """Mean Teacher for detection (Tarvainen & Valpola 2017, as used by Unbiased Teacher / Soft Teacher),
 and the Soft-Teacher-style variant (Xu et al., ICCV 2021) adapted to RetinaNet.
 
-1. **Burn-in**: the student trains on the box images D_B alone                    stage ``burn_in``
+1. **Burn-in**: the shared supervised stage on D_B (`kit.supervised_stage`)      stage ``supervised``
 2. **Mean teacher**: the teacher is the EMA of the student (`engine.ema.EMATeacher`, decay 0.999).
    Every step, each unlabeled image gets a weak and a strong view (`data.views.make_views`);
    the teacher detects on the weak view, the boxes scoring ≥ τ are **projected into the strong
@@ -33,7 +33,7 @@ from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_detector
 from cxrdistill.methods.registry import register_method
-from cxrdistill.methods.supervised import (
+from cxrdistill.methods.kit import (
     Augment,
     augment_batch,
     boxed_indices,
@@ -41,11 +41,16 @@ from cxrdistill.methods.supervised import (
     evaluate_final,
     labeled_loader,
     step_generator,
-    train_detector,
+    evaluate_stage,
+    supervised_stage,
+    teacher_comparison,
     view_config,
+    write_teacher_comparison,
 )
+from cxrdistill.methods.offline import TrainSets, select_pseudo_labels, stored_detections
 from cxrdistill.models.detector import DetectorOutput, RetinaNet
 from cxrdistill.models.losses import sigmoid_focal_loss
+from cxrdistill.pseudo.selection import PseudoSelection
 from cxrdistill.pseudo.thresholds import filter_detections
 
 
@@ -61,6 +66,9 @@ class MeanTeacherParams(BaseModel):
     ema_decay: float = Field(0.999, ge=0.0, le=1.0)
     soft_teacher: bool = False
     """Weight the negatives of L_u by the teacher's background score (module docstring)."""
+    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)
+    """Pseudo-label selection (``fixed``: τ; ``precision@P`` / ``topk_per_class``: per-class thresholds
+    chosen once with the burned-in model) and what a collapse of them does."""
     burn_in_steps: int | None = Field(None, ge=0)
     """Supervised steps before the teacher is made (None: half of `train.max_steps`)."""
     augment: Augment = "flip"
@@ -75,8 +83,8 @@ class MeanTeacherParams(BaseModel):
 
 
 @torch.no_grad()
-def teacher_targets_in_strong_view(teacher: RetinaNet | EMATeacher, views: dict[str, Any], threshold: float
-                                   ) -> list[dict[str, Tensor]]:
+def teacher_targets_in_strong_view(teacher: RetinaNet | EMATeacher, views: dict[str, Any],
+                                   threshold: float | Tensor) -> list[dict[str, Tensor]]:
     """The teacher's boxes (score ≥ τ) on the weak view, projected into the strong view.
 
     Returns per image ``{"boxes": (K, 4) strong-view xyxy, "labels": (K,), "scores": (K,)}``; a box
@@ -132,9 +140,21 @@ def _run(cfg: RunConfig, params: MeanTeacherParams, ctx: RunContext, title: str)
         raise ConfigError(f"{title}: no unlabeled training image; lower data.boxed_fraction")
     t = cfg.train
     burn_in = params.burn_in_steps if params.burn_in_steps is not None else t.max_steps // 2
-    student = build_detector(cfg.model, data.num_classes)
-    if burn_in > 0:
-        train_detector(ctx, "burn_in", student, train, params.augment, burn_in)
+    held_out = data.dataset(params.eval_split)
+    thresholds: float | Tensor = params.threshold
+    stage = None
+    if burn_in > 0:  # the shared supervised stage (the supervised_detector checkpoint at these steps)
+        stage = supervised_stage(ctx, data, steps=burn_in, augment=params.augment, split=params.train_split)
+        student = stage.model
+        evaluate_stage(ctx, stage, held_out, split=params.eval_split, n_boot=params.n_boot, topk_candidates=1000,
+                       out_dirs=[ctx.run_dir.path / "eval_teacher"])  # its own teacher: the burned-in model
+        sets = TrainSets(train, boxed, unlabeled)
+        dets = stored_detections(ctx, student, sets, 0, fresh=stage.fresh, root="pseudo/burn_in")
+        thresholds = select_pseudo_labels(ctx, student, sets, data, dets, params.threshold, params.pseudo,
+                                          name="burn-in model")[0].thresholds
+    else:
+        student = build_detector(cfg.model, data.num_classes, t.seed)
+    student.train()
     teacher = EMATeacher(student, decay=params.ema_decay)  # from the burned-in student
     loader, sampler = labeled_loader(train, boxed, unlabeled, t.batch_size, t.unlabeled_batch_size or t.batch_size,
                                      t.seed + 1, ctx)
@@ -149,7 +169,7 @@ def _run(cfg: RunConfig, params: MeanTeacherParams, ctx: RunContext, title: str)
         sup = student.loss(student(images), targets)
         views = make_views(batch["image"][n_l:], None, ViewConfig.weak(), ViewConfig.martins_silva(),
                            step_generator(t.seed, step, stream=1))
-        pseudo = teacher_targets_in_strong_view(teacher, views, params.threshold)
+        pseudo = teacher_targets_in_strong_view(teacher, views, thresholds)
         out = student(views["strong"])
         hard = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo]
         unsup = student.loss(out, hard)
@@ -164,10 +184,15 @@ def _run(cfg: RunConfig, params: MeanTeacherParams, ctx: RunContext, title: str)
 
     trainer.fit(step_fn, {"student": student, "teacher": teacher}, build_optimizer(student.parameters(), t), loader,
                 max(t.max_steps - burn_in, 1), sampler=sampler, on_step_end=lambda _: teacher.update(student))
-    held_out = data.dataset(params.eval_split)
-    return evaluate_final(ctx, lambda: evaluate_detector(teacher.module, held_out, ctx.run_dir.eval,
-                                                         split=params.eval_split, n_boot=params.n_boot), title,
-                          teacher.module, data.class_names)
+    metrics = evaluate_final(ctx, lambda: evaluate_detector(teacher.module, held_out, ctx.run_dir.eval,
+                                                            split=params.eval_split, n_boot=params.n_boot), title,
+                             teacher.module, data.class_names)
+    if stage is not None:  # the final (EMA) model − the burned-in model it started from, same test images
+        comparison = teacher_comparison(held_out, params.eval_split, ctx.run_dir.path / "eval_teacher",
+                                        ctx.run_dir.eval, n_boot=params.n_boot)
+        write_teacher_comparison(ctx, comparison, stage)
+        metrics.update(comparison)
+    return metrics
 
 
 @register_method("mean_teacher", MeanTeacherParams)

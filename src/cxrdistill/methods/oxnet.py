@@ -4,7 +4,8 @@ Three kinds of training image (Sec. 2): D_F with boxes (supervision ``"box"``), 
 image-level labels (``"image"``) and D_U with nothing (``"none"``).
 
 1. **Base detector** (stage ``base``): RetinaNet trained on D_F with the focal and box losses
-   (the supervised baseline's :func:`~cxrdistill.methods.supervised.train_detector`).
+   (the shared supervised stage, :func:`~cxrdistill.methods.kit.supervised_stage`: the
+   `supervised_detector` checkpoint at the same seed, steps and view).
 2. **Omni-supervised training** (stage ``oxnet``), fine-tuned from the base detector:
 
    - D_F keeps RetinaNet's supervised loss.
@@ -67,7 +68,7 @@ from cxrdistill.eval.detection import (
 from cxrdistill.eval.runs import evaluate_detector, ground_truth_of, write_metrics
 from cxrdistill.methods.registry import register_method
 from cxrdistill.models.factory import export_model
-from cxrdistill.methods.supervised import (
+from cxrdistill.methods.kit import (
     augment_batch,
     boxed_indices,
     build_detector,
@@ -75,7 +76,7 @@ from cxrdistill.methods.supervised import (
     labeled_loader,
     print_metrics,
     step_generator,
-    train_detector,
+    supervised_stage,
     view_config,
 )
 from cxrdistill.models.detector import DetectorOutput, RetinaNet
@@ -313,11 +314,12 @@ def run(cfg: RunConfig, params: OXnetParams, ctx: RunContext) -> dict[str, float
         raise ConfigError(f"method.params.eval_split: split {params.eval_split!r} has no images")
     counts = {kind: sum(im.supervision == kind for im in train.images) for kind in ("box", "image", "none")}
     ctx.console.print(f"OXnet training images: D_F {counts['box']}, D_W {counts['image']}, D_U {counts['none']}")
-    student = build_detector(cfg.model, data.num_classes)
     if params.base_checkpoint is not None:
+        student = build_detector(cfg.model, data.num_classes)
         load_module_weights(params.base_checkpoint, student)
-    else:
-        train_detector(ctx, "base", student, train, params.augment, params.base_steps)
+    else:  # the shared supervised stage: the supervised_detector checkpoint at the same steps and view
+        student = supervised_stage(ctx, data, steps=params.base_steps, augment=params.augment).model
+        student.train()
 
     def flat(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
         return {f"{prefix}/{k}": v for k, v in metrics.items()}

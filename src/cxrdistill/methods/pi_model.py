@@ -29,7 +29,7 @@ from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_classifier
 from cxrdistill.methods.registry import register_method
-from cxrdistill.methods.supervised import (
+from cxrdistill.methods.kit import (
     Augment,
     augment_batch,
     build_classifier_model,

@@ -1,10 +1,12 @@
 """STAC (Sohn et al., "A Simple Semi-Supervised Learning Framework for Object Detection", 2020),
 on the same RetinaNet as every other detection recipe.
 
-1. Train a teacher on the box images D_B (the `supervised_detector` baseline)     stage ``teacher``
+1. The teacher is the shared supervised stage on D_B (`kit.supervised_stage`: the
+   `supervised_detector` baseline's checkpoint at the same seed)                  stage ``supervised``
 2. Predict the unlabeled training images once (no augmentation) and store the detections in the
    pseudo-label store (``pseudo/generation_000``; never recomputed on a rerun)
-3. Keep the boxes with confidence ≥ τ (τ = 0.9, the paper's value: `pseudo.thresholds`)
+3. Keep the boxes with confidence ≥ τ (τ = 0.9, the paper's value), or per-class thresholds of
+   ``pseudo.selection`` (``precision@P``, ``topk_per_class``); the collapse guard checks them
 4. Train a fresh student on D_B (weak view) and on the unlabeled images under **strong
    augmentation** (geometry + intensity, the kept boxes carried along with
    `data.views.project_boxes`): L = L_s + λ_u · L_u, λ_u = 2 (paper)         stage ``student``
@@ -20,28 +22,29 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from cxrdistill.config import RunConfig
-from cxrdistill.data.dataset import CXRDataset
 from cxrdistill.data.study import StudyData
 from cxrdistill.data.views import ViewConfig
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.errors import ConfigError
-from cxrdistill.eval.runs import evaluate_detector
+from cxrdistill.eval.runs import evaluate_detections, predict_detections
 from cxrdistill.methods.registry import register_method
-from cxrdistill.methods.supervised import (
+from cxrdistill.methods.kit import (
     Augment,
     augment_batch,
     boxed_indices,
     build_detector,
     evaluate_final,
+    evaluate_stage,
     labeled_loader,
     step_generator,
-    train_detector,
+    supervised_stage,
+    teacher_comparison,
     view_config,
+    write_teacher_comparison,
 )
-from cxrdistill.models.detector import RetinaNet
-from cxrdistill.pseudo.generate import stored_pseudo_labels
-from cxrdistill.pseudo.store import PseudoLabelStore
+from cxrdistill.methods.offline import TrainSets, select_pseudo_labels, stored_detections
+from cxrdistill.pseudo.selection import PseudoSelection
 from cxrdistill.pseudo.thresholds import detections_to_targets, filter_detections
 
 
@@ -52,6 +55,10 @@ class StacParams(BaseModel):
 
     threshold: float = Field(0.9, ge=0.0, le=1.0)
     """τ: a teacher box becomes a pseudo-label when its score is at least this (paper: 0.9)."""
+    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)
+    """How pseudo-labels are selected (``fixed``: τ) and what a collapse does."""
+    topk_candidates: int = Field(1000, ge=1)
+    """Decoding candidates of the teacher's and the student's evaluation (RetinaNet: 1000)."""
     unsup_weight: float = Field(2.0, ge=0.0)
     """λ_u of L = L_s + λ_u L_u (paper: 2)."""
     strong_augment: bool = True
@@ -67,23 +74,12 @@ class StacParams(BaseModel):
     n_boot: int = Field(1000, ge=0)
 
 
-def pseudo_targets(records: dict[Any, dict[str, Tensor]], image_ids: list[int], threshold: float) -> list[dict[str, Tensor]]:
-    """Hard detector targets of ``image_ids`` from stored teacher detections: the boxes scoring ≥ τ."""
+def pseudo_targets(records: dict[Any, dict[str, Tensor]], image_ids: list[int],
+                   threshold: float | Tensor) -> list[dict[str, Tensor]]:
+    """Hard detector targets of ``image_ids`` from stored teacher detections: the boxes scoring ≥ τ
+    (one τ, or a ``(C,)`` tensor of per-class thresholds)."""
     dets = [records[i] for i in image_ids]
     return detections_to_targets(filter_detections(dets, threshold), soft=False)
-
-
-def store_teacher_detections(ctx: RunContext, teacher: RetinaNet, unlabeled: CXRDataset, store: PseudoLabelStore,
-                             recompute: bool) -> dict[Any, dict[str, Tensor]]:
-    """Teacher detections (cache pixels, score ≥ 0.05) of every unlabeled image, stored once.
-
-    ``recompute``: the teacher was trained in this run, so labels of an earlier teacher are stale.
-    """
-    def predict(batch: dict[str, Any]) -> list[dict[str, Tensor]]:
-        return teacher.predict(batch["image"].to(ctx.device), score_thresh=0.05)
-
-    return stored_pseudo_labels(predict, unlabeled, store, fresh=recompute, fabric=ctx.fabric,
-                                metadata={"kind": "detections", "score_thresh": 0.05})
 
 
 @register_method("stac", StacParams)
@@ -92,20 +88,24 @@ def run(cfg: RunConfig, params: StacParams, ctx: RunContext) -> dict[str, float]
     data = StudyData.from_config(cfg.data)
     train = data.dataset(params.train_split, supervision=["box", *params.unlabeled_supervision])
     boxed = boxed_indices(train)
+    t = cfg.train
     unlabeled_rows = [i for i, im in enumerate(train.images) if im.supervision != "box"]
     if not unlabeled_rows:
         raise ConfigError("stac: no unlabeled training image; lower data.boxed_fraction")
 
-    # 1. teacher
-    teacher = build_detector(cfg.model, data.num_classes)
-    fit = train_detector(ctx, "teacher", teacher, train, params.augment, params.teacher_steps)
-    # 2. offline pseudo-labels
-    unlabeled = data.dataset(params.train_split, supervision=params.unlabeled_supervision)
-    records = store_teacher_detections(ctx, teacher, unlabeled, PseudoLabelStore(ctx.run_dir.path / "pseudo", 0),
-                                       recompute=not fit.skipped)
-    # 3-4. student
-    student = build_detector(cfg.model, data.num_classes)
-    t = cfg.train
+    # 1. teacher: the shared supervised stage, scored on the test images
+    stage = supervised_stage(ctx, data, steps=params.teacher_steps, augment=params.augment, split=params.train_split)
+    teacher = stage.model
+    held_out = data.dataset(params.eval_split)
+    teacher_dir = ctx.run_dir.path / "eval_teacher"
+    evaluate_stage(ctx, stage, held_out, split=params.eval_split, n_boot=params.n_boot,
+                   topk_candidates=params.topk_candidates, out_dirs=[teacher_dir])
+    # 2. offline pseudo-labels, 3. their selection (τ or pseudo.selection) and the collapse guard
+    sets = TrainSets(train, boxed, unlabeled_rows)
+    records = stored_detections(ctx, teacher, sets, 0, fresh=stage.fresh, root="pseudo")
+    selection, collapse = select_pseudo_labels(ctx, teacher, sets, data, records, params.threshold, params.pseudo)
+    # 4. student
+    student = build_detector(cfg.model, data.num_classes, t.seed + 1)
     loader, sampler = labeled_loader(train, boxed, unlabeled_rows, t.batch_size, t.unlabeled_batch_size or t.batch_size,
                                      t.seed, ctx)
     weak = view_config(params.augment)
@@ -120,7 +120,7 @@ def run(cfg: RunConfig, params: StacParams, ctx: RunContext) -> dict[str, float]
                                         step_generator(t.seed, step))
         sup = student.loss(student(images), targets)
         ids = batch["image_id"][n_l:].tolist()
-        pseudo = pseudo_targets(records, ids, params.threshold)
+        pseudo = pseudo_targets(records, ids, selection.thresholds)
         u_images, u_targets = augment_batch(batch["image"][n_l:], [p["boxes"].to(images.device) for p in pseudo],
                                             [p["labels"].to(images.device) for p in pseudo], strong,
                                             step_generator(t.seed, step, stream=1))
@@ -132,10 +132,12 @@ def run(cfg: RunConfig, params: StacParams, ctx: RunContext) -> dict[str, float]
 
     trainer.fit(step_fn, {"student": student}, build_optimizer(student.parameters(), t), loader, t.max_steps,
                 sampler=sampler)
-    held_out = data.dataset(params.eval_split)
-    return evaluate_final(ctx, lambda: evaluate_detector(student, held_out, ctx.run_dir.eval, split=params.eval_split,
-                                                         n_boot=params.n_boot), "STAC student",
-                          student, data.class_names)
+    metrics = evaluate_final(ctx, lambda: evaluate_detections(
+        predict_detections(student, held_out, topk_candidates=params.topk_candidates), held_out, ctx.run_dir.eval,
+        split=params.eval_split, n_boot=params.n_boot), "STAC student", student, data.class_names)
+    comparison = teacher_comparison(held_out, params.eval_split, teacher_dir, ctx.run_dir.eval, n_boot=params.n_boot)
+    write_teacher_comparison(ctx, comparison, stage)
+    return {**metrics, **comparison, "pseudo/collapsed": float(collapse.collapsed)}
 
 
-__all__ = ["StacParams", "pseudo_targets", "run", "store_teacher_detections"]
+__all__ = ["StacParams", "pseudo_targets", "run"]

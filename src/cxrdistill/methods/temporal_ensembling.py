@@ -27,7 +27,7 @@ from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.eval.runs import evaluate_classifier
 from cxrdistill.methods.pi_model import ConsistencyParams, consistency_loss, semi_sets
 from cxrdistill.methods.registry import register_method
-from cxrdistill.methods.supervised import (
+from cxrdistill.methods.kit import (
     augment_batch,
     build_classifier_model,
     evaluate_final,

@@ -107,12 +107,37 @@ def _html_table(table: dict[str, Any]) -> str:
                 p = cmp.get("p_boot")
                 cls = "" if p is None or p >= 0.05 else (" class='up'" if cmp["diff"] > 0 else " class='down'")
                 text += f"<br><span{cls}>{html.escape(format_delta(entry))}</span>"
+            own = entry.get("vs_teacher") or {}
+            if own.get("diff") is not None:  # Δ vs the recipe's own teacher (same test images)
+                p = own.get("p_boot")
+                cls = "" if p is None or p >= 0.05 else (" class='up'" if own["diff"] > 0 else " class='down'")
+                text += f"<br><span{cls}>vs own teacher {html.escape(format_delta(entry, 'vs_teacher'))}</span>"
             cells.append(f"<td>{text}</td>")
         body.append(f"<tr><td>{html.escape(row['label'])}</td>{''.join(cells)}</tr>")
     caption = (f"{html.escape(table['metric'])}: mean ± 95% CI half-width over seeds {table['seeds']} "
                f"({'Student t' if table['ci'] == 't' else 'bootstrap'}); Δ vs {html.escape(table['baseline'])}: "
-               f"paired bootstrap over test images ({table['n_boot']} replicates), coloured when p &lt; 0.05")
+               f"paired bootstrap over test images ({table['n_boot']} replicates), coloured when p &lt; 0.05; "
+               "&quot;vs own teacher&quot;: student − the recipe's own supervised teacher")
     return (f"<table><caption>{caption}</caption><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>")
+
+
+def collapse_notes(cells: Sequence[Cell]) -> str:
+    """HTML list of the cells whose pseudo-labels collapsed (their ``pseudo_selection*.json``)."""
+    import json
+
+    items = []
+    for cell in cells:
+        for path in sorted(cell.run_dir.glob("pseudo_selection*.json")):
+            info = json.loads(path.read_text(encoding="utf-8")).get("collapse") or {}
+            if info.get("collapsed"):
+                kept = ", ".join(f"{k} {v}" for k, v in (info.get("kept_per_class") or {}).items())
+                items.append(f"<li>{html.escape(cell.recipe)} fraction {cell.fraction:g} seed {cell.seed} "
+                             f"({html.escape(path.name)}): {html.escape('; '.join(info.get('reasons', [])))}. "
+                             f"Kept per class: {html.escape(kept)}</li>")
+    if not items:
+        return ""
+    return ("<h2>Pseudo-label collapse</h2><p class='down'>These runs' teachers passed (almost) no pseudo-box; "
+            "try <code>method.params.pseudo.selection=precision@0.8</code>.</p><ul>" + "".join(items) + "</ul>")
 
 
 def build_study_report(spec: StudySpec, cells: Sequence[Cell], table: dict[str, Any], out_dir: Path,
@@ -147,6 +172,7 @@ def build_study_report(spec: StudySpec, cells: Sequence[Cell], table: dict[str, 
          f"Baseline: {html.escape(spec.baseline_name)}.</p>"),
         f'<img alt="metric vs fraction" src="data:image/png;base64,{curve}">',
         _html_table(table),
+        collapse_notes(cells),
         *([f'<img alt="difference vs baseline" src="data:image/png;base64,{base64.b64encode(deltas).decode()}">']
           if deltas else []),
         "<h2>Per-fraction reports (first seed)</h2><ul>" + "".join(links) + "</ul>",
@@ -187,4 +213,4 @@ def _write_supplement(table: dict[str, Any], spec: StudySpec, out_dir: Path) -> 
     (out_dir / "fraction_curve.svg").write_bytes(fig)
 
 
-__all__ = ["build_study_report", "delta_plot", "fraction_curve"]
+__all__ = ["build_study_report", "collapse_notes", "delta_plot", "fraction_curve"]

@@ -7,6 +7,11 @@ Numbers, per (recipe, fraction):
   ``final_metrics.json``. ``ci="t"``: ``mean ± t(0.975, n-1) · s / √n`` (Student t; needs n ≥ 2).
   ``ci="bootstrap"``: the 2.5/97.5 percentiles of the mean of ``n`` seeds drawn with replacement
   (coarse for 3 seeds: it cannot be wider than the range of the values).
+- **Δ vs own teacher** (distillation recipes, whose runs keep ``eval_teacher/`` and
+  ``teacher_comparison.json``, both written by `methods.kit`): the same paired
+  bootstrap between the run's final model and its own supervised teacher on the same test images.
+  Since the teacher is the shared supervised stage, it is the baseline row's checkpoint when the
+  schedules match, and the two Δ agree.
 - **Δ vs baseline**: a paired bootstrap over *test images* (`eval.compare.paired_stats`). For each
   seed the baseline and the recipe ran on the same labeled subset and are scored on the same
   resampled image sets; the replicate difference is averaged over the seeds both have, so Δ is
@@ -117,20 +122,21 @@ def _iou_of(metric: str) -> float | None:
 
 
 def _replicates(run_dir: Path, gt: GroundTruth, metric: str, idx: np.ndarray,
-                params: CocoParams) -> tuple[float, np.ndarray]:
-    """The metric on all test images and on each resampled image set ``idx (R, N)``."""
+                params: CocoParams, eval_name: str = "eval") -> tuple[float, np.ndarray]:
+    """The metric on all test images and on each resampled image set ``idx (R, N)``, from the
+    run's ``eval_name`` folder (``eval``: the final model; ``eval_teacher``: its own teacher)."""
     if metric == "macro_AUROC":
         y, mask = image_labels(gt)
-        scores_path = run_dir / "eval" / "image_scores.json"
+        scores_path = run_dir / eval_name / "image_scores.json"
         if scores_path.is_file():
             scores = load_image_scores(scores_path, gt)
         else:
-            scores = image_scores_from_boxes(load_predictions(run_dir / "eval" / "predictions.json", gt).rows, gt)
+            scores = image_scores_from_boxes(load_predictions(run_dir / eval_name / "predictions.json", gt).rows, gt)
         keep = np.flatnonzero(mask)
         _, full = macro_auroc_replicates(y[keep], scores[keep], np.arange(len(keep))[None])
         _, boot = macro_auroc_replicates(y[keep], scores[keep], idx[:, : len(keep)] % len(keep))
         return float(full[0]), boot
-    rows = load_predictions(run_dir / "eval" / "predictions.json", gt).rows
+    rows = load_predictions(run_dir / eval_name / "predictions.json", gt).rows
     match = match_detections(gt, rows, params)
     iou = _iou_of(metric)
     full = accumulate(match, main_only=True).ap(iou)
@@ -138,12 +144,14 @@ def _replicates(run_dir: Path, gt: GroundTruth, metric: str, idx: np.ndarray,
 
 
 def paired_over_seeds(pairs: Sequence[tuple[Path, Path]], metric: str, n_boot: int = 1000,
-                      seed: int = 0, cache: dict | None = None) -> PairedComparison:
+                      seed: int = 0, cache: dict | None = None,
+                      eval_names: tuple[str, str] = ("eval", "eval")) -> PairedComparison:
     """Paired bootstrap over test images of recipe B − baseline A, averaged over seed pairs ``(A_dir, B_dir)``.
 
     All pairs must be scored on the same test images (one manifest and split). ``cache`` (a dict
     the caller keeps) holds each run's replicates, so a baseline compared with every other recipe
-    is resampled once.
+    is resampled once. ``eval_names``: the evaluation folders of A and B (``("eval_teacher",
+    "eval")`` with A = B compares a run's final model with its own teacher).
     """
     if not pairs:
         raise CxrDistillError("paired comparison: no seed has both runs finished")
@@ -156,15 +164,15 @@ def paired_over_seeds(pairs: Sequence[tuple[Path, Path]], metric: str, n_boot: i
     a_full, b_full, a_boot, b_boot = [], [], [], []
     cache = {} if cache is None else cache
 
-    def replicates(run_dir: Path) -> tuple[float, np.ndarray]:
-        key = (str(run_dir), metric, n_boot, seed, ious)
+    def replicates(run_dir: Path, eval_name: str) -> tuple[float, np.ndarray]:
+        key = (str(run_dir), eval_name, metric, n_boot, seed, ious)
         if key not in cache:
-            cache[key] = _replicates(run_dir, gt, metric, idx, params)
+            cache[key] = _replicates(run_dir, gt, metric, idx, params, eval_name)
         return cache[key]
 
     for base_dir, other_dir in pairs:
-        a, ba = replicates(base_dir)
-        b, bb = replicates(other_dir)
+        a, ba = replicates(base_dir, eval_names[0])
+        b, bb = replicates(other_dir, eval_names[1])
         a_full.append(a), b_full.append(b), a_boot.append(ba), b_boot.append(bb)
     return paired_stats(metric, float(np.mean(a_full)), float(np.mean(b_full)),
                         np.mean(a_boot, axis=0), np.mean(b_boot, axis=0), seed)
@@ -193,11 +201,21 @@ def build_table(spec: StudySpec, cells: Sequence[Cell]) -> dict[str, Any]:
                 if pairs:
                     cmp = paired_over_seeds(pairs, spec.metric, spec.n_boot, cache=replicates)
                     entry["vs_baseline"] = {**cmp.to_dict(), "seeds": len(pairs)}
+            own = [(by_key[(recipe, fraction, s)].run_dir,) * 2 for s in done
+                   if (by_key[(recipe, fraction, s)].run_dir / "teacher_comparison.json").is_file()]
+            if own:  # a distillation recipe: student − its own teacher, on the same test images
+                cmp = paired_over_seeds(own, spec.metric, spec.n_boot, cache=replicates,
+                                        eval_names=(TEACHER_EVAL, "eval"))
+                entry["vs_teacher"] = {**cmp.to_dict(), "seeds": len(own)}
             row["fractions"][fraction_tag(fraction)] = entry
         rows.append(row)
     return {"study": spec.name, "metric": spec.metric, "baseline": base, "ci": spec.ci, "n_boot": spec.n_boot,
             "fractions": [fraction_tag(f) for f in spec.fractions], "fraction_key": spec.fraction_key,
             "seeds": list(spec.seeds), "rows": rows}
+
+
+TEACHER_EVAL = "eval_teacher"
+"""A distillation run's evaluation of its own teacher (`methods.kit.evaluate_stage`)."""
 
 
 def _j(x: float) -> float | None:
@@ -215,9 +233,10 @@ def format_mean(entry: dict[str, Any]) -> str:
     return text + ("" if entry["n_seeds"] > 1 else f" (n={entry['n_seeds']})")
 
 
-def format_delta(entry: dict[str, Any]) -> str:
-    """``Δ +d* [low, high], p=…`` of a table entry vs the baseline ("" without a comparison)."""
-    cmp = entry.get("vs_baseline")
+def format_delta(entry: dict[str, Any], against: str = "vs_baseline") -> str:
+    """``Δ +d* [low, high], p=…`` of a table entry vs the baseline (``against="vs_teacher"``: vs its
+    own teacher; "" without that comparison)."""
+    cmp = entry.get(against)
     if not cmp or cmp.get("diff") is None:
         return ""
     p = cmp.get("p_boot")
@@ -243,13 +262,20 @@ def format_markdown(table: dict[str, Any]) -> str:
         if row["recipe"] == table["baseline"]:
             continue
         lines.append(f"| {row['label']} | " + " | ".join(format_delta(row["fractions"][f]) or "—" for f in fr) + " |")
+    own = [row for row in table["rows"] if any("vs_teacher" in row["fractions"][f] for f in fr)]
+    if own:
+        lines += ["", f"Δ {table['metric']} vs own teacher (student − the recipe's own supervised teacher, same test "
+                      "images; paired bootstrap, averaged over seeds; * p_boot < 0.05)", "", head, sep]
+        for row in own:
+            lines.append(f"| {row['label']} | " + " | ".join(
+                format_delta(row["fractions"][f], "vs_teacher") or "—" for f in fr) + " |")
     return "\n".join(lines)
 
 
 def print_table(table: dict[str, Any], console: Console) -> None:
     """The table on the console: one row per recipe, mean ± CI and Δ vs baseline per fraction."""
     out = Table(title=f"{table['study']}: {table['metric']} (mean ± 95% CI over seeds; Δ vs {table['baseline']}, "
-                      f"paired bootstrap over test images, * p<0.05)")
+                      f"paired bootstrap over test images; 'teacher Δ': vs own teacher; * p<0.05)")
     out.add_column("recipe")
     for f in table["fractions"]:
         out.add_column(f"{table['fraction_key'].split('.')[-1]} {f[1:]}", justify="right")
@@ -258,7 +284,9 @@ def print_table(table: dict[str, Any], console: Console) -> None:
         for f in table["fractions"]:
             entry = row["fractions"][f]
             delta = format_delta(entry)
-            cells.append(format_mean(entry) + (f"\n{delta.split(' [')[0]}" if delta else ""))
+            own = format_delta(entry, "vs_teacher")
+            cells.append(format_mean(entry) + (f"\n{delta.split(' [')[0]}" if delta else "")
+                         + (f"\nteacher {own.split(' [')[0]}" if own else ""))
         out.add_row(row["label"], *cells)
     console.print(out)
 

@@ -1,0 +1,447 @@
+"""The shared recipe kit: the one supervised stage, its reuse store, model building, views, headline.
+
+Every recipe that starts from a supervised model (the supervised baselines, TSD / CEIRD / STAC's
+teacher, Mean / Soft Teacher's burn-in, OXnet's base detector) gets it from
+:func:`supervised_stage`: the *same* seeded initialisation, loader, augmentation
+(:func:`augment_batch` through `data/views.py`) and schedule. So the `supervised_detector` row of a
+study and TSD's teacher at the same seed are one checkpoint.
+
+**The stage store.** A finished stage is kept under ``<store>/<key>/`` (``model.pt``, ``key.json``),
+where ``key`` is a hash of everything that determines the trained weights (:func:`stage_key`: the
+manifest's content, split, fractions and split seed, image size, model config, schedule, steps,
+augmentation, world size and :data:`STAGE_VERSION`). A second recipe — in the same run folder or
+another one — at the same key loads it (``weights_only=True``) instead of training; a changed key
+trains anew. The store is ``$CXRDISTILL_STAGE_STORE`` (``off`` disables it), else
+``$CXRDISTILL_CACHE/stages`` (``~/.cache/cxrdistill/stages``). The stage's evaluation on a test
+split is stored next to it (:func:`evaluate_stage`), so a recipe's "own teacher" row is read back,
+byte for byte the baseline's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from cxrdistill.atomic import write_json_atomic
+from cxrdistill.config import ModelConfig
+from cxrdistill.data.dataset import CXRDataset, collate
+from cxrdistill.data.study import StudyData, default_cache_root
+from cxrdistill.data.views import ViewConfig, intensity_jitter, project_boxes, random_affine, warp_images
+from cxrdistill.engine.checkpoint import load_module_weights, save_checkpoint
+from cxrdistill.engine.context import RunContext
+from cxrdistill.engine.loop import FitResult
+from cxrdistill.engine.optim import build_optimizer
+from cxrdistill.engine.sampler import RatioBatchSampler
+from cxrdistill.errors import ConfigError
+from cxrdistill.models.classifier import ImageClassifier, masked_bce_with_logits
+from cxrdistill.models.detector import RetinaNet
+from cxrdistill.models.factory import build_model, export_model
+from cxrdistill.models.heatmap import HeatmapFPN
+
+Augment = Literal["flip", "flip_shift", "none", "strong"]
+STAGE_VERSION = 1
+"""Bumped when the supervised stage's code changes what it trains (old store entries then miss)."""
+STAGE_STORE_ENV = "CXRDISTILL_STAGE_STORE"
+SUPERVISED_STAGE = "supervised"
+"""The run-folder stage name of the shared supervised stage (``checkpoints/supervised``)."""
+
+
+# =============================================================================== models and views
+
+
+def seeded(seed: int | None, make: Callable[[], nn.Module]) -> nn.Module:
+    """``make()`` with the global RNG seeded by ``seed`` (restored afterwards); None: as it is."""
+    if seed is None:
+        return make()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+def build_detector(model_cfg: ModelConfig, num_classes: int, seed: int | None = None) -> RetinaNet:
+    """The RetinaNet of ``cfg.model``; with ``seed`` its initial weights depend only on the seed."""
+    return seeded(seed, lambda: build_model(model_cfg, num_classes, expect="detector"))  # type: ignore[return-value]
+
+
+def build_heatmap_model(model_cfg: ModelConfig, num_classes: int, seed: int | None = None) -> HeatmapFPN:
+    return seeded(seed, lambda: build_model(model_cfg, num_classes, expect="heatmap"))  # type: ignore[return-value]
+
+
+def build_classifier_model(model_cfg: ModelConfig, num_classes: int, seed: int | None = None) -> ImageClassifier:
+    return seeded(seed, lambda: build_model(model_cfg, num_classes, expect="classifier"))  # type: ignore[return-value]
+
+
+def view_config(augment: Augment) -> ViewConfig:
+    """The training view: flip (the weak view), flip + 10 % shift, the strong list, or identity."""
+    return {"flip": ViewConfig.weak(), "flip_shift": ViewConfig(flip_p=0.5, translate=0.1),
+            "strong": ViewConfig.martins_silva(), "none": ViewConfig()}[augment]
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A generator that depends only on (seed, step, stream): augmentation is the same after a resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1))
+
+
+def augment_batch(images: Tensor, boxes: list[Tensor], labels: list[Tensor], view: ViewConfig,
+                  generator: torch.Generator) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Warp ``images (B, 1, H, W)`` by a random view and carry the boxes along (lost boxes dropped).
+
+    Returns the augmented images and detector targets ``[{"boxes": (K, 4), "labels": (K,)}]``.
+    """
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    matrices = random_affine(images.shape[0], image_size=size, flip_p=view.flip_p, rotate_deg=view.rotate_deg,
+                             translate=view.translate, scale=view.scale, perspective=view.perspective,
+                             generator=generator).to(images.device)
+    out = intensity_jitter(warp_images(images, matrices), view.intensity, generator)
+    targets = []
+    for b, l, m in zip(boxes, labels, matrices):
+        kept, keep = project_boxes(b, m, size)
+        targets.append({"boxes": kept, "labels": l[keep]})
+    return out, targets
+
+
+# =============================================================================== data
+
+
+def labeled_loader(dataset: CXRDataset, first: list[int], second: list[int], n_first: int, n_second: int,
+                   seed: int, ctx: RunContext) -> tuple[DataLoader, RatioBatchSampler]:
+    """An endless, resumable loader of batches with ``n_first`` items of ``first`` then ``n_second`` of ``second``."""
+    sampler = RatioBatchSampler(first, second, n_first, n_second, seed, rank=ctx.rank, world_size=ctx.world_size)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                      num_workers=ctx.cfg.data.num_workers), sampler
+
+
+def boxed_indices(dataset: CXRDataset) -> list[int]:
+    """Indices of the images with supervision "box"; a clear error when there are none."""
+    idx = [i for i, im in enumerate(dataset.images) if im.supervision == "box"]
+    if not idx:
+        raise ConfigError("the training split has no image with boxes (supervision 'box'); "
+                          "raise data.boxed_fraction or check the manifest")
+    return idx
+
+
+def image_labeled(dataset: CXRDataset) -> list[int]:
+    """Indices of the images with image-level labels (supervision "box" or "image")."""
+    idx = [i for i, im in enumerate(dataset.images) if im.supervision in ("box", "image")]
+    if not idx:
+        raise ConfigError("the training split has no image with image-level labels (supervision 'box' or 'image')")
+    return idx
+
+
+# =============================================================================== the supervised loop
+
+Losses = Callable[[dict[str, Any], Tensor, list[dict[str, Tensor]]], dict[str, Tensor]]
+
+
+def fit_on(ctx: RunContext, stage: str, model: nn.Module, dataset: CXRDataset, indices: list[int],
+           augment: Augment, losses: Losses, max_steps: int | None) -> FitResult:
+    """The supervised loop every baseline shares: batches of ``dataset[indices]``, the ``augment`` view
+    (images ``(B, 1, H, W)`` and their projected targets), ``losses(batch, images, targets)``, stage
+    ``stage`` of ``train.max_steps`` (or ``max_steps``) optimizer steps, resumable and exact."""
+    cfg = ctx.cfg.train
+    loader, sampler = labeled_loader(dataset, indices, [], cfg.batch_size, 0, cfg.seed + sum(map(ord, stage)), ctx)
+    view = view_config(augment)
+    model.train()
+
+    def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
+        images, targets = augment_batch(batch["image"], batch["boxes"], batch["labels"], view,
+                                        step_generator(cfg.seed, step))
+        return losses(batch, images, targets)
+
+    return ctx.trainer(stage).fit(step_fn, {"model": model}, build_optimizer(model.parameters(), cfg), loader,
+                                  cfg.max_steps if max_steps is None else max_steps, sampler=sampler)
+
+
+def detector_losses(model: RetinaNet) -> Losses:
+    """Focal + box loss of ``model`` (``sup_cls``/``sup_box`` in the logs), boxes per image logged."""
+
+    def losses(batch: dict[str, Any], images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        out = model.loss(model(images), targets)
+        n_boxes = sum(len(t["boxes"]) for t in targets) / max(len(targets), 1)
+        return {"sup_cls": out["cls"], "sup_box": out["box"], "log_boxes_per_image": torch.tensor(n_boxes)}
+
+    return losses
+
+
+def classifier_losses(model: ImageClassifier) -> Losses:
+    """Masked BCE on the image labels of the batch."""
+
+    def losses(batch: dict[str, Any], images: Tensor, _: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        mask = batch["has_image_labels"].to(images.dtype)[:, None].expand_as(batch["image_labels"])
+        return {"bce": masked_bce_with_logits(model(images), batch["image_labels"], mask)}
+
+    return losses
+
+
+def train_detector(ctx: RunContext, stage: str, model: RetinaNet, dataset: CXRDataset, augment: Augment,
+                   max_steps: int | None = None) -> FitResult:
+    """Train ``model`` on the box images of ``dataset`` as stage ``stage`` (resumable, not stored)."""
+    return fit_on(ctx, stage, model, dataset, boxed_indices(dataset), augment, detector_losses(model), max_steps)
+
+
+def train_classifier(ctx: RunContext, stage: str, model: ImageClassifier, dataset: CXRDataset, augment: Augment,
+                     max_steps: int | None = None) -> FitResult:
+    """Train ``model`` with masked BCE on the image labels of ``dataset``'s labeled images (stage ``stage``)."""
+    return fit_on(ctx, stage, model, dataset, image_labeled(dataset), augment, classifier_losses(model), max_steps)
+
+
+# =============================================================================== the shared stage
+
+
+@dataclass
+class Stage:
+    """A supervised stage: its model, its key, and how it was obtained.
+
+    ``fresh``: its weights differ from what this run folder held before (trained now, or the key
+    changed), so anything derived from an earlier teacher (stored pseudo-labels) is stale.
+    """
+
+    model: nn.Module
+    key: str
+    source: Literal["trained", "run_dir", "store"]
+    fresh: bool
+    steps: int
+
+    @property
+    def trained(self) -> bool:
+        return self.source == "trained"
+
+
+def stage_store_root() -> Path | None:
+    """``$CXRDISTILL_STAGE_STORE`` (``off``/``none``/empty: no store), else ``<cache root>/stages``."""
+    env = os.environ.get(STAGE_STORE_ENV)
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "none", "0", "false") else Path(env)
+    return default_cache_root() / "stages"
+
+
+def _file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: str,
+              stage: str = SUPERVISED_STAGE) -> tuple[str, dict[str, Any]]:
+    """The hash of everything that determines a supervised stage's weights, and what was hashed
+    (the stage name too: it seeds the loader)."""
+    cfg = ctx.cfg
+    data = cfg.data
+    manifest = Path(data.manifest) if data.manifest is not None else None
+    train = cfg.train.model_dump(mode="json", include={
+        "batch_size", "lr", "weight_decay", "optimizer", "momentum", "warmup_steps", "schedule", "min_lr_ratio",
+        "step_milestones", "step_gamma", "precision", "accumulate", "grad_clip", "seed", "nan_policy",
+        "rollback_lr_factor", "max_rollbacks"})
+    payload = {
+        "version": STAGE_VERSION, "kind": kind, "stage": stage, "steps": int(steps), "augment": augment,
+        "split": split,
+        "data": {"manifest_sha256": _file_sha(manifest) if manifest is not None and manifest.is_file() else None,
+                 "image_size": data.image_size, "boxed_fraction": data.boxed_fraction,
+                 "weak_fraction": data.weak_fraction, "split_seed": data.split_seed, "on_error": data.on_error},
+        "model": cfg.model.model_dump(mode="json"), "train": train, "world_size": ctx.world_size,
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], payload
+
+
+def supervised_stage(ctx: RunContext, data: StudyData, *, kind: Literal["detector", "classifier"] = "detector",
+                     steps: int | None = None, augment: Augment = "flip", split: str = "train",
+                     stage: str = SUPERVISED_STAGE) -> Stage:
+    """The supervised model of ``data``'s labeled training images, trained once per key.
+
+    Detector: the box images (supervision "box"); classifier: images with image labels. Seeded
+    initialisation (``train.seed``), :func:`fit_on` with ``augment`` for ``steps`` optimizer steps
+    (None: ``train.max_steps``). Looked up in the stage store first; trained (resumably, as stage
+    ``stage`` of this run folder) and stored otherwise.
+    """
+    cfg = ctx.cfg
+    steps = cfg.train.max_steps if steps is None else int(steps)
+    key, payload = stage_key(ctx, kind, steps, augment, split, stage)
+    if kind == "detector":
+        model: nn.Module = build_detector(cfg.model, data.num_classes, cfg.train.seed)
+        dataset = data.dataset(split, supervision="box")
+        indices, losses = boxed_indices(dataset), detector_losses(model)  # type: ignore[arg-type]
+    else:
+        model = build_classifier_model(cfg.model, data.num_classes, cfg.train.seed)
+        dataset = data.dataset(split, supervision=("box", "image"))
+        indices, losses = image_labeled(dataset), classifier_losses(model)  # type: ignore[arg-type]
+    stage_dir = ctx.run_dir.stage_dir(stage)
+    marker = stage_dir / "stage_key.json"
+    previous = json.loads(marker.read_text(encoding="utf-8")).get("key") if marker.is_file() else None
+    root = stage_store_root()
+    entry = root / kind / key if root is not None else None
+    stored = entry is not None and (entry / "model.pt").is_file() and (entry / "key.json").is_file()
+    if stored:
+        load_module_weights(entry / "model.pt", model)  # type: ignore[operator]
+        model.to(ctx.device)
+        source: Literal["trained", "run_dir", "store"] = "store"
+        ctx.console.print(f"supervised stage {key}: loaded from the stage store {entry}", highlight=False)
+    else:
+        if previous is not None and previous != key and ctx.fabric.is_global_zero:
+            for child in stage_dir.iterdir():  # another key's checkpoints: start this stage over
+                if child.is_file():
+                    child.unlink()
+                else:
+                    shutil.rmtree(child)
+        ctx.fabric.barrier()
+        fit = fit_on(ctx, stage, model, dataset, indices, augment, losses, steps)
+        source = "run_dir" if fit.skipped else "trained"
+        if entry is not None and ctx.fabric.is_global_zero:
+            save_checkpoint(entry / "model.pt", {"modules": {"model": model.state_dict()}})
+            write_json_atomic(entry / "key.json", {"key": key, **payload})  # last: marks the entry complete
+    if ctx.fabric.is_global_zero:
+        write_json_atomic(marker, {"key": key, "source": source, "store": str(entry) if entry else None, **payload})
+    ctx.fabric.barrier()
+    model.eval()
+    return Stage(model, key, source, fresh=source == "trained" or previous != key, steps=steps)
+
+
+# =============================================================================== evaluation
+
+
+def evaluate_stage(ctx: RunContext, stage: Stage, eval_set: CXRDataset, *, split: str, n_boot: int,
+                   topk_candidates: int, out_dirs: list[Path], batch_size: int = 16) -> dict[str, Any]:
+    """The stage model's detection metrics on ``eval_set``; the report files go into each of ``out_dirs``.
+
+    Read from the stage store when this stage was already scored there with the same split,
+    bootstrap replicates and decoding (so every recipe's "own teacher" row is the baseline's, byte
+    for byte); otherwise predicted, scored and stored.
+    """
+    from cxrdistill.eval.runs import evaluate_detections, predict_detections
+
+    eval_key = hashlib.sha256(json.dumps({"split": split, "n_boot": n_boot, "topk": topk_candidates,
+                                          "ids": [im.id for im in eval_set.images]}).encode()).hexdigest()[:12]
+    root = stage_store_root()
+    entry = root / "detector" / stage.key / f"eval_{eval_key}" if root is not None else None
+    files = ("metrics.json", "predictions.json")
+    if entry is not None and all((entry / f).is_file() for f in files):
+        for out_dir in out_dirs:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                shutil.copyfile(entry / f, out_dir / f)
+        return json.loads((entry / "metrics.json").read_text(encoding="utf-8"))
+    dets = predict_detections(stage.model, eval_set, batch_size=batch_size, topk_candidates=topk_candidates)
+    metrics: dict[str, Any] = {}
+    targets = list(out_dirs) + ([entry] if entry is not None and ctx.fabric.is_global_zero else [])
+    for out_dir in targets:
+        metrics = evaluate_detections(dets, eval_set, out_dir, split=split, n_boot=n_boot)
+    return metrics
+
+
+def teacher_comparison(eval_set: CXRDataset, split: str, teacher_dir: Path, student_dir: Path, *,
+                       n_boot: int, ious: tuple[float, ...] = (0.25, 0.5, 0.75), seed: int = 0) -> dict[str, float]:
+    """Student − own teacher on the same test images, paired bootstrap over images, per mAP@IoU.
+
+    Reads ``predictions.json`` of both folders. Returns flat keys ``teacher/mAP@t``,
+    ``delta_teacher/mAP@t`` and its ``_ci_low`` / ``_ci_high`` / ``_p_boot``.
+    """
+    from cxrdistill.eval.compare import compare_detection
+    from cxrdistill.eval.detection import CocoParams
+    from cxrdistill.eval.predictions import load_predictions
+    from cxrdistill.eval.runs import ground_truth_of
+
+    gt = ground_truth_of(eval_set, split)
+    rows_t = load_predictions(teacher_dir / "predictions.json", gt).rows
+    rows_s = load_predictions(student_dir / "predictions.json", gt).rows
+    params = CocoParams(iou_thresholds=tuple(ious))
+    out: dict[str, float] = {}
+    for iou in ious:
+        cmp = compare_detection(gt, rows_t, rows_s, params, iou=iou, n_boot=max(n_boot, 1), seed=seed)
+        name = f"mAP@{iou:g}"
+        out[f"teacher/{name}"] = cmp.a
+        out[f"delta_teacher/{name}"] = cmp.diff
+        out[f"delta_teacher/{name}_ci_low"] = cmp.ci_low
+        out[f"delta_teacher/{name}_ci_high"] = cmp.ci_high
+        out[f"delta_teacher/{name}_p_boot"] = cmp.p_boot
+    return out
+
+
+def write_teacher_comparison(ctx: RunContext, comparison: dict[str, float], stage: Stage) -> None:
+    """``run_dir/teacher_comparison.json``: the own teacher's numbers and the student − teacher Δ."""
+    if ctx.fabric.is_global_zero:
+        write_json_atomic(ctx.run_dir.path / "teacher_comparison.json",
+                          {"teacher_stage_key": stage.key, "teacher_source": stage.source,
+                           **{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                              for k, v in comparison.items()}})
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """Flat final metrics from an `eval.runs` metrics dict: mAP (mean and per IoU), FROC, macro AUROC."""
+    out: dict[str, float] = {}
+    det = metrics.get("detection") or {}
+    for key, value in det.items():
+        if key.startswith(("mAP", "AP_", "AR@")):
+            out[key] = _float(value)
+    if "froc" in metrics:
+        out["froc"] = _float(metrics["froc"].get("mean_score"))
+    if "modified_froc_heatmaps" in metrics:
+        out["modified_froc"] = _float(metrics["modified_froc_heatmaps"].get("mean_score"))
+    cls = metrics.get("classification") or {}
+    if "macro_AUROC" in cls:
+        out["macro_AUROC"] = _float(cls["macro_AUROC"])
+        ci = cls.get("macro_AUROC_CI95") or [None, None]
+        out["macro_AUROC_ci_low"], out["macro_AUROC_ci_high"] = _float(ci[0]), _float(ci[1])
+    return out
+
+
+DETECTION_KEYS = ("mAP@0.25", "mAP@0.5", "mAP@0.75")
+
+
+def detection_headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The CEIRD table's numbers (mAP at IoU 0.25 / 0.5 / 0.75) of an `evaluate_detections` result."""
+    det = metrics["detection"]
+    return {k: _float(det.get(k)) for k in DETECTION_KEYS}
+
+
+def _float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def print_metrics(ctx: RunContext, metrics: dict[str, float], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, "n/a" if math.isnan(value) else f"{value:.4f}")
+    ctx.console.print(table)
+    ctx.console.final_metrics_printed = True  # `cxrdistill train` then does not print them again
+
+
+def evaluate_final(ctx: RunContext, evaluate: Callable[[], dict[str, Any]], title: str,
+                   model: nn.Module | None = None, class_names: list[str] | None = None) -> dict[str, float]:
+    """Run the final evaluation on rank 0 (it writes ``run_dir/eval``), print and return the headline.
+
+    With `model` (and `class_names`), also export it as ``run_dir/model.pt`` for `cxrdistill predict`.
+    """
+    metrics: dict[str, float] = {}
+    if ctx.fabric.is_global_zero:
+        metrics = headline(evaluate())
+        print_metrics(ctx, metrics, title)
+        if model is not None and class_names is not None:
+            export_model(ctx.run_dir.path / "model.pt", model, ctx.cfg.model, class_names, ctx.cfg.data.image_size)
+    ctx.fabric.barrier()
+    return metrics
+
+
+__all__ = [
+    "Augment", "DETECTION_KEYS", "SUPERVISED_STAGE", "STAGE_STORE_ENV", "STAGE_VERSION", "Stage", "augment_batch",
+    "boxed_indices", "build_classifier_model", "build_detector", "build_heatmap_model", "classifier_losses",
+    "detection_headline", "detector_losses", "evaluate_final", "evaluate_stage", "fit_on", "headline",
+    "image_labeled", "labeled_loader", "print_metrics", "stage_key", "stage_store_root", "step_generator",
+    "supervised_stage", "teacher_comparison", "train_classifier", "train_detector", "view_config",
+    "write_teacher_comparison",
+]
