@@ -50,6 +50,14 @@ def lr_factor(step: int, cfg: TrainConfig, max_steps: int) -> float:
     return 1.0
 
 
+def ramp_up(step: int, ramp_steps: int) -> float:
+    """The Gaussian ramp-up ``exp(−5 (1 − t/T)²)`` of consistency weights (Laine & Aila; Tarvainen &
+    Valpola), 1 from step T on (and when T = 0)."""
+    if ramp_steps <= 0 or step >= ramp_steps:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - step / ramp_steps) ** 2)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, max_steps: int) -> LambdaLR:
     """A `LambdaLR` applying `lr_factor`; step it once per optimizer step."""
     lr_factor(0, cfg, max_steps)  # a misconfigured schedule fails before the first step
