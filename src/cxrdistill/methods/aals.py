@@ -341,11 +341,12 @@ def validation_auroc(model: torch.nn.Module, dataset: CXRDataset, batch_size: in
     return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else math.nan
 
 
-def _selection_trainer(ctx: RunContext, params: AalsParams, stage: str, epoch_images: int) -> Trainer:
-    """A trainer for ``stage`` that validates once per epoch and keeps ``best.pt`` by ``val_AUROC``."""
+def _selection_trainer(ctx: RunContext, params: AalsParams, stage: str, epoch_images: int, per_step: int) -> Trainer:
+    """A trainer for ``stage`` that validates once per epoch (``epoch_images`` at ``per_step`` images
+    per optimizer step) and keeps ``best.pt`` by ``val_AUROC``."""
     cfg = ctx.cfg.train
     if params.select_best:
-        every = params.val_every or max(1, math.ceil(epoch_images / max(cfg.batch_size, 1)))
+        every = params.val_every or max(1, math.ceil(epoch_images / max(per_step, 1)))
         cfg = cfg.model_copy(update={"best_metric": "val_AUROC", "best_mode": "max", "eval_every": every})
     return Trainer(cfg, ctx.run_dir, stage, fabric=ctx.fabric, console=ctx.console)
 
@@ -388,7 +389,7 @@ def pretrain(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: Training
         return
     loader, sampler = labeled_loader(sets.dataset, sets.supervised, [], cfg.train.batch_size, 0, cfg.train.seed, ctx)
     optimizer = build_optimizer(student.parameters(), cfg.train)
-    trainer = _selection_trainer(ctx, params, "pretrain", len(sets.supervised))
+    trainer = _selection_trainer(ctx, params, "pretrain", len(sets.supervised), cfg.train.batch_size)
 
     def step(batch: dict[str, Any], index: int) -> dict[str, Tensor]:
         _, view = view_pair(batch, params, cfg.train.seed, "pretrain", index)
@@ -410,7 +411,8 @@ def distill(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: TrainingS
     loader, sampler = labeled_loader(sets.dataset, sets.supervised, sets.positive, cfg.train.batch_size, per_batch,
                               cfg.train.seed + 1, ctx)
     optimizer = build_optimizer(student.parameters(), cfg.train)
-    trainer = _selection_trainer(ctx, params, "semi", len(sets.supervised) + len(sets.positive))
+    trainer = _selection_trainer(ctx, params, "semi", len(sets.supervised) + len(sets.positive),
+                                 cfg.train.batch_size + (per_batch if sets.positive else 0))
 
     def step(batch: dict[str, Any], index: int) -> dict[str, Tensor]:
         teacher_view, student_view = view_pair(batch, params, cfg.train.seed, "semi", index)
