@@ -72,7 +72,10 @@ def base_config(out: Path, manifest: Path, args: argparse.Namespace, eval_split:
                   "weight_decay": 1e-4, "schedule": "constant", "seed": args.seed, "progress": False,
                   "tensorboard": False, "checkpoint_every": 100, "log_every": 20},
         "method": {"name": "aals", "params": {"eval_split": eval_split, "n_boot": args.n_boot,
-                                              "froc_boot": args.froc_boot, "ema_decay": args.ema_decay}},
+                                              "froc_boot": args.froc_boot, "ema_decay": args.ema_decay,
+                                              # TBX11K's val.json is the test set: no split to select on
+                                              "select_best": not args.legacy and eval_split != "val",
+                                              "augment": not args.legacy}},
     }
     path = out / "base.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
@@ -141,6 +144,8 @@ def main() -> None:
     parser.add_argument("--froc-boot", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", default="table1,t,a0,p", help="comma list of table1,t,a0,p")
+    parser.add_argument("--legacy", action="store_true",
+                        help="the earlier recipe: no augmentation, one view for teacher and student, final weights")
     parser.add_argument("--tables-only", action="store_true", help="print the tables of an earlier study's results.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -157,7 +162,8 @@ def main() -> None:
     print(f"study config: {base}", flush=True)
     results: dict[str, dict[str, float]] = {"pretrain": run_row(base, out, "pretrain", {"semi_supervised": False,
                                                                               "pretrain_steps": args.pretrain_steps})}
-    checkpoint = out / "pretrain" / "checkpoints" / "pretrain" / "last.pt"
+    stage = out / "pretrain" / "checkpoints" / "pretrain"
+    checkpoint = stage / "best.pt" if (stage / "best.pt").is_file() else stage / "last.pt"  # the selected one
     wanted = set(args.rows.split(","))
     rows = {**TABLE1, **(T_SWEEP if "t" in wanted else {}), **(A0_SWEEP if "a0" in wanted else {}),
             **(P_SWEEP if "p" in wanted else {})}

@@ -9,7 +9,7 @@ import torch
 
 from cxrdistill.data.views import ViewConfig, make_views
 from cxrdistill.methods.cam import cam_boxes
-from cxrdistill.methods.mean_teacher import soft_teacher_cls_loss, teacher_targets_in_strong_view
+from cxrdistill.methods.unbiased_teacher import soft_teacher_cls_loss, teacher_targets_in_strong_view
 from cxrdistill.methods.pi_model import consistency_loss, ramp_up
 from cxrdistill.methods.stac import pseudo_targets
 from cxrdistill.methods.supervised import MultiTaskDetector, multitask_losses
@@ -30,7 +30,7 @@ class _FixedTeacher:
                  "scores": torch.tensor([0.95, 0.3]), "labels": torch.tensor([1, 0])} for _ in images]
 
 
-def test_mean_teacher_projects_teacher_boxes_from_weak_into_strong_view():
+def test_unbiased_teacher_projects_teacher_boxes_from_weak_into_strong_view():
     images = torch.rand(2, 1, 64, 64)
     # weak view: always flipped; strong view: identity -> weak_to_strong is the flip
     views = make_views(images, None, ViewConfig(flip_p=1.0), ViewConfig(), torch.Generator().manual_seed(0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,10 +16,13 @@ from cxrdistill.engine.ema import EMATeacher
 from cxrdistill.methods.aals import (
     AalsParams,
     aals_losses,
+    map_matrices,
     map_targets,
     nested_subset,
+    project_maps,
     split_sets,
     supervised_loss,
+    view_pair,
 )
 from cxrdistill.methods.registry import get_method, validate_method_params
 from cxrdistill.models.heatmap import HeatmapFPN
@@ -183,12 +187,126 @@ def test_end_to_end_run_writes_metrics_and_reuses_pretraining(world):
     scores = json.loads((root / "full" / "eval" / "student" / "image_scores.json").read_text())
     assert len(scores) == saved["n_images"] * len(saved["class_names"])
 
-    ckpt = root / "full" / "checkpoints" / "pretrain" / "last.pt"
+    # model selection on the validation split: each stage kept its best-validation-AUROC checkpoint,
+    # and the exported model is the selected teacher
+    for stage in ("pretrain", "semi"):
+        done = json.loads((root / "full" / "checkpoints" / stage / "done.json").read_text())
+        assert done["best"]["metric"] == "val_AUROC" and 1 <= done["best"]["step"] <= 3
+        assert (root / "full" / "checkpoints" / stage / "best.pt").is_file()
+    from cxrdistill.engine.checkpoint import load_checkpoint
+
+    best_teacher = load_checkpoint(root / "full" / "checkpoints" / "semi" / "best.pt")["modules"]["teacher"]
+    exported = torch.load(root / "full" / "model.pt", weights_only=True)
+    exported_state = exported.get("state_dict", exported.get("model", exported))
+    if isinstance(exported_state, dict) and "weights" in exported_state:
+        exported_state = exported_state["weights"]
+    key = next(k for k in best_teacher if k.endswith("weight") and best_teacher[k].ndim == 4)
+    assert any(torch.equal(v, best_teacher[key]) for v in _tensors(exported)), "model.pt is not the selected teacher"
+
+    ckpt = root / "full" / "checkpoints" / "pretrain" / "best.pt"
     cfg2 = run_config(root, manifest, "mt", a0=1.0, pretrained_checkpoint=str(ckpt))
     ctx2 = RunContext.create(cfg2, RunDirectory(cfg2.output_dir))
     metrics2 = spec.run(cfg2, AalsParams.model_validate(cfg2.method.params), ctx2)
     assert not (root / "mt" / "checkpoints" / "pretrain").exists()  # pre-training was reused
     assert metrics2["pretrain/AUROC"] == pytest.approx(metrics["pretrain/AUROC"])
+
+
+def _tensors(obj):
+    """Every tensor inside a nested dict / list (for looking into an exported file)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def test_selection_needs_a_validation_split_other_than_the_test_split(world):
+    from cxrdistill.engine.context import RunContext
+    from cxrdistill.engine.run_dir import RunDirectory
+    from cxrdistill.errors import ConfigError
+
+    root, manifest = world
+    cfg = run_config(root, manifest, "sel", val_split="test")
+    with pytest.raises(ConfigError, match="val_split"):
+        get_method("aals").run(cfg, AalsParams.model_validate(cfg.method.params),
+                               RunContext.create(cfg, RunDirectory(cfg.output_dir)))
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def _square_batch() -> dict:
+    """One 32 px image, black but for a bright 8x8 square at x 4..12, y 8..16 (its box)."""
+    image = torch.zeros(1, 1, SIZE, SIZE)
+    image[0, 0, 8:16, 4:12] = 1.0
+    return {"image": image, "boxes": [torch.tensor([[4.0, 8, 12, 16]])], "labels": [torch.tensor([1])]}
+
+
+def test_teacher_and_student_views_differ_and_record_their_geometry():
+    params = AalsParams(rotate_deg=20.0, flip_p=0.5, intensity=0.1, contrast=0.2)
+    batch = _square_batch()
+    batch["image"] = batch["image"].repeat(4, 1, 1, 1)
+    batch["boxes"], batch["labels"] = batch["boxes"] * 4, batch["labels"] * 4
+    teacher, student = view_pair(batch, params, seed=0, stage="semi", step=3)
+    assert not torch.allclose(teacher.images, student.images)
+    assert not torch.allclose(teacher.matrices, student.matrices)
+    # the streams depend on (seed, stage, step) only: a resumed step draws the same views
+    again, _ = view_pair(batch, params, seed=0, stage="semi", step=3)
+    assert torch.equal(again.images, teacher.images) and torch.equal(again.matrices, teacher.matrices)
+    # augment: false is one un-augmented view for both
+    same_t, same_s = view_pair(batch, AalsParams(augment=False), seed=0, stage="semi", step=3)
+    assert same_t is same_s and torch.equal(same_t.images, batch["image"])
+
+
+def test_boxes_and_teacher_maps_project_into_the_student_view():
+    params = AalsParams(rotate_deg=30.0, flip_p=0.5, intensity=0.0, contrast=0.0)
+    batch = _square_batch()
+    misaligned = 0
+    for step in range(6):
+        teacher, student = view_pair(batch, params, seed=1, stage="semi", step=step)
+        # the student's box is where its view put the bright square
+        (x0, y0, x1, y1), = student.boxes[0].tolist()
+        inside = student.images[0, 0, math.ceil(y0) + 1:int(y1) - 1, math.ceil(x0) + 1:int(x1) - 1]
+        assert student.labels[0].tolist() == [1] and inside.numel() > 0 and inside.mean() > 0.5
+        # a "teacher map" = its view at stride 4, warped into the student's view, matches the student's
+        # own view at stride 4 wherever the teacher saw the pixel
+        pool = torch.nn.functional.avg_pool2d
+        t_map, s_map = pool(teacher.images, STRIDE), pool(student.images, STRIDE)
+        moved, seen = project_maps(t_map, map_matrices(teacher.matrices, student.matrices, STRIDE))
+        assert seen.sum() > 0.5 * seen.numel()
+        err = float((_centroid(moved[0, 0]) - _centroid(s_map[0, 0])).norm())
+        unmoved = float((_centroid(t_map[0, 0]) - _centroid(s_map[0, 0])).norm())
+        assert err < 0.6, (step, err)  # map pixels: the square lands where the student sees it
+        if unmoved > 1.5:  # the two views differ visibly: the projection, not luck, lines them up
+            misaligned += 1
+        # the rasterised mask of the student view covers the projected square
+        masks = map_targets({**batch, "image": student.images, "has_boxes": torch.tensor([True]),
+                             "has_image_labels": torch.tensor([True]), "image_labels": torch.tensor([[0.0, 1]]),
+                             "image_id": torch.tensor([0])}, C, STRIDE, torch.zeros(0, dtype=torch.long), student)
+        assert float((masks.masks[0, 1] * s_map[0, 0]).sum() / masks.masks[0, 1].sum()) > 0.4
+    assert misaligned >= 2
+
+
+def _centroid(image: torch.Tensor) -> torch.Tensor:
+    """Intensity-weighted centre ``(x, y)`` of a 2-D map, in its pixels."""
+    ys, xs = torch.meshgrid(torch.arange(image.shape[0]) + 0.5, torch.arange(image.shape[1]) + 0.5, indexing="ij")
+    return torch.stack([(xs * image).sum(), (ys * image).sum()]) / image.sum()
+
+
+def test_semi_loss_ignores_pixels_the_teacher_did_not_see():
+    targets = map_targets(batch_rnp(), C, STRIDE, torch.tensor([11]))
+    student = torch.zeros(3, C, SIZE // STRIDE, SIZE // STRIDE)
+    teacher = torch.full_like(student, 0.9)
+    seen = torch.zeros(3, 1, SIZE // STRIDE, SIZE // STRIDE)
+    seen[..., :4] = 1
+    teacher_off = teacher.clone()
+    teacher_off[..., 4:] = 0.0  # what the teacher did not see: no target there
+    a = aals_losses(student, teacher, targets, 0.4, 4.0, seen)["semi"]
+    b = aals_losses(student, teacher_off, targets, 0.4, 4.0, seen)["semi"]
+    assert a.item() == pytest.approx(b.item()) and a.item() > 0
 
 
 def ctx_classes(cfg) -> list[str]:

@@ -191,6 +191,10 @@ def test_generations_rebirth_students_and_hand_the_frozen_student_on(world, tmp_
         assert set(summary["generations"][k]["vision"]) == {"mAP@0.25", "mAP@0.5", "mAP@0.75"}
         assert 0.0 <= summary["generations"][k]["report"]["AUROC"] <= 1.0
         assert f"vision_gen{k}/mAP@0.5" in metrics and f"report_gen{k}/AUROC" in metrics
+        # the report probabilities were calibrated (platt, out-of-fold) and their ECE recorded
+        report = summary["generations"][k]["report"]
+        assert 0.0 <= report["ECE"] <= 1.0 and 0.0 <= report["ECE_labeled_after"] <= 1.0
+        assert (tmp_path / "run" / "checkpoints" / f"report_gen{k}" / "report_model" / "calibration.json").is_file()
     counts = json.loads((tmp_path / "run" / "pseudo_counts.json").read_text())
     per_batch = counts["generation_2"]["vision_pseudo_boxes_per_batch"]
     assert set(per_batch) == {"teacher", "sa_nms", "rpdlr"}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 import yaml
 
 from cxrdistill.commands.train import run_training
@@ -121,7 +122,7 @@ def test_prototype_update_is_the_confidence_weighted_mean_then_an_ema_with_beta_
 
 
 def test_intra_and_inter_losses_match_hand_computed_values():
-    protos = GlobalPrototypes(num_classes=3, channels=2, margin=1.0)
+    protos = GlobalPrototypes(num_classes=3, channels=2, margin=1.0, distance="sum")  # paper-literal
     protos.prototypes.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]]))
     protos.initialised.copy_(torch.tensor([True, True, False]))  # class 2 has no prototype yet
     features = torch.tensor([[[0.5, 0.0], [1.0, 1.0], [0.0, 0.0]]])  # one image
@@ -135,6 +136,37 @@ def test_intra_and_inter_losses_match_hand_computed_values():
     assert protos.intra_loss(features, only_class0).item() == pytest.approx(0.25)
     assert protos.inter_loss(features, only_class0).item() == pytest.approx(0.75)
     assert protos.intra_loss(features, torch.zeros(1, 3)).item() == 0.0
+    # fraction of inter pairs inside the margin: (0,1) and (2,0) of the four
+    assert protos.inside_margin_fraction(features, mask).item() == pytest.approx(0.5)
+    # the authors' scale: squared difference averaged over the 2 channels -> every distance halves
+    mean = GlobalPrototypes(num_classes=3, channels=2, margin=1.0, distance="mean")
+    mean.load_state_dict(protos.state_dict())
+    assert mean.intra_loss(features, mask).item() == pytest.approx(0.3125)
+    # (0,1): 0.125 -> 0.875; (1,0): 1 -> 0; (2,0): 0 -> 1; (2,1): 0.5 -> 0.5 => 0.59375
+    assert mean.inter_loss(features, mask).item() == pytest.approx(0.59375)
+
+
+def _two_class_batch(separation: float, channels: int = 64) -> tuple[GlobalPrototypes, Tensor, Tensor]:
+    """Prototypes of 2 classes ``separation`` apart per channel; each image's F_c sits on P_c."""
+    protos = GlobalPrototypes(num_classes=2, channels=channels, margin=1.0)
+    base = torch.randn(channels)
+    protos.prototypes.copy_(torch.stack([base, base + separation]))
+    protos.initialised.fill_(True)
+    features = protos.prototypes.clone()[None].expand(4, 2, channels).contiguous()
+    return protos, features, torch.ones(4, 2)
+
+
+def test_gpa_inter_term_fires_when_two_prototypes_are_within_the_margin_and_not_when_far():
+    near, near_features, mask = _two_class_batch(separation=0.5)  # mean squared distance 0.25 < delta
+    assert near.inter_loss(near_features, mask).item() == pytest.approx(0.75, rel=1e-5)
+    assert near.inside_margin_fraction(near_features, mask).item() == 1.0
+    far, features, mask = _two_class_batch(separation=2.0)  # 4 > delta
+    assert far.inter_loss(features, mask).item() == 0.0
+    assert far.inside_margin_fraction(features, mask).item() == 0.0
+    # the paper-literal sum over 64 channels puts even the "near" pair at 16 > delta: the issue's
+    # "inter term never fires" at width 8
+    near.distance = "sum"
+    assert near.inter_loss(near_features, mask).item() == 0.0
 
 
 def test_global_losses_use_only_labelled_images_and_update_prototypes_from_their_classes():
@@ -148,7 +180,7 @@ def test_global_losses_use_only_labelled_images_and_update_prototypes_from_their
     logits = branch(out).logits.detach()
     expected = F.binary_cross_entropy_with_logits(logits[:2], labels[:2], reduction="none").sum(1).mean()
     assert losses["bce"].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert set(losses) == {"bce", "intra", "inter"}
+    assert set(losses) == {"bce", "intra", "inter", "log_gpa_intra", "log_gpa_inter", "log_gpa_inside_margin"}
     assert branch.prototypes.initialised.all()
     # class 0's prototype is image 0's feature alone (image 1 lacks class 0, image 2 is unlabelled)
     features = branch(out).features.detach()

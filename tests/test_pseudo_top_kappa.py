@@ -47,16 +47,26 @@ def test_class_with_no_candidates_gives_its_quota_to_the_others():
     pred = [0] * 10 + [1] * 10
     conf = [0.9 - 0.01 * i for i in range(10)] * 2
     probs = _probs(pred, conf)
-    sel = class_balanced_top_kappa(probs, 0.5, torch.tensor([0.4, 0.4, 0.2]))
+    sel = class_balanced_top_kappa(probs, 0.5, torch.tensor([0.4, 0.4, 0.2]), redistribute=True)
     assert int(sel.keep.sum()) == 10 and sel.counts.tolist() == [5, 5, 0]
-    strict = class_balanced_top_kappa(probs, 0.5, torch.tensor([0.4, 0.4, 0.2]), redistribute=False)
+    strict = class_balanced_top_kappa(probs, 0.5, torch.tensor([0.4, 0.4, 0.2]))  # the default
     assert strict.counts.tolist() == [4, 4, 0]
+
+
+def test_strict_paper_rule_keeps_the_labeled_balance_when_the_minority_class_runs_short():
+    # labeled shares 5:1, K = 6 -> quotas 5 and 1; the teacher predicts class 0 for only 2 images
+    assert apportion(6, torch.tensor([5.0, 1.0]), torch.tensor([2, 6])).tolist() == [2, 1]
+    assert apportion(6, torch.tensor([5.0, 1.0]), torch.tensor([2, 6]), redistribute=True).tolist() == [2, 4]
+    probs = _probs([0] * 2 + [1] * 6, [0.9] * 8, c=2)
+    sel = class_balanced_top_kappa(probs, 0.75, torch.tensor([5.0, 1.0]))  # K = round(0.75 * 8) = 6
+    assert sel.counts.tolist() == [2, 1]
+    assert class_balanced_top_kappa(probs, 0.75, torch.tensor([5.0, 1.0]), redistribute=True).counts.tolist() == [2, 4]
 
 
 def test_short_class_keeps_all_and_rest_redistributed_in_proportion():
     pred = [0] * 40 + [1] * 40 + [2] * 2
     probs = _probs(pred, [0.7] * 82)
-    sel = class_balanced_top_kappa(probs, 0.5, torch.tensor([0.25, 0.25, 0.5]))
+    sel = class_balanced_top_kappa(probs, 0.5, torch.tensor([0.25, 0.25, 0.5]), redistribute=True)
     # K = 41: quotas 10/10/21 -> class 2 keeps its 2, the 19 left split 10/9 -> 20/19/2
     assert sel.counts.tolist() == [20, 19, 2]
 
@@ -66,7 +76,7 @@ def test_kappa_one_keeps_all_and_zero_keeps_none(mode):
     torch.manual_seed(1)
     probs = torch.softmax(torch.randn(37, 4), 1) if mode == "single" else torch.rand(37, 4)
     props = torch.tensor([0.1, 0.2, 0.3, 0.4])
-    assert bool(class_balanced_top_kappa(probs, 1.0, props, mode=mode).keep.all())
+    assert bool(class_balanced_top_kappa(probs, 1.0, props, mode=mode, redistribute=True).keep.all())
     assert not bool(class_balanced_top_kappa(probs, 0.0, props, mode=mode).keep.any())
 
 

@@ -88,12 +88,16 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)
     warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    schedule: Literal["cosine", "step", "exp", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """Cosine schedule ends at `lr * min_lr_ratio`."""
     step_milestones: list[int] = Field(default_factory=list)
     """Step schedule: multiply the lr by `step_gamma` at each of these steps."""
     step_gamma: float = Field(0.1, gt=0)
+    exp_gamma: float = Field(0.9, gt=0, le=1)
+    """Exp schedule: multiply the lr by `exp_gamma` once per epoch (Martins & Silva: 0.9)."""
+    steps_per_epoch: int | None = Field(None, gt=0)
+    """Exp schedule: optimizer steps per epoch (None: the recipe's own epoch length, where it has one)."""
     precision: Precision = "32-true"
     accumulate: int = Field(1, gt=0)
     """Micro-batches per optimizer step (gradient accumulation)."""

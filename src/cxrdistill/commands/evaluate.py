@@ -35,6 +35,28 @@ def parse_ious(values: Sequence[str]) -> list[float]:
     return sorted(set(out))
 
 
+PROTOCOLS = ("coco", "voc", "ceird")
+
+
+def apply_protocol(metrics: dict[str, Any], protocol: str, manifest: Path, predictions: Path,
+                   split: str | None, ious: Sequence[float]) -> dict[str, Any]:
+    """Replace the COCO AP block of ``metrics`` by the VOC all-point AP of ``protocol`` ("voc" /
+    "ceird"); "coco" returns ``metrics`` with ``detection.protocol = "coco"``."""
+    if protocol == "coco":
+        metrics["detection"]["protocol"] = "coco"
+        return metrics
+    from cxrdistill.eval.detection import CEIRD_PROTOCOL, VOC_PROTOCOL, voc_detection_summary
+    from cxrdistill.eval.predictions import load_ground_truth, load_predictions
+
+    gt = load_ground_truth(manifest, split=split)
+    rows = load_predictions(predictions, gt).rows
+    metrics["detection"] = voc_detection_summary(gt, rows, ious, CEIRD_PROTOCOL if protocol == "ceird" else VOC_PROTOCOL)
+    metrics["notes"] = [*metrics.get("notes", []), f"AP: {protocol} protocol (VOC all-point interpolation"
+                        + ("; scores > 0.05, 100 per image, AP 0 for classes without ground truth)"
+                           if protocol == "ceird" else ")")]
+    return metrics
+
+
 def _fmt(x: Any) -> str:
     return "undefined" if x is None else f"{x:.4f}"
 
@@ -81,12 +103,19 @@ def register(app: typer.Typer) -> None:
                                                 help="Folder of probability-map PNGs → AALS modified FROC."),
         modified_froc: bool = typer.Option(False, "--modified-froc", help="Also the AALS pixel FROC of the boxes."),
         out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics JSON here."),
+        protocol: str = typer.Option("coco", "--protocol",
+                                     help="AP protocol: 'coco' (101-point, pycocotools), 'voc' (all-point) or "
+                                          "'ceird' (VOC all-point, scores > 0.05, AP 0 for classes without "
+                                          "ground truth); docs/metrics.md."),
     ) -> None:
         """Detection mAP, FROC and AUROC (with bootstrap CIs) of a prediction file."""
         try:
+            if protocol not in PROTOCOLS:
+                raise CxrDistillError(f"--protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
             ious = parse_ious([*iou, *ctx.args])
             metrics = evaluate_files(manifest, predictions, image_scores, None if split == "all" else split,
                                      ious, froc_criterion, froc_iou, n_boot, seed, backend, heatmaps, modified_froc)
+            metrics = apply_protocol(metrics, protocol, manifest, predictions, None if split == "all" else split, ious)
         except CxrDistillError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None

@@ -369,3 +369,127 @@ def detection_summary(result: CocoResult, class_names: Sequence[str]) -> dict[st
         out["per_class"][name] = {key: _none_if_nan(float(v[k])) for key, v in per.items()}
     out["undefined_classes"] = [n for k, n in enumerate(class_names) if math.isnan(per["AP"][k])]
     return out
+
+
+# ============================================================================ VOC / CEIRD protocols
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """VOC all-point interpolated AP (VOC 2010+, keras-retinanet ``_compute_ap``): the area under the
+    precision envelope ``max_{r' >= r} p(r')``, summed where recall changes."""
+    mrec = np.concatenate(([0.0], np.asarray(recall, dtype=float), [1.0]))
+    mpre = np.concatenate(([0.0], np.asarray(precision, dtype=float), [0.0]))
+    for i in range(len(mpre) - 1, 0, -1):
+        mpre[i - 1] = max(mpre[i - 1], mpre[i])
+    changes = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[changes + 1] - mrec[changes]) * mpre[changes + 1]))
+
+
+@dataclass(frozen=True)
+class VocProtocol:
+    """How :func:`voc_evaluate` scores detections.
+
+    ``score_floor``: keep detections scoring strictly above it (CEIRD / CoE-DG ``csv_eval``: 0.05);
+    ``max_dets``: per image, best first (None: all); ``absent_class_ap``: the AP of a class without
+    ground truth in the evaluated images (None: undefined, left out of the mean — VOC; 0.0 — CEIRD).
+    """
+
+    name: str = "voc"
+    score_floor: float | None = None
+    max_dets: int | None = None
+    absent_class_ap: float | None = None
+
+
+VOC_PROTOCOL = VocProtocol()
+CEIRD_PROTOCOL = VocProtocol(name="ceird", score_floor=0.05, max_dets=100, absent_class_ap=0.0)
+
+
+def _xyxy(box: Sequence[float]) -> np.ndarray:
+    x, y, w, h = (float(v) for v in box)
+    return np.array([x, y, x + w, y + h])
+
+
+def voc_evaluate(gt: GroundTruth, rows: Sequence[dict[str, Any]], iou: float,
+                 protocol: VocProtocol = VOC_PROTOCOL) -> np.ndarray:
+    """Per-class AP ``(K,)`` at one IoU under ``protocol`` (NaN: undefined).
+
+    Detections of a class, all images merged, in score order: each takes the ground-truth box of
+    its image with the highest IoU; a true positive when that IoU is ≥ ``iou`` and the box is not yet
+    taken, else a false positive (VOC's rule; crowd / "difficult" boxes count neither way).
+    """
+    cats = gt.category_ids
+    index = {c: k for k, c in enumerate(cats)}
+    images = set(gt.image_ids)
+    truth: dict[tuple[int, int], list[tuple[np.ndarray, bool]]] = {}
+    for ann in gt.coco["annotations"]:
+        truth.setdefault((int(ann["image_id"]), index[int(ann["category_id"])]), []).append(
+            (_xyxy(ann["bbox"]), bool(ann.get("iscrowd", 0))))
+    kept = [r for r in rows if int(r["image_id"]) in images and int(r["category_id"]) in index
+            and (protocol.score_floor is None or float(r["score"]) > protocol.score_floor)]
+    if protocol.max_dets is not None:
+        per_image: dict[int, list[dict[str, Any]]] = {}
+        for r in kept:
+            per_image.setdefault(int(r["image_id"]), []).append(r)
+        kept = [r for rs in per_image.values()
+                for r in sorted(rs, key=lambda r: -float(r["score"]))[: protocol.max_dets]]
+    out = np.full(len(cats), np.nan)
+    for k in range(len(cats)):
+        n_pos = sum(1 for (img, c), boxes in truth.items() if c == k for _, crowd in boxes if not crowd)
+        if n_pos == 0:
+            out[k] = np.nan if protocol.absent_class_ap is None else protocol.absent_class_ap
+            continue
+        dets = sorted((r for r in kept if index[int(r["category_id"])] == k), key=lambda r: -float(r["score"]))
+        taken: dict[int, np.ndarray] = {}
+        tp, fp = [], []
+        for r in dets:
+            img = int(r["image_id"])
+            boxes = truth.get((img, k), [])
+            if not boxes:
+                tp.append(0), fp.append(1)
+                continue
+            gts = np.stack([b for b, _ in boxes])
+            d = _xyxy(r["bbox"])
+            w = np.clip(np.minimum(d[2], gts[:, 2]) - np.maximum(d[0], gts[:, 0]), 0, None)
+            h = np.clip(np.minimum(d[3], gts[:, 3]) - np.maximum(d[1], gts[:, 1]), 0, None)
+            inter = w * h
+            union = (d[2] - d[0]) * (d[3] - d[1]) + (gts[:, 2] - gts[:, 0]) * (gts[:, 3] - gts[:, 1]) - inter
+            overlaps = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+            best = int(overlaps.argmax())
+            used = taken.setdefault(img, np.zeros(len(boxes), dtype=bool))
+            if overlaps[best] >= iou and boxes[best][1]:
+                continue  # matched a crowd / difficult box: neither TP nor FP
+            if overlaps[best] >= iou and not used[best]:
+                used[best] = True
+                tp.append(1), fp.append(0)
+            else:
+                tp.append(0), fp.append(1)
+        tps, fps = np.cumsum(tp, dtype=float), np.cumsum(fp, dtype=float)
+        recall = tps / n_pos
+        precision = tps / np.maximum(tps + fps, np.finfo(float).eps)
+        out[k] = voc_ap(recall, precision) if len(dets) else 0.0
+    return out
+
+
+def voc_detection_summary(gt: GroundTruth, rows: Sequence[dict[str, Any]], ious: Sequence[float],
+                          protocol: VocProtocol = VOC_PROTOCOL) -> dict[str, Any]:
+    """:func:`detection_summary`'s layout (``mAP``, ``mAP@t``, ``per_class``) from :func:`voc_evaluate`."""
+    per_iou = {float(t): voc_evaluate(gt, rows, float(t), protocol) for t in ious}
+
+    def mean(values: np.ndarray) -> float | None:
+        return None if np.isnan(values).all() else float(np.nanmean(values))
+
+    stacked = np.stack(list(per_iou.values()))  # (T, K)
+    per_class_mean = np.array([math.nan if np.isnan(col).all() else float(np.nanmean(col)) for col in stacked.T])
+    return {
+        "protocol": protocol.name,
+        "iou_thresholds": [float(t) for t in ious],
+        "mAP": mean(per_class_mean),
+        **{f"mAP@{t:g}": mean(v) for t, v in per_iou.items()},
+        "per_class": {name: {"AP": _none_if_nan(float(per_class_mean[k])),
+                             **{f"AP@{t:g}": _none_if_nan(float(v[k])) for t, v in per_iou.items()}}
+                      for k, name in enumerate(gt.class_names)},
+        "settings": {"score_floor": protocol.score_floor, "max_dets": protocol.max_dets,
+                     "absent_class_ap": protocol.absent_class_ap, "interpolation": "all-point"},
+    }
+
+
+__all__ += ["CEIRD_PROTOCOL", "VOC_PROTOCOL", "VocProtocol", "voc_ap", "voc_detection_summary", "voc_evaluate"]

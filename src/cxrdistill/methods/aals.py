@@ -24,6 +24,17 @@ Switches (``method.params``): ``semi_supervised: false`` stops after pre-trainin
 "Supervised pre-training" row), ``a0: 1`` is the plain mean teacher (no sharpening),
 ``positive_fraction`` uses a seeded, nested subset of P (Fig. 3: 0 / 20 / 60 / 100 %).
 
+Augmentation and model selection (Sec. 3, "Implementation details"): every training image gets a
+random rotation, horizontal flip, intensity and contrast jitter (``augment: true``). In the semi
+stage teacher and student see *different* random views of the same image; each view's geometry is
+recorded as a 3x3 matrix (:mod:`cxrdistill.data.views`), boxes are projected into the student's
+view before they are rasterised, and the teacher's probability maps are warped from its view into
+the student's (pixels the teacher did not see carry no L_semi). ``augment: false`` is the earlier
+behaviour (no augmentation, one view for both). The model is evaluated on the validation split
+once per epoch (``val_every``) and the checkpoint with the highest validation AUROC is kept
+(``select_best``): the pre-trained student in stage 1, the EMA teacher (with the student of the same
+step) in stage 2; that teacher is the exported model.
+
 Image score = the maximum of the class map; metrics: AUROC with bootstrap CI and the AALS
 modified FROC (recall at 1–10 % false-positive pixels), also with a bootstrap CI.
 """
@@ -47,18 +58,20 @@ from torch.utils.data import DataLoader
 from cxrdistill.config import ModelConfig, RunConfig
 from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.data.study import StudyData
-from cxrdistill.engine.checkpoint import load_module_weights
+from cxrdistill.data.views import compose, invert, project_boxes, random_affine, warp_images
+from cxrdistill.engine.checkpoint import load_checkpoint, load_module_weights
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.ema import EMATeacher
+from cxrdistill.engine.loop import Trainer
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.errors import ConfigError
-from cxrdistill.eval.classification import bootstrap_indices
+from cxrdistill.eval.classification import auroc, bootstrap_indices
 from cxrdistill.eval.froc import ModifiedFroc
 from cxrdistill.eval.runs import evaluate_heatmap, write_metrics
 from cxrdistill.methods.registry import register_method
 from cxrdistill.methods.kit import headline, labeled_loader
 from cxrdistill.models.factory import build_model, export_model
-from cxrdistill.models.heatmap import HeatmapFPN, boxes_to_masks, pixel_bce_loss
+from cxrdistill.models.heatmap import HeatmapFPN, boxes_to_masks, image_scores, pixel_bce_loss
 from cxrdistill.pseudo.sharpening import asymmetric_sharpen, kl_map_loss
 
 
@@ -95,6 +108,22 @@ class AalsParams(BaseModel):
     """Bootstrap replicates for the modified-FROC CI (0: no CI)."""
     detection_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     """Map threshold whose connected regions are written as boxes to predictions.json."""
+    augment: bool = True
+    """The paper's training augmentation (rotation, flip, intensity and contrast jitter), with
+    different views for teacher and student; False: no augmentation, one view for both."""
+    rotate_deg: float = Field(10.0, ge=0.0)
+    """Largest absolute rotation (the paper gives no range)."""
+    flip_p: float = Field(0.5, ge=0.0, le=1.0)
+    intensity: float = Field(0.1, ge=0.0)
+    """Brightness jitter: a shift drawn from ±intensity (images in [0, 1])."""
+    contrast: float = Field(0.2, ge=0.0, lt=1.0)
+    """Contrast jitter: a factor drawn from 1 ± contrast about the image mean."""
+    select_best: bool = True
+    """Keep the checkpoint with the highest validation AUROC (paper); False: the final weights."""
+    val_split: str = "val"
+    """Split of the model selection (must differ from ``eval_split``)."""
+    val_every: int | None = Field(None, ge=1)
+    """Validate every this many steps (None: once per epoch of the stage's training images)."""
 
 
 # --------------------------------------------------------------------------------- the three sets
@@ -173,11 +202,14 @@ class MapTargets:
     positive: Tensor
 
 
-def map_targets(batch: dict[str, Any], num_classes: int, stride: int, positive_ids: Tensor) -> MapTargets:
-    """The R / N / P supervision of a collated batch (see :class:`MapTargets`)."""
+def map_targets(batch: dict[str, Any], num_classes: int, stride: int, positive_ids: Tensor,
+                view: AalsView | None = None) -> MapTargets:
+    """The R / N / P supervision of a collated batch (see :class:`MapTargets`); the box masks are
+    rasterised from the boxes as projected into ``view`` (None: the batch's own boxes)."""
     images = batch["image"]
     height, width = images.shape[-2:]
-    masks = boxes_to_masks(batch["boxes"], batch["labels"], num_classes, height, width, stride)
+    boxes, labels = (batch["boxes"], batch["labels"]) if view is None else (view.boxes, view.labels)
+    masks = boxes_to_masks(boxes, labels, num_classes, height, width, stride)
     has_boxes = batch["has_boxes"].to(images.device)
     weak = batch["has_image_labels"].to(images.device) & ~has_boxes
     present = batch["image_labels"].to(images)
@@ -193,22 +225,139 @@ def supervised_loss(logits: Tensor, targets: MapTargets) -> Tensor:
     return pixel_bce_loss(logits, targets.masks, weights=targets.supervised)
 
 
-def aals_losses(student_logits: Tensor, teacher_probs: Tensor, targets: MapTargets, t: float, a0: float) -> dict[str, Tensor]:
+def aals_losses(student_logits: Tensor, teacher_probs: Tensor, targets: MapTargets, t: float, a0: float,
+                seen: Tensor | None = None) -> dict[str, Tensor]:
     """L_sup and L_semi (Eqs. 1, 4–7) of one batch, each weighted by its share of the counted maps.
 
-    ``teacher_probs (B, C, h, w)``: the teacher's probability maps. Returns ``{"sup", "semi"}``
-    plus ``log_teacher_max`` / ``log_target_max`` (mean over P maps of the map maximum).
+    ``teacher_probs (B, C, h, w)``: the teacher's probability maps (in the student's view).
+    ``seen (B, 1, h, w)``: where the teacher's view covers the student's (None: everywhere); L_semi
+    counts only those pixels. Returns ``{"sup", "semi"}`` plus ``log_teacher_max`` /
+    ``log_target_max`` (mean over P maps of the map maximum).
     """
     n_sup, n_pos = targets.supervised.sum(), targets.positive.sum()
     total = (n_sup + n_pos).clamp(min=1.0)
     sharpened = asymmetric_sharpen(teacher_probs, t=t, a0=a0)
-    semi = kl_map_loss(student_logits, sharpened, mask=targets.positive[:, :, None, None])
+    mask = targets.positive[:, :, None, None]
+    if seen is not None:
+        mask = mask * seen
+    semi = kl_map_loss(student_logits, sharpened, mask=mask)
     out = {"sup": supervised_loss(student_logits, targets) * (n_sup / total), "semi": semi * (n_pos / total)}
     if n_pos > 0:
         weight = targets.positive
         out["log_teacher_max"] = (teacher_probs.flatten(2).amax(2) * weight).sum() / n_pos
         out["log_target_max"] = (sharpened.flatten(2).amax(2) * weight).sum() / n_pos
     return out
+
+
+
+# --------------------------------------------------------------------------------- views
+
+
+@dataclass
+class AalsView:
+    """One random view of a batch: ``images (B, 1, H, W)``, ``matrices (B, 3, 3)`` (input pixel
+    coordinates -> view pixel coordinates) and the batch's boxes / labels projected into it."""
+
+    images: Tensor
+    matrices: Tensor
+    boxes: list[Tensor]
+    labels: list[Tensor]
+
+
+def random_view(batch: dict[str, Any], params: AalsParams, generator: torch.Generator) -> AalsView:
+    """Rotation, flip, intensity and contrast jitter of ``batch["image"]`` (the paper's list) with
+    its geometry recorded; boxes keeping < 50 % of their area inside the view are dropped."""
+    images = batch["image"]
+    size = tuple(images.shape[-2:])
+    matrices = random_affine(len(images), image_size=size, flip_p=params.flip_p, rotate_deg=params.rotate_deg,
+                             generator=generator).to(images.device)
+    warped = warp_images(images, matrices)
+    shape = (len(images), 1, 1, 1)
+    gain = 1 + params.contrast * (2 * torch.rand(shape, generator=generator) - 1)
+    shift = params.intensity * (2 * torch.rand(shape, generator=generator) - 1)
+    mean = warped.mean(dim=(1, 2, 3), keepdim=True)
+    jittered = ((warped - mean) * gain.to(warped) + mean + shift.to(warped)).clamp(0, 1)
+    boxes, labels = [], []
+    for b, (box, label) in enumerate(zip(batch["boxes"], batch["labels"], strict=True)):
+        kept, keep = project_boxes(box, matrices[b], size)
+        boxes.append(kept)
+        labels.append(label[keep.to(label.device)])
+    return AalsView(jittered, matrices, boxes, labels)
+
+
+def identity_view(batch: dict[str, Any]) -> AalsView:
+    """The un-augmented batch as a view (``augment: false``)."""
+    images = batch["image"]
+    eye = torch.eye(3, device=images.device).expand(len(images), 3, 3).clone()
+    return AalsView(images, eye, list(batch["boxes"]), list(batch["labels"]))
+
+
+def map_matrices(source: Tensor, target: Tensor, stride: int) -> Tensor:
+    """``(B, 3, 3)``: map-pixel coordinates of the ``source`` view -> those of the ``target`` view,
+    for views ``(B, 3, 3)`` in image pixels and maps at ``stride`` (map coordinate = pixel / stride)."""
+    scale = torch.diag(torch.tensor([1.0 / stride, 1.0 / stride, 1.0], dtype=torch.float64))
+    between = compose(invert(source.detach().cpu().double()), target.detach().cpu().double())
+    return (scale @ between @ torch.linalg.inv(scale)).float().to(source.device)
+
+
+def project_maps(maps: Tensor, matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """Warp ``maps (B, C, h, w)`` by ``matrices (B, 3, 3)`` (map pixels); returns the warped maps and
+    ``valid (B, 1, h, w)``: 1 where the target pixel was seen by the source view."""
+    warped = warp_images(maps, matrices)
+    seen = warp_images(torch.ones_like(maps[:, :1]), matrices) > 0.999
+    return warped, seen.to(maps.dtype)
+
+
+def _view_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    """The views' random stream: a function of (seed, stage, step) only, so a resumed run draws the same views."""
+    digest = hashlib.sha256(f"{seed}:aals-views:{stage}:{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def view_pair(batch: dict[str, Any], params: AalsParams, seed: int, stage: str, step: int) -> tuple[AalsView, AalsView]:
+    """(teacher view, student view): two independent random views, or the batch itself twice."""
+    if not params.augment:
+        view = identity_view(batch)
+        return view, view
+    generator = _view_generator(seed, stage, step)
+    return random_view(batch, params, generator), random_view(batch, params, generator)
+
+
+# --------------------------------------------------------------------------------- model selection
+
+
+@torch.no_grad()
+def validation_auroc(model: torch.nn.Module, dataset: CXRDataset, batch_size: int) -> float:
+    """Macro AUROC (classes with both labels) of the map-maximum image scores on ``dataset``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores, truth = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        scores.append(image_scores(model(batch["image"].to(device)).float()).cpu())
+        truth.append(batch["truth_image_labels"])
+    model.train(was_training)
+    per_class = auroc(torch.cat(truth).numpy(), torch.cat(scores).numpy())
+    return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else math.nan
+
+
+def _selection_trainer(ctx: RunContext, params: AalsParams, stage: str, epoch_images: int, per_step: int) -> Trainer:
+    """A trainer for ``stage`` that validates once per epoch (``epoch_images`` at ``per_step`` images
+    per optimizer step) and keeps ``best.pt`` by ``val_AUROC``."""
+    cfg = ctx.cfg.train
+    if params.select_best:
+        every = params.val_every or max(1, math.ceil(epoch_images / max(per_step, 1)))
+        cfg = cfg.model_copy(update={"best_metric": "val_AUROC", "best_mode": "max", "eval_every": every})
+    return Trainer(cfg, ctx.run_dir, stage, fabric=ctx.fabric, console=ctx.console)
+
+
+def _load_best(trainer: Trainer, result: Any, modules: dict[str, torch.nn.Module]) -> None:
+    """Load ``best.pt`` (when the stage selected one) into ``modules``."""
+    if result.best is None or not trainer.best_path.is_file():
+        return
+    state = load_checkpoint(trainer.best_path)
+    for name, module in modules.items():
+        module.load_state_dict(state["modules"][name])
 
 
 # --------------------------------------------------------------------------------- the recipe
@@ -225,43 +374,65 @@ def build_heatmap(model_cfg: ModelConfig, num_classes: int) -> HeatmapFPN:
 
 
 
-def pretrain(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: TrainingSets, student: HeatmapFPN) -> None:
-    """Stage 1: supervised pre-training on R ∪ N (Eq. 1), or the weights of ``pretrained_checkpoint``."""
+def _validator(model: torch.nn.Module, val_set: CXRDataset | None, params: AalsParams):
+    if val_set is None:
+        return None
+    return lambda: {"val_AUROC": validation_auroc(model, val_set, params.eval_batch_size)}
+
+
+def pretrain(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: TrainingSets, student: HeatmapFPN,
+             val_set: CXRDataset | None = None) -> None:
+    """Stage 1: supervised pre-training on R ∪ N (Eq. 1), or the weights of ``pretrained_checkpoint``;
+    with ``select_best`` the student of the best validation AUROC."""
     if params.pretrained_checkpoint is not None:
         load_module_weights(params.pretrained_checkpoint, student, "student")
         return
     loader, sampler = labeled_loader(sets.dataset, sets.supervised, [], cfg.train.batch_size, 0, cfg.train.seed, ctx)
     optimizer = build_optimizer(student.parameters(), cfg.train)
-    trainer = ctx.trainer("pretrain")
+    trainer = _selection_trainer(ctx, params, "pretrain", len(sets.supervised), cfg.train.batch_size)
 
-    def step(batch: dict[str, Any], _: int) -> dict[str, Tensor]:
-        targets = map_targets(batch, student.num_classes, student.output_stride, sets.positive_ids)
-        return {"sup": supervised_loss(student(batch["image"]), targets)}
+    def step(batch: dict[str, Any], index: int) -> dict[str, Tensor]:
+        _, view = view_pair(batch, params, cfg.train.seed, "pretrain", index)
+        targets = map_targets(batch, student.num_classes, student.output_stride, sets.positive_ids, view)
+        return {"sup": supervised_loss(student(view.images), targets)}
 
     steps = cfg.train.max_steps if params.pretrain_steps is None else params.pretrain_steps
-    trainer.fit(step, {"student": student}, optimizer, loader, steps, sampler=sampler)
+    evaluate = _validator(student, val_set, params) if params.select_best else None
+    result = trainer.fit(step, {"student": student}, optimizer, loader, steps, sampler=sampler, evaluate=evaluate)
+    _load_best(trainer, result, {"student": student})
 
 
-def distill(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: TrainingSets, student: HeatmapFPN) -> EMATeacher:
-    """Stage 2: the mean teacher with AALS on R ∪ N ∪ P (Eqs. 2–7); returns the EMA teacher."""
+def distill(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: TrainingSets, student: HeatmapFPN,
+            val_set: CXRDataset | None = None) -> EMATeacher:
+    """Stage 2: the mean teacher with AALS on R ∪ N ∪ P (Eqs. 2–7); returns the EMA teacher (with
+    ``select_best``: the teacher of the best validation AUROC, and the student of that step)."""
     teacher = EMATeacher(student, decay=params.ema_decay)  # both start from the pre-trained weights
     per_batch = params.positives_per_batch or cfg.train.unlabeled_batch_size or cfg.train.batch_size
     loader, sampler = labeled_loader(sets.dataset, sets.supervised, sets.positive, cfg.train.batch_size, per_batch,
                               cfg.train.seed + 1, ctx)
     optimizer = build_optimizer(student.parameters(), cfg.train)
-    trainer = ctx.trainer("semi")
+    trainer = _selection_trainer(ctx, params, "semi", len(sets.supervised) + len(sets.positive),
+                                 cfg.train.batch_size + (per_batch if sets.positive else 0))
 
-    def step(batch: dict[str, Any], _: int) -> dict[str, Tensor]:
-        targets = map_targets(batch, student.num_classes, student.output_stride, sets.positive_ids)
+    def step(batch: dict[str, Any], index: int) -> dict[str, Tensor]:
+        teacher_view, student_view = view_pair(batch, params, cfg.train.seed, "semi", index)
+        targets = map_targets(batch, student.num_classes, student.output_stride, sets.positive_ids, student_view)
         with torch.no_grad():
-            teacher_probs = torch.sigmoid(teacher(batch["image"]))
-        losses = aals_losses(student(batch["image"]), teacher_probs, targets, params.t, params.a0)
+            teacher_probs = torch.sigmoid(teacher(teacher_view.images))
+        seen = None
+        if params.augment:  # the teacher's maps, moved from its view into the student's
+            matrices = map_matrices(teacher_view.matrices, student_view.matrices, student.output_stride)
+            teacher_probs, seen = project_maps(teacher_probs, matrices)
+        losses = aals_losses(student(student_view.images), teacher_probs, targets, params.t, params.a0, seen)
         losses["log_n_positive_maps"] = targets.positive.sum()
         return losses
 
     steps = cfg.train.max_steps if params.semi_steps is None else params.semi_steps
-    trainer.fit(step, {"student": student, "teacher": teacher}, optimizer, loader, steps, sampler=sampler,
-                on_step_end=lambda _: teacher.update(student))
+    evaluate = _validator(teacher.module, val_set, params) if params.select_best else None
+    modules = {"student": student, "teacher": teacher}
+    result = trainer.fit(step, modules, optimizer, loader, steps, sampler=sampler,
+                         on_step_end=lambda _: teacher.update(student), evaluate=evaluate)
+    _load_best(trainer, result, modules)
     return teacher
 
 
@@ -279,14 +450,24 @@ def run(cfg: RunConfig, params: AalsParams, ctx: RunContext) -> dict[str, float]
     eval_set = data.dataset(params.eval_split, with_truth=True)
     if len(eval_set) == 0:
         raise ConfigError(f"method.params.eval_split: split {params.eval_split!r} has no images")
+    val_set = None
+    if params.select_best:
+        if params.val_split == params.eval_split:
+            raise ConfigError(f"method.params.val_split: model selection on the evaluation split "
+                              f"{params.eval_split!r} would select on the test set; name another split "
+                              f"or set select_best: false")
+        val_set = data.dataset(params.val_split, with_truth=True)
+        if len(val_set) == 0:
+            raise ConfigError(f"method.params.val_split: split {params.val_split!r} has no images; "
+                              f"name another split or set select_best: false")
     student = build_heatmap(cfg.model, data.num_classes)
-    pretrain(cfg, params, ctx, sets, student)
+    pretrain(cfg, params, ctx, sets, student, val_set)
     out = _flat("pretrain", evaluate(student, eval_set, ctx.run_dir.eval / "pretrain", params))
     if not params.semi_supervised:
         return _finish(ctx, data, student, "pretrain", out)
     if not sets.positive:
         ctx.console.print("AALS: no used image-level positives (P is empty): the semi stage trains on R ∪ N only")
-    teacher = distill(cfg, params, ctx, sets, student)
+    teacher = distill(cfg, params, ctx, sets, student, val_set)
     for name, model in (("student", student), ("teacher", teacher.module)):
         out.update(_flat(name, evaluate(model, eval_set, ctx.run_dir.eval / name, params)))
     return _finish(ctx, data, teacher.module, "teacher", out)

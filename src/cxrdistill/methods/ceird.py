@@ -69,7 +69,13 @@ from cxrdistill.methods.offline import (
     split_train,
     stored_detections,
 )
-from cxrdistill.models.report import TfidfReportClassifier, TransformerReportClassifier
+from cxrdistill.models.report import (
+    CalibratedReportClassifier,
+    TfidfReportClassifier,
+    TransformerReportClassifier,
+    calibrate_report_classifier,
+    expected_calibration_error,
+)
 from cxrdistill.pseudo.report_filter import detections_to_presence, filter_boxes_by_image_labels, filter_labels_by_detections
 from cxrdistill.pseudo.sa_nms import self_adaptive_nms_batch
 from cxrdistill.pseudo.store import PseudoLabelStore
@@ -83,8 +89,9 @@ class CeirdParams(OfflineParams):
     """K, generations of co-evolution (2 in the paper, Fig. 3); 1 = no co-evolution."""
     sa_nms: bool = True
     sa_nms_iou: float = Field(0.5, gt=0.0, lt=1.0)
-    sa_nms_score_thresh: float = Field(0.5, gt=0.0, lt=1.0)
-    """Student predictions scoring at least this join the teacher's pseudo-boxes in SA-NMS."""
+    sa_nms_score_thresh: float | None = Field(None, gt=0.0, lt=1.0)
+    """Student predictions scoring at least this join the teacher's pseudo-boxes in SA-NMS (None: the
+    teacher's ``pseudo_score_thresh`` — the paper gives one confidence rule for both roles)."""
     rpdlr: bool = True
     rpdlr_source: Literal["report_model", "oracle"] = "report_model"
     """"oracle": RPDLR from the ground-truth labels (the paper's semi-oracle; the synthetic world's truth)."""
@@ -95,6 +102,11 @@ class CeirdParams(OfflineParams):
     """A report classifier's class is present (pseudo-label 1, kept by RPDLR) at this probability."""
     report_model: Literal["tfidf", "transformer"] = "tfidf"
     """TF-IDF + logistic regression (CPU speed), or a fine-tuned transformer (paper: BERT-base)."""
+    report_calibration: Literal["platt", "isotonic", "none"] | None = None
+    """Calibrate the report classifier's probabilities on the labeled reports (out-of-fold) before
+    RPDLR / APCLR threshold them at ``report_thresh`` (None: platt for tfidf; none for the
+    transformer, whose cross-fitting would train it ``report_calibration_folds`` more times)."""
+    report_calibration_folds: int = Field(5, ge=2)
     report_options: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the report classifier (e.g. ``encoder_dir`` for the transformer)."""
     report_steps: int = Field(2000, ge=1)
@@ -151,7 +163,7 @@ def fit_report_model(ctx: RunContext, stage: str, params: CeirdParams, reports: 
     done = directory / "config.json"
     cls = TfidfReportClassifier if params.report_model == "tfidf" else TransformerReportClassifier
     if done.is_file() and ctx.cfg.train.resume:
-        return cls.load(directory), False
+        return CalibratedReportClassifier.wrap_if_calibrated(cls.load(directory), directory), False
     texts, targets = list(reports.labeled_texts), reports.labeled_targets
     n_l, n_u = len(texts), 0 if pseudo is None else len(reports.unlabeled_texts)
     weights = np.ones(n_l)
@@ -163,6 +175,20 @@ def fit_report_model(ctx: RunContext, stage: str, params: CeirdParams, reports: 
         model = TfidfReportClassifier(num_classes=num_classes, **params.report_options).fit(texts, targets, weights)
     else:
         model = _fit_transformer(ctx, stage, params, texts, targets, n_l, num_classes)
+    calibration = params.report_calibration or ("platt" if params.report_model == "tfidf" else "none")
+    if calibration != "none":  # out-of-fold on the labeled reports, each fold model fitted like `model`
+        if params.report_model != "tfidf":
+            raise ConfigError("method.params.report_calibration: cross-fitted calibration is implemented for "
+                              "the tfidf report model; set report_calibration: none for the transformer")
+
+        def fit_fold(rows: np.ndarray) -> TfidfReportClassifier:
+            keep = np.concatenate([rows, np.arange(n_l, n_l + n_u)]).astype(int)
+            w = weights[keep] * len(keep) / weights[keep].sum()
+            return TfidfReportClassifier(num_classes=num_classes, **params.report_options).fit(
+                [texts[i] for i in keep], targets[keep], w)
+
+        model = calibrate_report_classifier(model, fit_fold, texts[:n_l], reports.labeled_targets, calibration,
+                                            params.report_calibration_folds, ctx.cfg.train.seed)
     if ctx.fabric.is_global_zero:
         shutil.rmtree(directory, ignore_errors=True)
         model.save(directory)  # config.json is written last: its presence marks the stage done
@@ -220,8 +246,12 @@ def evaluate_report(model: Any, data: StudyData, split: str, out_dir: Path, n_bo
     with_report = [im for im in dataset.images if (im.report or "").strip()]
     dataset.images = with_report
     probs = model.predict_proba([im.report for im in with_report])
-    return evaluate_image_scores([im.id for im in with_report], np.asarray(probs), dataset, out_dir,
-                                 split=split, n_boot=n_boot)
+    metrics = evaluate_image_scores([im.id for im in with_report], np.asarray(probs), dataset, out_dir,
+                                    split=split, n_boot=n_boot)
+    truth = np.stack([data.manifest.image_labels(im.id) for im in with_report]) if with_report else None
+    metrics["calibration"] = {"ECE": expected_calibration_error(np.asarray(probs), truth) if truth is not None
+                              else math.nan, "fit": getattr(model, "summary", None)}
+    return metrics
 
 
 # ===================================================================================== vision side
@@ -301,7 +331,11 @@ def _report_counts(targets_before: Tensor, targets_after: Tensor, names: list[st
 
 def _flat_report(metrics: dict[str, Any]) -> dict[str, float]:
     v = metrics["classification"].get("macro_AUROC")
-    return {"AUROC": math.nan if v is None else float(v)}
+    out = {"AUROC": math.nan if v is None else float(v), "ECE": metrics.get("calibration", {}).get("ECE", math.nan)}
+    fit = metrics.get("calibration", {}).get("fit") or {}
+    if "ECE_before" in fit:  # on the labeled reports, out-of-fold, before / after calibration
+        out.update(ECE_labeled_before=fit["ECE_before"], ECE_labeled_after=fit["ECE_after"])
+    return out
 
 
 @register_method("ceird", CeirdParams)
@@ -361,7 +395,8 @@ def run(cfg: RunConfig, params: CeirdParams, ctx: RunContext) -> dict[str, float
                                                                       selection.thresholds, names, present)
         # vision student k, reborn, distilled from the frozen V_{k-1} with SA-NMS and RPDLR by R_k
         student = build_detector(cfg.model, data.num_classes, cfg.train.seed + k)
-        refiner = CeirdPseudoLabels(names, params.sa_nms, params.sa_nms_iou, params.sa_nms_score_thresh, present)
+        student_thresh = params.pseudo_score_thresh if params.sa_nms_score_thresh is None else params.sa_nms_score_thresh
+        refiner = CeirdPseudoLabels(names, params.sa_nms, params.sa_nms_iou, student_thresh, present)  # one knob per role
         result, totals = distill_detector(ctx, f"vision_gen{k}", student, sets, teacher_dets, selection.thresholds,
                                           params.schedule(), refiner, cfg.train.seed + k)
         gen["counts"]["vision_pseudo_boxes_per_batch"] = totals.totals
@@ -411,6 +446,7 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
         out.update({f"vision_gen{k}/{m}": v for m, v in gen["vision"].items()})
         if "report" in gen:
             out[f"report_gen{k}/AUROC"] = gen["report"]["AUROC"]
+            out[f"report_gen{k}/ECE"] = gen["report"].get("ECE", math.nan)
     out.update(summary["generations"][-1]["vision"])
     return out
 

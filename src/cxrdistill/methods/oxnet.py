@@ -111,6 +111,10 @@ class OXnetParams(BaseModel):
     """beta of Eq. (5) after a class's first update (0 at the first)."""
     margin: float = Field(1.0, gt=0.0)
     """delta of Eq. (6)."""
+    gpa_distance: Literal["mean", "sum"] = "mean"
+    """Scale of Eq. (6)'s ``||F - P||^2``: ``mean`` over the channels (the authors' code, so delta = 1
+    is in range at any width) or ``sum`` (the paper-literal squared L2 norm; at width 8 no pair
+    falls inside the margin and L_Inter is 0). See docs/fidelity.md."""
     ema_decay: float = Field(0.99, ge=0.0, le=1.0)
     """lambda of the mean teacher (Sec. 2.3)."""
     sfl_alpha: float = Field(0.9, ge=0.0)
@@ -172,6 +176,9 @@ def global_losses(branch: GlobalBranch, out: DetectorOutput, image_labels: Tenso
         branch.prototypes.update(g.features, confidence * members)
         losses["intra"] = params.gpa_weight * branch.prototypes.intra_loss(g.features, members)
         losses["inter"] = params.gpa_weight * branch.prototypes.inter_loss(g.features, members)
+        losses["log_gpa_intra"] = losses["intra"].detach() / max(params.gpa_weight, 1e-12)
+        losses["log_gpa_inter"] = losses["inter"].detach() / max(params.gpa_weight, 1e-12)
+        losses["log_gpa_inside_margin"] = branch.prototypes.inside_margin_fraction(g.features, members)
     return losses
 
 
@@ -222,7 +229,7 @@ def omni_supervised(cfg: RunConfig, params: OXnetParams, ctx: RunContext, train:
     if params.global_head != "none":
         branch = GlobalBranch(student.backbone.out_channels[-1], student.num_classes, pooling=params.global_head,
                               level_reduce=params.level_reduce, momentum=params.prototype_momentum,
-                              margin=params.margin)
+                              margin=params.margin, distance=params.gpa_distance)
     teacher = EMATeacher(student, decay=params.ema_decay) if params.distill != "none" else None
     per_other = params.other_per_batch or cfg.train.unlabeled_batch_size or cfg.train.batch_size
     loader, sampler = labeled_loader(train, boxed, others, cfg.train.batch_size, per_other if others else 0,

@@ -14,7 +14,6 @@ images). Sigmoid outputs replace the paper's softmax (the classes are not exclus
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +24,7 @@ from torch import Tensor
 from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
 from cxrdistill.engine.context import RunContext
-from cxrdistill.engine.optim import build_optimizer
+from cxrdistill.engine.optim import build_optimizer, ramp_up
 from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_classifier
 from cxrdistill.methods.registry import register_method
@@ -70,17 +69,16 @@ class ConsistencyParams(BaseModel):
 class PiModelParams(ConsistencyParams):
     """`method.params` of ``pi_model``; defaults are the paper's."""
 
-
-def ramp_up(step: int, ramp_steps: int) -> float:
-    """The paper's Gaussian ramp-up ``exp(−5 (1 − t/T)²)``, 1 from step T on (and when T = 0)."""
-    if ramp_steps <= 0 or step >= ramp_steps:
-        return 1.0
-    return math.exp(-5.0 * (1.0 - step / ramp_steps) ** 2)
+    detach: bool = False
+    """Stop the gradient through the second branch z̃. False (the paper, Algorithm 1): both branches
+    are stochastic passes of the same network and the squared difference is back-propagated
+    through both."""
 
 
-def consistency_loss(probs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean over images of ``‖probs − targets‖² / C``; ``mask (B,)`` keeps some images (targets detached)."""
-    per_image = ((probs - targets.detach()) ** 2).mean(dim=1)
+def consistency_loss(probs: Tensor, targets: Tensor, mask: Tensor | None = None, detach: bool = True) -> Tensor:
+    """Mean over images of ``‖probs − targets‖² / C``; ``mask (B,)`` keeps some images; ``detach``:
+    no gradient through ``targets`` (temporal ensembling's targets are constants anyway)."""
+    per_image = ((probs - (targets.detach() if detach else targets)) ** 2).mean(dim=1)
     if mask is None:
         return per_image.mean()
     m = mask.to(per_image)
@@ -119,7 +117,8 @@ def run(cfg: RunConfig, params: PiModelParams, ctx: RunContext) -> dict[str, flo
         mask = batch["has_image_labels"].to(x.dtype)[:, None].expand_as(batch["image_labels"])
         weight = weight_at(step)
         return {"bce": masked_bce_with_logits(z, batch["image_labels"], mask),
-                "consistency": weight * consistency_loss(torch.sigmoid(z), torch.sigmoid(z_tilde)),
+                "consistency": weight * consistency_loss(torch.sigmoid(z), torch.sigmoid(z_tilde),
+                                                         detach=params.detach),
                 "log_w": torch.tensor(weight)}
 
     ctx.trainer("pi_model").fit(step_fn, {"model": model}, build_optimizer(model.parameters(), t), loader,
@@ -129,4 +128,4 @@ def run(cfg: RunConfig, params: PiModelParams, ctx: RunContext) -> dict[str, flo
                                                            n_boot=params.n_boot), "Π-model", model, data.class_names)
 
 
-__all__ = ["ConsistencyParams", "PiModelParams", "consistency_loss", "ramp_up", "run", "semi_sets"]
+__all__ = ["ConsistencyParams", "PiModelParams", "consistency_loss", "ramp_up", "run", "semi_sets"]  # ramp_up: engine.optim

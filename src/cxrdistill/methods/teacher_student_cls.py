@@ -35,7 +35,7 @@ kept) and ``eval/table.{json,md}`` (the layout of the paper's Table I).
 
 Stage lengths are epochs of that stage's training set (paper: 25 / 10 / 15); `train.max_steps`
 is not used by this recipe. Optimizer and schedule come from `train` (paper: Adam, lr 1e-4,
-×0.9 per epoch — use `schedule: step` with milestones, or the cosine default).
+×0.9 per epoch: `schedule: exp`, `exp_gamma: 0.9`, one decay per epoch of each stage).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ from cxrdistill.data.views import (
     warp_images,
 )
 from cxrdistill.engine.context import RunContext
-from cxrdistill.engine.optim import build_optimizer
+from cxrdistill.engine.loop import Trainer
+from cxrdistill.engine.optim import build_optimizer, with_epoch_length
 from cxrdistill.engine.sampler import RatioBatchSampler
 from cxrdistill.errors import ConfigError, CxrDistillError
 from cxrdistill.eval.classification import bootstrap_auroc, classification_summary
@@ -97,8 +98,9 @@ class Params(BaseModel):
     """Fraction of U kept as pseudo-labels (Sec. III-B; 0.75 was best in Fig. 2)."""
     soft_labels: bool = False
     """Train on the teacher's probabilities instead of hard labels (paper: hard; soft is future work)."""
-    redistribute: bool = True
-    """Hand a short class's unused quota to the other classes (see `pseudo.top_kappa`)."""
+    redistribute: bool = False
+    """False (the paper's rule): each class keeps at most its labeled-share quota. True: hand a short
+    class's unused quota to the other classes (see `pseudo.top_kappa`; breaks the class balance)."""
     generations: int = Field(1, ge=1)
     """Teacher → student rounds; the paper runs one."""
     teacher_epochs: float = Field(25.0, gt=0)
@@ -355,7 +357,8 @@ def _train_stage(ctx: RunContext, stage: str, model: ImageClassifier, dataset: T
     sampler = RatioBatchSampler(range(len(dataset)), [], cfg.batch_size, 0, seed,
                                 rank=ctx.rank, world_size=ctx.world_size)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=ctx.cfg.data.num_workers)
-    trainer = ctx.trainer(stage)
+    cfg = with_epoch_length(cfg, len(dataset))  # schedule: exp decays once per epoch of this stage
+    trainer = Trainer(cfg, ctx.run_dir, stage, fabric=ctx.fabric, console=ctx.console)
     model.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:

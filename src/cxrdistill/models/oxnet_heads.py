@@ -33,6 +33,7 @@ from cxrdistill.models.detector import DetectorOutput
 
 LevelReduce = Literal["select", "max"]
 Pooling = Literal["daa", "gap"]
+Distance = Literal["mean", "sum"]
 
 
 def local_attention(out: DetectorOutput, size: tuple[int, int], level_reduce: LevelReduce = "select") -> Tensor:
@@ -90,14 +91,25 @@ class GlobalPrototypes(nn.Module):
     Eq. (5): ``P_{t+1} = beta * P_t + (1 - beta) * sum_k p_k F_k / sum_k p_k`` per class, with
     ``beta = 0`` at a class's first update and ``momentum`` (0.7) afterwards. ``P`` and the per-class
     ``initialised`` flags are buffers, so they are checkpointed and restored with the module.
+
+    ``distance`` sets the scale of ``||F - P||^2`` in Eq. (6): ``"mean"`` (default) is the squared
+    difference *averaged* over the ``Cm`` channels, as in the authors' code (LLYXC/OXnet,
+    ``losses.py``, ``GlobalContrastiveLoss.distance``: ``torch.pow(f1 - f2, 2).mean()``), so the
+    margin ``delta = 1`` means the same at any width (their C5 has 2048 channels, ours 64);
+    ``"sum"`` is the paper-literal squared L2 norm summed over channels, where at our width no pair
+    ever falls inside ``delta = 1`` and L_Inter is identically 0 (docs/fidelity.md).
     """
 
-    def __init__(self, num_classes: int, channels: int, momentum: float = 0.7, margin: float = 1.0) -> None:
+    def __init__(self, num_classes: int, channels: int, momentum: float = 0.7, margin: float = 1.0,
+                 distance: Distance = "mean") -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"prototype momentum must be in [0, 1), got {momentum}")
+        if distance not in ("mean", "sum"):
+            raise ValueError(f"GPA distance must be 'mean' or 'sum', got {distance!r}")
         self.momentum = momentum
         self.margin = margin
+        self.distance = distance
         self.register_buffer("prototypes", torch.zeros(num_classes, channels))
         self.register_buffer("initialised", torch.zeros(num_classes, dtype=torch.bool))
 
@@ -123,22 +135,36 @@ class GlobalPrototypes(nn.Module):
         self.prototypes.copy_(torch.where(seen[:, None], updated, self.prototypes))
         self.initialised |= seen
 
+    def distances(self, features: Tensor) -> Tensor:
+        """``d[b, j, c] = ||F[b, j] - P_c||^2`` on this module's scale (see ``distance``), ``(B, N, N)``."""
+        squared = (features[:, :, None, :] - self.prototypes.detach()[None, None]).pow(2)  # (B, j, c, Cm)
+        return squared.mean(dim=3) if self.distance == "mean" else squared.sum(dim=3)
+
     def intra_loss(self, features: Tensor, mask: Tensor) -> Tensor:
         """``||F_c - P_c||^2`` averaged over the (image, class) pairs where ``mask (B, N)`` holds
         and ``P_c`` exists (Eq. 6, L_Intra); 0 when there is none."""
         valid = mask.bool() & self.initialised[None, :]
-        dist = (features - self.prototypes.detach()[None]).pow(2).sum(dim=2)  # (B, N)
+        dist = self.distances(features).diagonal(dim1=1, dim2=2)  # (B, N)
         return _masked_mean(dist, valid)
+
+    def _inter_pairs(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        num_classes = features.shape[1]
+        off_diagonal = ~torch.eye(num_classes, dtype=torch.bool, device=features.device)
+        valid = mask.bool()[:, :, None] & self.initialised[None, None, :] & off_diagonal[None]
+        return self.distances(features), valid
 
     def inter_loss(self, features: Tensor, mask: Tensor) -> Tensor:
         """``max(0, margin - ||F_j - P_c||^2)`` averaged over images, ``j`` with ``mask[b, j]``
         and initialised prototypes ``c != j`` (Eq. 6, L_Inter); 0 when there is none."""
-        num_classes = features.shape[1]
-        dist = (features[:, :, None, :] - self.prototypes.detach()[None, None]).pow(2).sum(dim=3)  # (B, j, c)
-        hinge = (self.margin - dist).clamp(min=0)
-        off_diagonal = ~torch.eye(num_classes, dtype=torch.bool, device=features.device)
-        valid = mask.bool()[:, :, None] & self.initialised[None, None, :] & off_diagonal[None]
-        return _masked_mean(hinge, valid)
+        dist, valid = self._inter_pairs(features, mask)
+        return _masked_mean((self.margin - dist).clamp(min=0), valid)
+
+    @torch.no_grad()
+    def inside_margin_fraction(self, features: Tensor, mask: Tensor) -> Tensor:
+        """Fraction of L_Inter's (image, j, c != j) pairs with ``||F_j - P_c||^2 < margin`` (the
+        pairs that give L_Inter a gradient); 0 when there is none."""
+        dist, valid = self._inter_pairs(features.detach(), mask)
+        return _masked_mean((dist < self.margin).to(dist.dtype), valid)
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -171,13 +197,15 @@ class GlobalBranch(nn.Module):
         pooling: ``"daa"`` (Eq. 3) or ``"gap"`` (the multi-task baseline's global head).
         level_reduce: how :func:`local_attention` combines pyramid levels.
         momentum, margin: GPA's ``beta`` after the first step (0.7) and ``delta`` (1).
+        distance: the scale of GPA's distance (:class:`GlobalPrototypes`).
 
     The 1x1 convolution starts at zero weight (as in the public code), so the global loss does
     not disturb a pre-trained detector in the first steps.
     """
 
     def __init__(self, in_channels: int, num_classes: int, pooling: Pooling = "daa",
-                 level_reduce: LevelReduce = "select", momentum: float = 0.7, margin: float = 1.0) -> None:
+                 level_reduce: LevelReduce = "select", momentum: float = 0.7, margin: float = 1.0,
+                 distance: Distance = "mean") -> None:
         super().__init__()
         if pooling not in ("daa", "gap"):
             raise ValueError(f"pooling must be 'daa' or 'gap', got {pooling!r}")
@@ -186,7 +214,7 @@ class GlobalBranch(nn.Module):
         self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1)
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
-        self.prototypes = GlobalPrototypes(num_classes, in_channels, momentum, margin)
+        self.prototypes = GlobalPrototypes(num_classes, in_channels, momentum, margin, distance)
 
     def forward(self, out: DetectorOutput) -> GlobalOutput:
         """Image-level logits (and DAA weights and class features) for a detector's output."""

@@ -435,3 +435,156 @@ class TransformerReportClassifier(nn.Module):
             raise CheckpointError(f"{head_path}: missing")
         model.head.load_state_dict(load_file(str(head_path)))
         return model.eval()
+
+
+# ============================================================================ calibration
+
+CALIBRATION_FILE = "calibration.json"
+CalibrationMethod = Literal["platt", "isotonic", "none"]
+
+
+def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 10) -> float:
+    """Macro ECE of ``probs (N, C)`` against 0/1 ``targets (N, C)`` (NaN: unknown, left out).
+
+    Per class: ``Σ_bins (n_bin / n) · |mean(target) − mean(prob)|`` over ``bins`` equal-width bins of
+    the probability of the positive label; the mean over classes with at least one known label.
+    """
+    probs, targets = np.asarray(probs, dtype=float), np.asarray(targets, dtype=float)
+    per_class = []
+    for c in range(probs.shape[1]):
+        known = ~np.isnan(targets[:, c])
+        if not known.any():
+            continue
+        p, y = probs[known, c], (targets[known, c] >= 0.5).astype(float)
+        which = np.minimum((p * bins).astype(int), bins - 1)
+        error = 0.0
+        for b in range(bins):
+            inside = which == b
+            if inside.any():
+                error += inside.mean() * abs(y[inside].mean() - p[inside].mean())
+        per_class.append(error)
+    return float(np.mean(per_class)) if per_class else float("nan")
+
+
+class ProbabilityCalibration:
+    """Per-class maps ``p -> calibrated p`` fitted on held-out (probability, label) pairs.
+
+    ``"platt"``: a logistic regression on ``logit(p)`` (Platt scaling); ``"isotonic"``: scikit-learn's
+    isotonic regression, stored as its step points and applied by linear interpolation. A class
+    whose known labels take a single value keeps its probabilities (identity). JSON-serialisable.
+    """
+
+    def __init__(self, method: CalibrationMethod, params: list[dict]) -> None:
+        self.method = method
+        self.params = params
+
+    @classmethod
+    def fit(cls, probs: np.ndarray, targets: np.ndarray, method: CalibrationMethod) -> ProbabilityCalibration:
+        from sklearn.isotonic import IsotonicRegression
+        from sklearn.linear_model import LogisticRegression
+
+        probs, targets = np.asarray(probs, dtype=float), np.asarray(targets, dtype=float)
+        params: list[dict] = []
+        for c in range(probs.shape[1]):
+            known = ~np.isnan(targets[:, c])
+            p, y = probs[known, c], (targets[known, c] >= 0.5).astype(int)
+            if method == "none" or np.unique(y).size < 2:
+                params.append({"kind": "identity"})
+            elif method == "platt":
+                z = logit(np.clip(p, 1e-6, 1 - 1e-6))[:, None]
+                lr = LogisticRegression(C=1e6, max_iter=1000).fit(z, y)
+                params.append({"kind": "platt", "a": float(lr.coef_[0, 0]), "b": float(lr.intercept_[0])})
+            else:
+                iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, y)
+                params.append({"kind": "isotonic", "x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()})
+        return cls(method, params)
+
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        """Calibrated ``(N, C)`` probabilities."""
+        probs = np.asarray(probs, dtype=float)
+        out = probs.copy()
+        for c, p in enumerate(self.params):
+            if p["kind"] == "platt":
+                out[:, c] = expit(p["a"] * logit(np.clip(probs[:, c], 1e-6, 1 - 1e-6)) + p["b"])
+            elif p["kind"] == "isotonic":
+                out[:, c] = np.interp(probs[:, c], p["x"], p["y"])
+        return out
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "classes": self.params}
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> ProbabilityCalibration:
+        return cls(payload["method"], list(payload["classes"]))
+
+
+def cross_fitted_probs(fit_fold, texts: Sequence[str], num_classes: int, folds: int = 5,
+                       seed: int = 0) -> np.ndarray:
+    """Out-of-fold ``(N, C)`` probabilities on the labeled ``texts``: ``fit_fold(rows)`` returns a model
+    fitted the way the real one was but with the labeled reports ``rows`` only (the other folds);
+    it predicts the held-out fold, so calibration never sees a report its model trained on."""
+    texts = list(texts)
+    n = len(texts)
+    folds = max(2, min(folds, n))
+    order = np.random.default_rng(seed).permutation(n)
+    out = np.zeros((n, num_classes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a fold may lack a class's positives: constant probability
+        for k in range(folds):
+            held = order[k::folds]
+            model = fit_fold(np.setdiff1d(order, held))
+            out[held] = model.predict_proba([texts[i] for i in held])
+    return out
+
+
+class CalibratedReportClassifier:
+    """A report classifier whose :meth:`predict_proba` passes through a :class:`ProbabilityCalibration`.
+
+    ``summary``: ``{"method", "ECE_before", "ECE_after", "n"}`` on the held-out labeled reports the
+    calibration was fitted on (ECE after calibration there is in-sample for the calibration map).
+    """
+
+    def __init__(self, base, calibration: ProbabilityCalibration, summary: dict | None = None) -> None:
+        self.base = base
+        self.calibration = calibration
+        self.summary = dict(summary or {})
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.base.num_classes)
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        return self.calibration.apply(self.base.predict_proba(texts))
+
+    def save(self, directory: str | Path) -> None:
+        """The base model's files plus ``calibration.json`` (written before the base's config.json
+        would be rewritten, so a directory with config.json and no calibration is an uncalibrated model)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_json(directory / CALIBRATION_FILE, {**self.calibration.to_dict(), "summary": self.summary})
+        self.base.save(directory)
+
+    @staticmethod
+    def wrap_if_calibrated(base, directory: str | Path):
+        """``base`` wrapped with the ``calibration.json`` of ``directory``, or ``base`` when there is none."""
+        path = Path(directory) / CALIBRATION_FILE
+        if not path.is_file():
+            return base
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        return CalibratedReportClassifier(base, ProbabilityCalibration.from_dict(payload), payload.get("summary"))
+
+
+def calibrate_report_classifier(model, fit_fold, texts: Sequence[str], targets: np.ndarray,
+                                method: CalibrationMethod, folds: int = 5, seed: int = 0):
+    """Calibrate a fitted ``model`` on the labeled reports ``texts``/``targets`` by ``method``,
+    fitted on out-of-fold probabilities (:func:`cross_fitted_probs` with ``fit_fold``); ``"none"``
+    returns ``model``."""
+    if method == "none":
+        return model
+    targets = np.asarray(targets, dtype=float)
+    held_out = cross_fitted_probs(fit_fold, texts, targets.shape[1], folds, seed)
+    calibration = ProbabilityCalibration.fit(held_out, targets, method)
+    summary = {"method": method, "n": len(texts), "folds": folds,
+               "ECE_before": expected_calibration_error(held_out, targets),
+               "ECE_after": expected_calibration_error(calibration.apply(held_out), targets)}
+    return CalibratedReportClassifier(model, calibration, summary)

@@ -5,13 +5,14 @@ proportionally to the class distribution seen on the labeled dataset" (κ = 0.75
 
 Choices the paper leaves open, made here and tested:
 
-- **Quota shortfall.** When a class has fewer candidates than its quota, all of them are kept and,
-  by default (``redistribute=True``), the unused quota is handed to the classes that still have
-  candidates, again in proportion to their labeled shares, until K images are kept or no
-  candidate is left. The paper states K = κ·N_u as the number of images kept and sweeps κ as "the
-  proportion of images that will be kept" (Fig. 2), so κ = 1 keeps every image; the class balance
-  is honoured as far as the candidates allow. ``redistribute=False`` keeps the quotas strict
-  (fewer than K images when a class runs short).
+- **Quota shortfall.** When a class has fewer candidates than its quota, all of them are kept and
+  by default (``redistribute=False``, the paper's rule) no other class takes over the unused
+  quota: each class keeps at most its labeled share of K, so fewer than K images are kept and the
+  balance the paper guarantees holds (quotas 5:1 against candidates 2:6 keep 2:1).
+  ``redistribute=True`` (the toolkit's earlier default) hands the unused quota to the classes
+  that still have candidates, in proportion to their labeled shares, until K images are kept;
+  then a teacher that under-predicts the minority class pushes its quota into the majority class
+  (the same example keeps 2:4).
 - **Rounding.** K = floor(κ·N + 0.5); per-class quotas by the largest-remainder method, so they
   sum to K exactly; equal remainders go to the lower class index.
 - **Ties.** Within a class the most confident come first; equal confidences keep the lower image
@@ -61,7 +62,7 @@ def _largest_remainder(total: int, weights: Tensor) -> Tensor:
     return base
 
 
-def apportion(total: int, weights: Tensor, capacity: Tensor, redistribute: bool = True) -> Tensor:
+def apportion(total: int, weights: Tensor, capacity: Tensor, redistribute: bool = False) -> Tensor:
     """Per-class quotas (C,) long: ``total`` split in proportion to ``weights``, capped by ``capacity``.
 
     With ``redistribute``, quota a class cannot use goes to the classes that still have capacity
@@ -130,7 +131,7 @@ def class_balanced_top_kappa(
     class_proportions: Tensor,
     mode: Literal["single", "multi"] = "single",
     soft: bool = False,
-    redistribute: bool = True,
+    redistribute: bool = False,
 ) -> TopKappaSelection:
     """Select the κ most confident pseudo-labels, class-balanced like the labeled set.
 
@@ -142,7 +143,8 @@ def class_balanced_top_kappa(
             weights, normalised here) or per-class prevalences in [0, 1] (``"multi"``).
         mode: ``"single"`` (one class per image: argmax) or ``"multi"`` (multi-hot).
         soft: return the teacher probabilities as labels instead of hard 0/1 labels.
-        redistribute: hand unused quota of short classes to the others (see module docstring).
+        redistribute: hand unused quota of short classes to the others (default False, the paper's
+            strict quotas; see module docstring).
 
     Returns:
         :class:`TopKappaSelection` with ``keep`` (N,) bool (single) or (N, C) bool (multi).
