@@ -19,7 +19,8 @@ RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "supervised_heatmap": (HEATMAP, {}),
     "supervised_classifier": (CLASSIFIER, {}),
     "supervised_report": ({"kind": "report"}, {}),
-    "mean_teacher": (DETECTOR, {"threshold": 0.01, "burn_in_steps": STEPS}),
+    "mean_teacher": (DETECTOR, {"burn_in_steps": STEPS}),
+    "unbiased_teacher": (DETECTOR, {"threshold": 0.01, "burn_in_steps": STEPS}),
     "soft_teacher": (DETECTOR, {"threshold": 0.01, "burn_in_steps": STEPS}),
     "stac": (DETECTOR, {"threshold": 0.01}),
     "tsd": (DETECTOR, {"pseudo_score_thresh": 0.01, "predict_batch_size": 2, "topk_candidates": 50}),
@@ -39,6 +40,7 @@ RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 # recipe -> (data overrides, train overrides)
 SECTIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "mean_teacher": ({}, {"max_steps": 2 * STEPS}),       # burn-in 4 steps, then 4 mean-teacher steps
+    "unbiased_teacher": ({}, {"max_steps": 2 * STEPS}),
     "soft_teacher": ({}, {"max_steps": 2 * STEPS}),
     "teacher_student_cls": ({"weak_fraction": 0.0}, {}),  # enough unlabeled images for a pseudo pass
 }

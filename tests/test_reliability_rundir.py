@@ -31,7 +31,8 @@ def _weights(out):
     return torch.load(out / "model.pt", weights_only=True)
 
 
-def test_a_different_config_in_a_run_folder_stops_and_no_resume_moves_it_aside(tmp_path):
+def test_a_different_config_in_a_run_folder_stops_and_no_resume_moves_it_aside(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRDISTILL_STAGE_STORE", "off")  # the teacher trains in this run folder
     out = tmp_path / "RUN"
     first = _train(out, "train.max_steps=2")
     assert first.exit_code == 0, first.output
@@ -57,7 +58,7 @@ def test_a_different_config_in_a_run_folder_stops_and_no_resume_moves_it_aside(t
     assert (tmp_path / "RUN.old-1" / "model.pt").read_bytes() == old_model  # the old run, moved aside
     assert (out / "model.pt").read_bytes() != old_model
     assert json.loads((out / "run.json").read_text())["train.seed"] == 7
-    done = json.loads((out / "checkpoints" / "vision_gen0" / "done.json").read_text())
+    done = json.loads((out / "checkpoints" / "supervised" / "done.json").read_text())
     assert done["step"] == 3 and done["resumed_from"] is None
 
 

@@ -35,7 +35,7 @@ def _run(world, out, method: str, params: dict | None = None, steps: int = 3, lr
                   "options": {"fpn_channels": 8, "fpn_levels": [3, 4], "head_convs": 1}},
         "train": {"max_steps": steps, "batch_size": 3, "lr": lr, "progress": False, "tensorboard": False,
                   "checkpoint_every": 1},
-        "method": {"name": method, "params": {"n_boot": 10, **({} if method == "mean_teacher" else
+        "method": {"name": method, "params": {"n_boot": 10, **({} if method in ("mean_teacher", "unbiased_teacher") else
                                                                {"topk_candidates": 50}), **(params or {})}},
         "output_dir": str(out),
     })
@@ -160,7 +160,7 @@ def test_study_table_shows_delta_vs_own_teacher_and_the_baseline_is_that_teacher
 
 
 
-@pytest.mark.parametrize("method,selection", [("stac", "precision@0.8"), ("mean_teacher", "topk_per_class"),
+@pytest.mark.parametrize("method,selection", [("stac", "precision@0.8"), ("unbiased_teacher", "topk_per_class"),
                                               ("tsd", "topk_per_class")])
 def test_every_detection_recipe_takes_a_pseudo_selection_and_reports_delta_vs_own_teacher(world, tmp_path,
                                                                                          monkeypatch, method,
