@@ -68,6 +68,10 @@ def run_training(
     if ctx.fabric.is_global_zero:
         run_dir.write_config(cfg)
         run_dir.write_environment()
+        if cfg.model.pretrained is not None:  # sha256 + licence of the weights the run starts from
+            from cxrdistill.models.pretrained import record_pretrained
+
+            record_pretrained(run_dir.environment_path, cfg.model)
     seed_everything(cfg.train.seed, verbose=False)
     metrics = dict(spec.run(cfg, params, ctx))
     if ctx.fabric.is_global_zero:
