@@ -203,3 +203,12 @@ def test_imagenet_lite0_recognises_the_sklearn_sample_photos(tmp_path, monkeypat
     model = build_model(ModelConfig(kind="detector", backbone="efficientnet_lite0", pretrained="imagenet",
                                     options={"fpn_channels": 16, "head_convs": 1, "fpn_levels": [3, 4, 5]}), 2)
     torch.testing.assert_close(model.backbone._conv_stem.weight, net._conv_stem.weight.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("name", ["tbx11k_lite0", "tbx11k_resnet18_scratch"])
+def test_packaged_real_configs_validate(name):
+    from cxrdistill.resources import resolve_config_path
+
+    cfg = load_config(resolve_config_path(f"real/{name}"))
+    assert cfg.data.image_size == 256 and cfg.train.max_steps == 500
+    assert cfg.model.backbone in ("efficientnet_lite0", "resnet18")
