@@ -104,6 +104,8 @@ class ImageClassifier(nn.Module):
             base_width = BACKBONES[arch] // TINY_DIVISOR
         try:
             if arch == "densenet121" and tiny:  # a shallow miniature, as before: 2 layers per block
+                if output_stride != 32:
+                    raise ValueError("output_stride: only the ResNet backbones can change it (densenet121 is 32)")
                 self.backbone = DenseNetBackbone(in_channels, base_width or 8, block_config=(2, 2, 2, 2), bn_size=2)
             else:
                 self.backbone = build_backbone(arch, in_channels, base_width, output_stride=output_stride)
