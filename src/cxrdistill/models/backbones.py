@@ -1,12 +1,30 @@
-"""One-channel ResNet backbones (MONAI's ResNet, 2-D) that return the C2..C5 feature maps.
+"""The backbone registry, and one-channel ResNet backbones (MONAI's ResNet, 2-D).
 
-Layer names match torchvision's ResNet (``conv1``, ``bn1``, ``layer1.0.conv1`` ...), so ImageNet
-weights load with :func:`cxrdistill.models.pretrained.load_imagenet_resnet`.
+Every backbone maps ``(B, in_channels, H, W)`` images in ``[0, 1]`` to ``[C2, C3, C4, C5]`` with
+strides ``(4, 8, 16, 32)`` (``.strides``; a ResNet with ``output_stride`` 16 / 8 keeps the last
+stages finer) and channels ``.out_channels``, so each one fits the RetinaNet-FPN, the heat-map FPN
+and the classifier. :func:`build_backbone` names them:
+
+==========================  =====================  =============================  ===========
+name                        standard ``base_width``  C2..C5 channels (standard)   weights
+==========================  =====================  =============================  ===========
+resnet18 / resnet34         64                     64, 128, 256, 512              bring a file
+resnet50 / resnet101        64                     256, 512, 1024, 2048           bring a file
+densenet121                 64 (initial features)  256, 512, 1024, 1024           bring a file
+efficientnet_lite0          32 (stem)              24, 40, 112, 320               ``imagenet``
+efficientnet_lite1          32                     24, 40, 112, 320               ``imagenet``
+efficientnet_lite2          32                     24, 48, 120, 352               ``imagenet``
+==========================  =====================  =============================  ===========
+
+A smaller ``base_width`` scales every channel (tiny test models). Layer names match torchvision's
+ResNet (``conv1``, ``bn1``, ``layer1.0.conv1`` ...), so ImageNet weights load with
+:func:`cxrdistill.models.pretrained.load_pretrained`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.networks.nets.resnet import ResNet
@@ -118,6 +136,47 @@ class ResNetBackbone(nn.Module):
         c4 = body.layer3(c3)
         c5 = body.layer4(c4)
         return [c2, c3, c4, c5]
+
+
+#: every name ``model.backbone`` accepts -> its standard ``base_width``
+BACKBONES: dict[str, int] = {
+    "resnet18": 64, "resnet34": 64, "resnet50": 64, "resnet101": 64, "densenet121": 64,
+    "efficientnet_lite0": 32, "efficientnet_lite1": 32, "efficientnet_lite2": 32,
+}
+
+
+def build_backbone(
+    name: str, in_channels: int = 1, base_width: int | None = None, freeze_bn: bool = False, output_stride: int = 32
+) -> nn.Module:
+    """The backbone ``name`` (a key of :data:`BACKBONES`); ``base_width`` None: the standard width.
+
+    Returns a module whose ``forward`` gives ``[C2, C3, C4, C5]`` with ``.strides`` and
+    ``.out_channels``. ``output_stride`` 16 / 8 is available for the ResNets only.
+
+    Raises:
+        ValueError: unknown name, or an option this backbone does not have.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    width = BACKBONES[name] if base_width is None else int(base_width)
+    if name.startswith("resnet"):
+        return ResNetBackbone(int(name.removeprefix("resnet")), in_channels, width, freeze_bn=freeze_bn,
+                              output_stride=output_stride)
+    if output_stride != 32:
+        raise ValueError(f"output_stride: only the ResNet backbones can change it ({name} is 32)")
+    if name == "densenet121":
+        from cxrdistill.models.densenet import DenseNetBackbone
+
+        return DenseNetBackbone(in_channels, width, freeze_bn=freeze_bn)
+    from cxrdistill.models.efficientnet import EfficientNetLiteBackbone
+
+    return EfficientNetLiteBackbone(name, in_channels, width, freeze_bn=freeze_bn)
+
+
+def backbone_name(model_cfg: Any) -> str:
+    """``model.backbone`` if set, else ``resnet{model.depth}`` (the former spelling)."""
+    name = getattr(model_cfg, "backbone", None)
+    return str(name) if name else f"resnet{model_cfg.depth}"
 
 
 def _remove_stride(stage: nn.Sequential, dilation: int) -> None:

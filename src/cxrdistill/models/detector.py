@@ -27,7 +27,7 @@ from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork,
 from torch import Tensor, nn
 
 from cxrdistill.engine.distributed import global_mean
-from cxrdistill.models.backbones import ResNetBackbone, conv_stack, init_normal, prior_bias
+from cxrdistill.models.backbones import build_backbone, conv_stack, init_normal, prior_bias
 from cxrdistill.models.losses import giou_loss, pairwise_box_iou, sigmoid_focal_loss
 
 BOX_LOSSES = ("smooth_l1", "giou")
@@ -168,14 +168,14 @@ class _DenseHead(nn.Module):
 
 
 class RetinaNet(nn.Module):
-    """RetinaNet (Lin et al. 2017) on a one-channel ResNet-FPN.
+    """RetinaNet (Lin et al. 2017) on a one-channel FPN over any registered backbone (ResNet by default).
 
     Args:
         num_classes: ``C``.
         depth: ResNet depth (18, 34, 50, 101).
         in_channels: image channels.
-        base_width: first-stage ResNet width (64 standard; 8 for tiny test models).
-        freeze_bn: keep the backbone's BatchNorm frozen (see :class:`ResNetBackbone`).
+        base_width: backbone width (None / standard: 64 ResNet & DenseNet, 32 EfficientNet-Lite; e.g. 8 for tiny test models).
+        freeze_bn: keep the backbone's BatchNorm frozen.
         fpn_channels: FPN and head width.
         fpn_levels: contiguous pyramid levels in [2, 7]; level ``l`` has stride ``2**l``
             (levels 6, 7 are RetinaNet's extra P6/P7 convs on P5).
@@ -194,6 +194,8 @@ class RetinaNet(nn.Module):
         sync_normaliser: under DDP, divide the losses by the mean positive-anchor count over all
             ranks (one all-reduce of a scalar per training loss), so the averaged gradient is that
             of one process on the global batch. Every rank must then call :meth:`loss` in lockstep.
+        backbone: a name of :data:`~cxrdistill.models.backbones.BACKBONES` (e.g.
+            ``efficientnet_lite0``); None: ``resnet{depth}``.
     """
 
     def __init__(
@@ -220,6 +222,7 @@ class RetinaNet(nn.Module):
         focal_gamma: float = 2.0,
         score_weighted_box_loss: bool = True,
         sync_normaliser: bool = True,
+        backbone: str | None = None,
     ) -> None:
         super().__init__()
         levels = tuple(int(level) for level in fpn_levels)
@@ -250,7 +253,7 @@ class RetinaNet(nn.Module):
         self.score_weighted_box_loss = score_weighted_box_loss
         self.sync_normaliser = sync_normaliser
 
-        self.backbone = ResNetBackbone(depth, in_channels, base_width, freeze_bn=freeze_bn)
+        self.backbone = build_backbone(backbone or f"resnet{depth}", in_channels, base_width, freeze_bn=freeze_bn)
         self._backbone_levels = [level for level in levels if level <= 5]
         extra = LastLevelP6P7(2, fpn_channels, fpn_channels) if levels[-1] > 5 else None
         self.fpn = FeaturePyramidNetwork(

@@ -23,36 +23,45 @@ EXPORT_VERSION = 1
 def build_model(model_cfg: Any, num_classes: int, expect: str | None = None) -> nn.Module:
     """The network of `model_cfg` (a `config.ModelConfig`) with `num_classes` outputs.
 
-    `depth` and `base_width` go to the ResNet backbone; `options` to the model's constructor;
-    `pretrained` loads ImageNet weights (torchvision ResNet format) into the backbone.
-    `expect` names the kind a recipe trains: another kind is a `ConfigError` that says so.
+    `backbone` (or `resnet{depth}`) and `base_width` choose the backbone; `options` go to the
+    model's constructor; `pretrained` loads weights into the backbone (`models.pretrained`:
+    `imagenet`, a local file / HF directory, or a URL). `expect` names the kind a recipe trains:
+    another kind is a `ConfigError` that says so.
     """
+    from cxrdistill.models.backbones import backbone_name
+
     kind = model_cfg.kind
     if expect is not None and kind != expect:
         raise ConfigError(f"model.kind: this recipe trains a {expect}; set model.kind={expect} (got {kind!r})")
     options = dict(model_cfg.options)
+    explicit = getattr(model_cfg, "backbone", None)
     try:
         if kind == "detector":
             from cxrdistill.models.detector import RetinaNet
 
-            model: nn.Module = RetinaNet(num_classes, depth=model_cfg.depth, base_width=model_cfg.base_width, **options)
+            model: nn.Module = RetinaNet(num_classes, depth=model_cfg.depth, base_width=model_cfg.base_width,
+                                         backbone=explicit, **options)
         elif kind == "heatmap":
             from cxrdistill.models.heatmap import HeatmapFPN
 
-            model = HeatmapFPN(num_classes, depth=model_cfg.depth, base_width=model_cfg.base_width, **options)
+            model = HeatmapFPN(num_classes, depth=model_cfg.depth, base_width=model_cfg.base_width,
+                               backbone=explicit, **options)
         elif kind == "classifier":
             from cxrdistill.models.classifier import ImageClassifier
 
-            options.setdefault("arch", f"resnet{model_cfg.depth}")
+            if explicit is not None:  # the new spelling: model.backbone + model.base_width
+                options.setdefault("arch", explicit)
+                options.setdefault("base_width", model_cfg.base_width)
+            options.setdefault("arch", backbone_name(model_cfg))
             return ImageClassifier(num_classes=num_classes, pretrained=model_cfg.pretrained, **options)
         else:
             raise ConfigError(f"model.kind: {kind!r} is not an image model; choose one of {list(MODEL_KINDS)}")
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"model.options: {err}") from None
     if model_cfg.pretrained is not None:
-        from cxrdistill.models.pretrained import load_imagenet_resnet
+        from cxrdistill.models.pretrained import load_pretrained
 
-        load_imagenet_resnet(model.backbone, model_cfg.pretrained)
+        model.pretrained_report = load_pretrained(model.backbone, model_cfg.pretrained)
     return model
 
 

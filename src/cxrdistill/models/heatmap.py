@@ -16,7 +16,7 @@ from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork
 from scipy import ndimage
 from torch import Tensor, nn
 
-from cxrdistill.models.backbones import ResNetBackbone, conv_stack, init_normal, prior_bias
+from cxrdistill.models.backbones import build_backbone, conv_stack, init_normal, prior_bias
 
 OUTPUT_STRIDES = (4, 8, 16, 32)
 
@@ -27,8 +27,9 @@ class HeatmapFPN(nn.Module):
 
     Args:
         num_classes: ``C``.
-        depth, in_channels, base_width: backbone settings (see :class:`ResNetBackbone`).
-        freeze_bn: keep the backbone's BatchNorm frozen (see :class:`ResNetBackbone`).
+        depth, in_channels, base_width: backbone settings (see :func:`~cxrdistill.models.backbones.build_backbone`).
+        backbone: a registered backbone name; None: ``resnet{depth}``.
+        freeze_bn: keep the backbone's BatchNorm frozen.
         fpn_channels: FPN width.
         output_stride: 4, 8, 16 or 32.
         head_convs: 3x3 conv layers before the 1x1 classifier.
@@ -48,6 +49,7 @@ class HeatmapFPN(nn.Module):
         output_stride: int = 4,
         head_convs: int = 1,
         prior: float = 0.01,
+        backbone: str | None = None,
     ) -> None:
         super().__init__()
         if output_stride not in OUTPUT_STRIDES:
@@ -56,7 +58,7 @@ class HeatmapFPN(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.output_stride = output_stride
-        self.backbone = ResNetBackbone(depth, in_channels, base_width, freeze_bn=freeze_bn)
+        self.backbone = build_backbone(backbone or f"resnet{depth}", in_channels, base_width, freeze_bn=freeze_bn)
         self._first = OUTPUT_STRIDES.index(output_stride)  # index of the first backbone map used
         self.fpn = FeaturePyramidNetwork(
             spatial_dims=2, in_channels_list=self.backbone.out_channels[self._first :], out_channels=fpn_channels

