@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from cxrdistill.commands.train import run_training
+from cxrdistill.run import run_training
 from cxrdistill.data.manifest import load_manifest, manifest_from_dict
 from cxrdistill.data.splits import make_semi_split
 from cxrdistill.data.synthetic import make_world

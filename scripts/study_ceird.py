@@ -36,7 +36,7 @@ IOUS = (0.25, 0.5, 0.75)
 
 def run_synthetic(seeds: list[int], out: Path, config: Path, extra: list[str], n_boot: int,
                   rows: list[str]) -> None:
-    from cxrdistill.commands.train import run_training
+    from cxrdistill.run import run_training
 
     for seed in seeds:
         teacher = None

@@ -28,7 +28,7 @@ import torch
 import yaml
 from scipy import stats
 
-from cxrdistill.commands.train import run_training
+from cxrdistill.run import run_training
 from cxrdistill.data.manifest import manifest_from_dict
 
 REPO = Path(__file__).resolve().parents[1]

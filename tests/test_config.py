@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from cxrdistill.config import RunConfig, dump_config, load_config
 from cxrdistill.errors import ConfigError
 from cxrdistill.methods import registry
-from cxrdistill.methods.registry import get_method, register_method, validate_method_params
+from cxrdistill.methods.registry import get_method, load_run_config, register_method, validate_method_params
 
 
 class ToyParams(BaseModel):
@@ -64,11 +64,11 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path):
 def test_method_params_are_validated_by_the_method(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "_scanned", True)  # only this file's method: skip importing every recipe
     with pytest.raises(ConfigError, match=r"method\.params\.kapa: unknown parameter .*did you mean 'kappa'"):
-        load_config(write(tmp_path, BASE), ["method.params.kapa=1"])
+        load_run_config(write(tmp_path, BASE), ["method.params.kapa=1"])
     with pytest.raises(ConfigError, match=r"method\.params\.generations: expected int, got 'two'"):
-        load_config(write(tmp_path, BASE), ["method.params.generations=two"])
+        load_run_config(write(tmp_path, BASE), ["method.params.generations=two"])
     with pytest.raises(ConfigError, match=r"unknown method 'config_test_tyo'; did you mean 'config_test_toy'"):
-        load_config(write(tmp_path, BASE), ["method.name=config_test_tyo"])
+        load_run_config(write(tmp_path, BASE), ["method.name=config_test_tyo"])
     assert get_method("config_test_toy").params_cls is ToyParams
 
 

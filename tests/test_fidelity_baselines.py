@@ -105,7 +105,7 @@ def _tiny_config(tmp_path, method: str, **params):
 def test_detection_baselines_run_end_to_end(tmp_path, method, params, logged):
     import csv
 
-    from cxrdistill.commands.train import run_training
+    from cxrdistill.run import run_training
 
     torch.set_num_threads(1)
     metrics = run_training(_tiny_config(tmp_path, method, **params), [], output_dir=tmp_path / "run")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 import yaml
 
-from cxrdistill.commands.train import run_training
+from cxrdistill.run import run_training
 from cxrdistill.config import load_config
 from cxrdistill.engine.ema import EMATeacher
 from cxrdistill.errors import ConfigError

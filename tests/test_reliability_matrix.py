@@ -67,7 +67,7 @@ def _config(root: Path, recipe: str, out: Path) -> Path:
 def _train(config: Path) -> None:
     from rich.console import Console
 
-    from cxrdistill.commands.train import run_training
+    from cxrdistill.run import run_training
 
     run_training(config, [], console=Console(file=open(os.devnull, "w")))
 

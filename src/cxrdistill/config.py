@@ -15,10 +15,8 @@ valid one; a wrong type names the key, the expected type and the value given.
 from __future__ import annotations
 
 import difflib
-import types
-import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -31,6 +29,7 @@ from pydantic import (
 )
 
 from cxrdistill.errors import ConfigError
+from cxrdistill.validation import _leaf_types, format_validation_error
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed"]
 
@@ -185,7 +184,8 @@ class RunConfig(_Section):
 def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config, apply `a.b.c=value` overrides (values parsed as YAML), validate.
 
-    The method's `params` are validated by the method's own class, so a typo there fails here too.
+    The method's `params` are validated by the recipe's own class in
+    `methods.registry.load_run_config` (and by `cxrdistill train`), not here: this module knows no recipe.
     Raises `ConfigError` for an unreadable file, a malformed override, an unknown key or a bad value.
     """
     raw: dict[str, Any] = {}
@@ -204,11 +204,7 @@ def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] 
         raw = loaded or {}
     for override in overrides:
         apply_override(raw, override)
-    cfg = validate_config(raw, source=str(path) if path is not None else "config")
-    from cxrdistill.methods.registry import validate_method_params
-
-    validate_method_params(cfg.method.name, cfg.method.params)
-    return cfg
+    return validate_config(raw, source=str(path) if path is not None else "config")
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
@@ -244,109 +240,3 @@ def dump_config(cfg: RunConfig, path: Path | str) -> None:
     """Write the resolved config (every default filled in) as YAML that `load_config` reads back."""
     data = cfg.model_dump(mode="json")
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-
-
-# --------------------------------------------------------------------------- error messages
-
-
-def format_validation_error(err: ValidationError, model: type[BaseModel], source: str, prefix: str = "") -> str:
-    """One line per bad key: unknown keys with a suggestion, wrong types with expected type and value."""
-    lines: dict[str, str] = {}
-    for item in err.errors():
-        owner, field_path, rest = _walk(model, item["loc"])
-        key = ".".join(str(p) for p in (*([prefix] if prefix else []), *field_path))
-        if not key:  # e.g. a non-string key at the top level
-            key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            name = str(field_path[-1]) if field_path else str(rest[0] if rest else "?")
-            if owner is None:
-                continue
-            lines.setdefault(key, f"{key}: unknown key{_suggest(name, list(owner.model_fields))}")
-        elif item["type"] == "missing":
-            lines.setdefault(key, f"{key}: required key is missing")
-        else:
-            expected = _describe(_field_annotation(model, field_path))
-            value = item.get("input")
-            lines.setdefault(
-                key,
-                f"{key}: expected {expected}, got {value!r} ({type(value).__name__}): {item['msg']}",
-            )
-    body = "\n  ".join(lines.values())
-    return f"{source}: invalid run config:\n  {body}"
-
-
-def _leaf_types(annotation: Any) -> set[Any]:
-    """The plain types in an annotation: `int | None` -> {int, NoneType}; containers are left out."""
-    if typing.get_origin(annotation) is Annotated:
-        return _leaf_types(typing.get_args(annotation)[0])
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        return set().union(*(_leaf_types(a) for a in typing.get_args(annotation)))
-    return {annotation} if isinstance(annotation, type) else set()
-
-
-#: Names from other toolkits that spelling similarity does not find.
-_ALIASES = {"learning_rate": "lr", "steps": "max_steps", "num_steps": "max_steps", "wd": "weight_decay",
-            "clip_grad": "grad_clip", "gradient_clip_val": "grad_clip", "workers": "num_workers"}
-
-
-def _suggest(name: str, valid: list[str]) -> str:
-    close = [_ALIASES[name]] if _ALIASES.get(name) in valid else \
-        difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{hint} (valid keys: {', '.join(valid)})"
-
-
-def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, list[Any], list[Any]]:
-    """Follow `loc` through nested models: (model owning the last field, field path, leftover loc)."""
-    current: type[BaseModel] | None = model
-    owner: type[BaseModel] | None = model
-    path: list[Any] = []
-    for index, part in enumerate(loc):
-        if current is None or not isinstance(part, str):
-            return owner, path, list(loc[index:])
-        owner = current
-        path.append(part)
-        field = current.model_fields.get(part)
-        if field is None:  # an unknown key: `owner` is where it was written
-            return owner, path, list(loc[index + 1 :])
-        current = _model_in(field.annotation)
-    return owner, path, []
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return None
-
-
-def _field_annotation(model: type[BaseModel], path: list[Any]) -> Any:
-    current: Any = model
-    annotation: Any = None
-    for part in path:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return annotation
-        field = current.model_fields.get(part)
-        if field is None:
-            return None
-        annotation = field.annotation
-        current = annotation
-    return annotation
-
-
-def _describe(annotation: Any) -> str:
-    """A short human name for a type annotation: `int`, `one of 'a', 'b'`, `float or None`."""
-    if annotation is None:
-        return "a valid value"
-    if annotation is type(None):
-        return "None"
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _describe(typing.get_args(annotation)[0])
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(annotation))
-    if origin is not None:
-        args = ", ".join(_describe(a) for a in typing.get_args(annotation))
-        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
-    return getattr(annotation, "__name__", str(annotation))

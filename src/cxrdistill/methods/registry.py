@@ -26,6 +26,8 @@ from pydantic import BaseModel, ValidationError
 from cxrdistill.errors import ConfigError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from cxrdistill.config import RunConfig
     from cxrdistill.engine.context import RunContext
 
@@ -88,7 +90,7 @@ def available_methods() -> list[str]:
 
 def validate_method_params(name: str, params: dict[str, Any]) -> BaseModel:
     """`method.params` as the recipe's own model; unknown keys and bad values raise `ConfigError`."""
-    from cxrdistill.config import _suggest, format_validation_error
+    from cxrdistill.validation import _suggest, format_validation_error
 
     spec = get_method(name)
     fields = spec.params_cls.model_fields
@@ -122,3 +124,12 @@ def _import_all() -> None:
         except Exception as err:  # noqa: BLE001 - reported in get_method's error, never dropped
             _IMPORT_FAILURES[module] = f"{type(err).__name__}: {err}"
     _scanned = True
+
+
+def load_run_config(path: "Path | str | None", overrides: "list[str] | tuple[str, ...]" = ()) -> "RunConfig":
+    """`config.load_config` and the recipe's own validation of `method.params` (a typo there fails here)."""
+    from cxrdistill.config import load_config
+
+    cfg = load_config(path, overrides)
+    validate_method_params(cfg.method.name, cfg.method.params)
+    return cfg

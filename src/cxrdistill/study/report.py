@@ -15,8 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cxrdistill.errors import CxrDistillError  # noqa: E402
-from cxrdistill.study.runner import Cell, fraction_tag  # noqa: E402
-from cxrdistill.study.spec import StudySpec  # noqa: E402
+from cxrdistill.study.spec import Cell, StudySpec, fraction_tag  # noqa: E402
 from cxrdistill.study.table import format_delta, format_markdown, format_mean  # noqa: E402
 
 

@@ -23,27 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from cxrdistill.errors import CxrDistillError
-from cxrdistill.study.spec import StudySpec
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One run of the study: a recipe at a labeled fraction and a seed."""
-
-    recipe: str
-    fraction: float
-    seed: int
-    config: Path
-    overrides: tuple[str, ...]
-    run_dir: Path
-
-    @property
-    def done(self) -> bool:
-        return (self.run_dir / "final_metrics.json").is_file()
-
-    def train_args(self) -> list[str]:
-        """Arguments of ``cxrdistill train`` that run this cell."""
-        return ["train", "--config", str(self.config), *self.overrides, "--output-dir", str(self.run_dir)]
+from cxrdistill.study.spec import Cell, StudySpec, fraction_tag
 
 
 @dataclass
@@ -60,11 +40,6 @@ class StudyResult:
     table_path: Path | None = None
     report_path: Path | None = None
     seconds: float = 0.0
-
-
-def fraction_tag(fraction: float) -> str:
-    """Folder name of a fraction: ``f0.1``, ``f0.25``, ``f1``."""
-    return f"f{fraction:g}"
 
 
 def study_cells(spec: StudySpec, out_dir: Path | None = None) -> list[Cell]:
@@ -96,7 +71,7 @@ def run_cell(cell: Cell, *, isolate: bool = False, console: Console | None = Non
             raise CxrDistillError(f"{cell.run_dir}: `cxrdistill train` exited with {done.returncode}:\n"
                                   + "\n".join(tail))
         return
-    from cxrdistill.commands.train import run_training
+    from cxrdistill.run import run_training
 
     run_training(cell.config, list(cell.overrides), output_dir=cell.run_dir, console=console)
 

@@ -19,6 +19,7 @@ working directory, else next to the study file.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -120,4 +121,31 @@ def make_study(raw: dict, source: str = "study") -> StudySpec:
         raise ConfigError(f"{source}: invalid study:\n  " + "\n  ".join(lines)) from None
 
 
-__all__ = ["RecipeEntry", "StudySpec", "load_study", "make_study"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the study: a recipe at a labeled fraction and a seed."""
+
+    recipe: str
+    fraction: float
+    seed: int
+    config: Path
+    overrides: tuple[str, ...]
+    run_dir: Path
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "final_metrics.json").is_file()
+
+    def train_args(self) -> list[str]:
+        """Arguments of ``cxrdistill train`` that run this cell."""
+        return ["train", "--config", str(self.config), *self.overrides, "--output-dir", str(self.run_dir)]
+
+
+def fraction_tag(fraction: float) -> str:
+    """Folder name of a fraction: ``f0.1``, ``f0.25``, ``f1``."""
+    return f"f{fraction:g}"
+
+
+__all__ = ["Cell", "RecipeEntry", "StudySpec", "fraction_tag", "load_study", "make_study"]

@@ -45,8 +45,7 @@ from cxrdistill.eval.predictions import (
     load_image_scores,
     load_predictions,
 )
-from cxrdistill.study.runner import Cell, fraction_tag
-from cxrdistill.study.spec import StudySpec
+from cxrdistill.study.spec import Cell, StudySpec, fraction_tag
 
 
 def seed_interval(values: Sequence[float], method: str = "t", n_boot: int = 1000,
