@@ -368,6 +368,7 @@ def run(cfg: RunConfig, params: CeirdParams, ctx: RunContext) -> dict[str, float
     teacher_dets = _stored(ctx, vision, sets, 0, params, fresh)
     collapses = {}
 
+    student = vision  # V_{k-1}: the supervised teacher, then each generation's student
     for k in range(1, params.generations + 1):
         gen = {"generation": k, "counts": {}}
         present = oracle_presence(data, sets) if params.rpdlr and params.rpdlr_source == "oracle" else None
@@ -383,7 +384,7 @@ def run(cfg: RunConfig, params: CeirdParams, ctx: RunContext) -> dict[str, float
                                                          run_path / f"eval_report_gen{k}", params.n_boot))
             report_probs = stored_report_probs(ctx, report, reports, k, r_fresh)
             present = report_presence(reports, report_probs, params.report_thresh)
-        teacher_model = vision if k == 1 else student
+        teacher_model = student  # V_{k-1}
         selection, collapse = select_pseudo_labels(ctx, teacher_model, sets, data, teacher_dets,
                                                    params.pseudo_score_thresh, params.pseudo,
                                                    topk_candidates=params.topk_candidates,

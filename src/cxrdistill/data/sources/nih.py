@@ -55,7 +55,9 @@ def load(root: Path, *, on_error: str = "strict", val_fraction: float = 0.1,
     seen: set[str] = set()
     for line, cells in rows:
         where = f"{entry_file.name}:{line}"
-        cell = (lambda name: cells[col[name]].strip() if col[name] < len(cells) else "")
+        def cell(name: str, cells: list[str] = cells) -> str:
+            return cells[col[name]].strip() if col[name] < len(cells) else ""
+
         name = cell("Image Index")
         if name in seen:
             problems.add(where, f"duplicate image {name}")
