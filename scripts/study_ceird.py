@@ -38,19 +38,14 @@ def run_synthetic(seeds: list[int], out: Path, config: Path, extra: list[str], n
                   rows: list[str]) -> None:
     from cxrdistill.run import run_training
 
-    for seed in seeds:
-        teacher = None
+    for seed in seeds:  # the rows of a seed share one teacher through the stage store (methods/kit.py)
         for row in rows:
             overrides = ROWS[row]
             run_dir = out / f"seed{seed}" / row.split()[0].strip("()+").replace("=", "").lower()
             args = [f"train.seed={seed}", f"data.split_seed={seed}", "train.progress=false", *extra]
             args += [f"method.params.{k}={json.dumps(v)}" for k, v in overrides.items()]
-            if teacher is not None:
-                args.append(f"method.params.teacher_checkpoint={teacher}")
             print(f"== seed {seed}: {row}", flush=True)
             run_training(config, args, output_dir=run_dir)
-            if teacher is None:
-                teacher = run_dir / "checkpoints" / "vision_gen0" / "last.pt"
     table(seeds, out, n_boot, rows)
 
 

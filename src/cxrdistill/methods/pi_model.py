@@ -14,56 +14,27 @@ images). Sigmoid outputs replace the paper's softmax (the classes are not exclus
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer, ramp_up
-from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_classifier
 from cxrdistill.methods.registry import register_method
 from cxrdistill.methods.kit import (
-    Augment,
     augment_batch,
     build_classifier_model,
     evaluate_final,
-    image_labeled,
     labeled_loader,
     step_generator,
     view_config,
 )
+from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, semi_sets
 from cxrdistill.models.classifier import masked_bce_with_logits
-
-
-class ConsistencyParams(BaseModel):
-    """Parameters shared by the Π-model and temporal ensembling (Laine & Aila): the ramped,
-    M/N-scaled consistency weight, the augmentation, the splits."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    w_max: float = Field(100.0, ge=0.0)
-    """Maximum consistency weight before the M/N scaling (paper: 100 for Π, 30 for ensembling)."""
-    scale_by_labeled_fraction: bool = True
-    """Multiply w_max by M/N, as the paper does."""
-    ramp_fraction: float = Field(80 / 300, ge=0.0, le=1.0)
-    """Fraction of the steps over which w(t) ramps up (paper: 80 of 300 epochs)."""
-    augment: Augment = "strong"
-    """The stochastic augmentation (the paper: translations + flips; plus dropout)."""
-    train_split: str = "train"
-    eval_split: str = "test"
-    n_boot: int = Field(1000, ge=0)
-
-    def weight_schedule(self, n_labeled: int, n_unlabeled: int, max_steps: int) -> Callable[[int], float]:
-        """w(step): ``w_max · M/N`` (M labeled of N images) times the Gaussian ramp-up."""
-        w_max = self.w_max * (n_labeled / (n_labeled + n_unlabeled) if self.scale_by_labeled_fraction else 1.0)
-        ramp = round(self.ramp_fraction * max_steps)
-        return lambda step: w_max * ramp_up(step, ramp)
 
 
 class PiModelParams(ConsistencyParams):
@@ -73,26 +44,6 @@ class PiModelParams(ConsistencyParams):
     """Stop the gradient through the second branch z̃. False (the paper, Algorithm 1): both branches
     are stochastic passes of the same network and the squared difference is back-propagated
     through both."""
-
-
-def consistency_loss(probs: Tensor, targets: Tensor, mask: Tensor | None = None, detach: bool = True) -> Tensor:
-    """Mean over images of ``‖probs − targets‖² / C``; ``mask (B,)`` keeps some images; ``detach``:
-    no gradient through ``targets`` (temporal ensembling's targets are constants anyway)."""
-    per_image = ((probs - (targets.detach() if detach else targets)) ** 2).mean(dim=1)
-    if mask is None:
-        return per_image.mean()
-    m = mask.to(per_image)
-    return (per_image * m).sum() / m.sum().clamp(min=1.0)
-
-
-def semi_sets(data: StudyData, split: str) -> tuple[Any, list[int], list[int]]:
-    """The training split, its image-labeled rows and its unlabeled rows (supervision "none")."""
-    train = data.dataset(split)
-    labeled = image_labeled(train)
-    unlabeled = [i for i, im in enumerate(train.images) if im.supervision == "none"]
-    if not unlabeled:
-        raise ConfigError("no unlabeled training image (supervision 'none'); lower data.boxed_fraction/weak_fraction")
-    return train, labeled, unlabeled
 
 
 @register_method("pi_model", PiModelParams)

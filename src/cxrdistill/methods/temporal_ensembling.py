@@ -25,7 +25,7 @@ from cxrdistill.data.study import StudyData
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.eval.runs import evaluate_classifier
-from cxrdistill.methods.pi_model import ConsistencyParams, consistency_loss, semi_sets
+from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, semi_sets
 from cxrdistill.methods.registry import register_method
 from cxrdistill.methods.kit import (
     augment_batch,
