@@ -68,8 +68,8 @@ from cxrdistill.errors import ConfigError
 from cxrdistill.eval.classification import auroc, bootstrap_indices
 from cxrdistill.eval.froc import ModifiedFroc
 from cxrdistill.eval.runs import evaluate_heatmap, write_metrics
-from cxrdistill.methods.registry import register_method
 from cxrdistill.methods.kit import headline, labeled_loader
+from cxrdistill.methods.registry import register_method
 from cxrdistill.models.factory import build_model, export_model
 from cxrdistill.models.heatmap import HeatmapFPN, boxes_to_masks, image_scores, pixel_bce_loss
 from cxrdistill.pseudo.sharpening import asymmetric_sharpen, kl_map_loss

@@ -23,8 +23,8 @@ from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
 from cxrdistill.engine.context import RunContext
 from cxrdistill.eval.runs import batches, evaluate_detections
-from cxrdistill.methods.registry import register_method
 from cxrdistill.methods.kit import Augment, build_classifier_model, evaluate_final, train_classifier
+from cxrdistill.methods.registry import register_method
 from cxrdistill.models.classifier import ImageClassifier
 
 

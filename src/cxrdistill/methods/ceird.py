@@ -46,8 +46,6 @@ from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.sampler import RatioBatchSampler
 from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_image_scores
-from cxrdistill.methods.registry import register_method
-from cxrdistill.models.factory import export_model
 from cxrdistill.methods.kit import (
     DETECTION_KEYS,
     build_detector,
@@ -69,6 +67,8 @@ from cxrdistill.methods.offline import (
     split_train,
     stored_detections,
 )
+from cxrdistill.methods.registry import register_method
+from cxrdistill.models.factory import export_model
 from cxrdistill.models.report import (
     CalibratedReportClassifier,
     TfidfReportClassifier,
@@ -76,7 +76,11 @@ from cxrdistill.models.report import (
     calibrate_report_classifier,
     expected_calibration_error,
 )
-from cxrdistill.pseudo.report_filter import detections_to_presence, filter_boxes_by_image_labels, filter_labels_by_detections
+from cxrdistill.pseudo.report_filter import (
+    detections_to_presence,
+    filter_boxes_by_image_labels,
+    filter_labels_by_detections,
+)
 from cxrdistill.pseudo.sa_nms import self_adaptive_nms_batch
 from cxrdistill.pseudo.store import PseudoLabelStore
 from cxrdistill.pseudo.thresholds import filter_detections

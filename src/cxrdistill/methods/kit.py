@@ -368,6 +368,16 @@ def teacher_comparison(eval_set: CXRDataset, split: str, teacher_dir: Path, stud
     return out
 
 
+def compare_with_own_teacher(ctx: RunContext, stage: Stage, eval_set: CXRDataset, split: str, *,
+                             n_boot: int, teacher_dir: Path | None = None) -> dict[str, float]:
+    """:func:`teacher_comparison` of the final model (``run_dir/eval``) against its own teacher's
+    evaluation (``teacher_dir``, default ``run_dir/eval_teacher``), written to ``teacher_comparison.json``."""
+    comparison = teacher_comparison(eval_set, split, teacher_dir or ctx.run_dir.path / "eval_teacher",
+                                    ctx.run_dir.eval, n_boot=n_boot)
+    write_teacher_comparison(ctx, comparison, stage)
+    return comparison
+
+
 def write_teacher_comparison(ctx: RunContext, comparison: dict[str, float], stage: Stage) -> None:
     """``run_dir/teacher_comparison.json``: the own teacher's numbers and the student − teacher Δ."""
     if ctx.fabric.is_global_zero:

@@ -35,19 +35,18 @@ from cxrdistill.engine.ema import EMATeacher
 from cxrdistill.engine.optim import build_optimizer, ramp_up
 from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_detector
-from cxrdistill.methods.registry import register_method
 from cxrdistill.methods.kit import (
     augment_batch,
     boxed_indices,
     build_detector,
+    compare_with_own_teacher,
     evaluate_final,
     evaluate_stage,
     labeled_loader,
     step_generator,
     supervised_stage,
-    teacher_comparison,
-    write_teacher_comparison,
 )
+from cxrdistill.methods.registry import register_method
 from cxrdistill.models.detector import DetectorOutput
 
 _UNBIASED_ONLY = ("threshold", "unsup_weight", "soft_teacher", "box_jitter")
@@ -163,10 +162,7 @@ def run(cfg: RunConfig, params: MeanTeacherParams, ctx: RunContext) -> dict[str,
                                                             split=params.eval_split, n_boot=params.n_boot),
                              "Mean Teacher (consistency)", teacher.module, data.class_names)
     if stage is not None:  # the final (EMA) model − the burned-in model it started from, same test images
-        comparison = teacher_comparison(held_out, params.eval_split, ctx.run_dir.path / "eval_teacher",
-                                        ctx.run_dir.eval, n_boot=params.n_boot)
-        write_teacher_comparison(ctx, comparison, stage)
-        metrics.update(comparison)
+        metrics.update(compare_with_own_teacher(ctx, stage, held_out, params.eval_split, n_boot=params.n_boot))
     return metrics
 
 

@@ -66,8 +66,6 @@ from cxrdistill.eval.detection import (
     match_detections,
 )
 from cxrdistill.eval.runs import evaluate_detector, ground_truth_of, write_metrics
-from cxrdistill.methods.registry import register_method
-from cxrdistill.models.factory import export_model
 from cxrdistill.methods.kit import (
     augment_batch,
     boxed_indices,
@@ -79,7 +77,9 @@ from cxrdistill.methods.kit import (
     supervised_stage,
     view_config,
 )
+from cxrdistill.methods.registry import register_method
 from cxrdistill.models.detector import DetectorOutput, RetinaNet
+from cxrdistill.models.factory import export_model
 from cxrdistill.models.oxnet_heads import GlobalBranch, GlobalOutput
 from cxrdistill.pseudo.soft_focal import soft_focal_loss
 

@@ -24,7 +24,7 @@ from cxrdistill.data.study import StudyData
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer, ramp_up
 from cxrdistill.eval.runs import evaluate_classifier
-from cxrdistill.methods.registry import register_method
+from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, semi_sets
 from cxrdistill.methods.kit import (
     augment_batch,
     build_classifier_model,
@@ -33,7 +33,7 @@ from cxrdistill.methods.kit import (
     step_generator,
     view_config,
 )
-from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, semi_sets
+from cxrdistill.methods.registry import register_method
 from cxrdistill.models.classifier import masked_bce_with_logits
 
 

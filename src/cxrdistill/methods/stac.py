@@ -28,7 +28,6 @@ from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_detections, predict_detections
-from cxrdistill.methods.registry import register_method
 from cxrdistill.methods.kit import (
     Augment,
     augment_batch,
@@ -44,6 +43,7 @@ from cxrdistill.methods.kit import (
     write_teacher_comparison,
 )
 from cxrdistill.methods.offline import TrainSets, select_pseudo_labels, stored_detections
+from cxrdistill.methods.registry import register_method
 from cxrdistill.pseudo.selection import PseudoSelection
 from cxrdistill.pseudo.thresholds import detections_to_targets, filter_detections
 

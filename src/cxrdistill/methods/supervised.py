@@ -67,6 +67,7 @@ from cxrdistill.models.classifier import masked_bce_with_logits
 from cxrdistill.models.detector import RetinaNet
 from cxrdistill.models.heatmap import boxes_to_masks, pixel_bce_loss
 
+
 class SupervisedParams(BaseModel):
     """`method.params` of the supervised baselines."""
 

@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from cxrdistill.atomic import write_json_atomic
 from cxrdistill.config import RunConfig
 from cxrdistill.data.dataset import CXRDataset
 from cxrdistill.data.study import StudyData
@@ -69,13 +70,12 @@ from cxrdistill.engine.optim import build_optimizer, with_epoch_length
 from cxrdistill.engine.sampler import RatioBatchSampler
 from cxrdistill.errors import ConfigError, CxrDistillError
 from cxrdistill.eval.classification import bootstrap_auroc, classification_summary
-from cxrdistill.atomic import write_json_atomic
 from cxrdistill.eval.compare import compare_auroc
 from cxrdistill.eval.runs import image_score_rows
 from cxrdistill.eval.tta import DEFAULT_CROP_FRACTION, ten_crop_predict
 from cxrdistill.methods.registry import register_method
-from cxrdistill.models.factory import build_model, export_model
 from cxrdistill.models.classifier import ImageClassifier, masked_bce_with_logits
+from cxrdistill.models.factory import build_model, export_model
 from cxrdistill.pseudo.generate import stored_pseudo_labels
 from cxrdistill.pseudo.store import PseudoLabelStore
 from cxrdistill.pseudo.top_kappa import TopKappaSelection, class_balanced_top_kappa

@@ -33,10 +33,10 @@ from cxrdistill.methods.kit import (
 from cxrdistill.methods.offline import (
     OfflineParams,
     PlainPseudoLabels,
-    evaluate_teacher,
-    distill_detector,
-    evaluate_vision,
     describe_delta,
+    distill_detector,
+    evaluate_teacher,
+    evaluate_vision,
     select_pseudo_labels,
     split_train,
     stored_detections,

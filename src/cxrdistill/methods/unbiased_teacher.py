@@ -45,22 +45,21 @@ from cxrdistill.engine.ema import EMATeacher
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_detector
-from cxrdistill.methods.registry import register_method
 from cxrdistill.methods.kit import (
     Augment,
     augment_batch,
     boxed_indices,
     build_detector,
+    compare_with_own_teacher,
     evaluate_final,
+    evaluate_stage,
     labeled_loader,
     step_generator,
-    evaluate_stage,
     supervised_stage,
-    teacher_comparison,
     view_config,
-    write_teacher_comparison,
 )
 from cxrdistill.methods.offline import TrainSets, select_pseudo_labels, stored_detections
+from cxrdistill.methods.registry import register_method
 from cxrdistill.models.detector import DetectorOutput, RetinaNet
 from cxrdistill.models.losses import sigmoid_focal_loss
 from cxrdistill.pseudo.selection import PseudoSelection
@@ -253,10 +252,7 @@ def _run(cfg: RunConfig, params: UnbiasedTeacherParams, ctx: RunContext, title: 
                                                             split=params.eval_split, n_boot=params.n_boot), title,
                              teacher.module, data.class_names)
     if stage is not None:  # the final (EMA) model − the burned-in model it started from, same test images
-        comparison = teacher_comparison(held_out, params.eval_split, ctx.run_dir.path / "eval_teacher",
-                                        ctx.run_dir.eval, n_boot=params.n_boot)
-        write_teacher_comparison(ctx, comparison, stage)
-        metrics.update(comparison)
+        metrics.update(compare_with_own_teacher(ctx, stage, held_out, params.eval_split, n_boot=params.n_boot))
     return metrics
 
 

@@ -30,6 +30,8 @@ import torch
 from monai.networks.nets.resnet import ResNet
 from torch import Tensor, nn
 
+from cxrdistill.models.frozen_bn import FrozenBatchNormMixin
+
 #: depth -> (block type, blocks per stage)
 RESNET_LAYOUTS: dict[int, tuple[str, list[int]]] = {
     18: ("basic", [2, 2, 2, 2]),
@@ -46,7 +48,7 @@ IMAGE_STD = 0.226
 FEATURE_STRIDES: tuple[int, ...] = (4, 8, 16, 32)
 
 
-class ResNetBackbone(nn.Module):
+class ResNetBackbone(FrozenBatchNormMixin):
     """ResNet trunk for ``(B, in_channels, H, W)`` images in ``[0, 1]``.
 
     Args:
@@ -105,21 +107,7 @@ class ResNetBackbone(nn.Module):
             _remove_stride(self.body.layer3, dilation=2)
         if output_stride <= 16:
             _remove_stride(self.body.layer4, dilation=32 // output_stride)
-        self.freeze_bn = freeze_bn
-        if freeze_bn:
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.requires_grad_(False)
-        self.train()
-
-    def train(self, mode: bool = True) -> ResNetBackbone:
-        """Usual ``train``, except that frozen BatchNorm layers stay in eval mode."""
-        super().train(mode)
-        if self.freeze_bn:
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-        return self
+        self.freeze_batchnorm(freeze_bn)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``(B, in_channels, H, W)`` in [0, 1] -> ``[C2, C3, C4, C5]``, ``Ci`` of shape ``(B, Ci, H/2^i, W/2^i)``."""

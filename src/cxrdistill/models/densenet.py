@@ -11,12 +11,11 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from monai.networks.nets import DenseNet
-from torch import Tensor, nn
+from torch import Tensor
 
-from cxrdistill.errors import CheckpointError
+from cxrdistill.models.frozen_bn import FrozenBatchNormMixin
 from cxrdistill.models.pretrained import LoadReport, read_state_dict
 
 IMAGE_MEAN = 0.449
@@ -25,7 +24,7 @@ FEATURE_STRIDES: tuple[int, ...] = (4, 8, 16, 32)
 DENSENET121_BLOCKS: tuple[int, ...] = (6, 12, 24, 16)
 
 
-class DenseNetBackbone(nn.Module):
+class DenseNetBackbone(FrozenBatchNormMixin):
     """DenseNet trunk for ``(B, in_channels, H, W)`` images in ``[0, 1]``.
 
     Parameter names are torchvision's (``features.conv0.weight`` ...) except the dense layers,
@@ -64,21 +63,7 @@ class DenseNetBackbone(nn.Module):
                 channels //= 2
         self.out_channels: list[int] = outs
         self.strides: tuple[int, ...] = FEATURE_STRIDES
-        self.freeze_bn = freeze_bn
-        if freeze_bn:
-            for module in self.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.requires_grad_(False)
-        self.train()
-
-    def train(self, mode: bool = True) -> DenseNetBackbone:
-        """Usual ``train``, except that frozen BatchNorm layers stay in eval mode."""
-        super().train(mode)
-        if self.freeze_bn:
-            for module in self.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.eval()
-        return self
+        self.freeze_batchnorm(freeze_bn)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``(B, in_channels, H, W)`` in [0, 1] -> ``[C2, C3, C4, C5]`` (strides 4, 8, 16, 32)."""

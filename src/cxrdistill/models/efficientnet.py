@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cxrdistill.models.frozen_bn import FrozenBatchNormMixin
 
 #: stage table of EfficientNet-B0/Lite0: (repeats, kernel, stride, expand ratio, output channels)
 STAGES: tuple[tuple[int, int, int, int, int], ...] = (
@@ -173,7 +174,7 @@ class EfficientNetLite(nn.Module):
         return self._fc(x.mean(dim=(2, 3)))
 
 
-class EfficientNetLiteBackbone(nn.Module):
+class EfficientNetLiteBackbone(FrozenBatchNormMixin):
     """EfficientNet-Lite trunk for ``(B, in_channels, H, W)`` images in ``[0, 1]``.
 
     The trunk's parameters sit directly on this module with the lukemelas names (``_conv_stem``,
@@ -205,21 +206,7 @@ class EfficientNetLiteBackbone(nn.Module):
         self.out_channels: list[int] = [net.stage_channels[i] for i in FEATURE_STAGES]
         self.strides: tuple[int, ...] = FEATURE_STRIDES
         self.image_mean, self.image_std = IMAGE_MEAN, IMAGE_STD
-        self.freeze_bn = freeze_bn
-        if freeze_bn:
-            for module in self.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.requires_grad_(False)
-        self.train()
-
-    def train(self, mode: bool = True) -> EfficientNetLiteBackbone:
-        """Usual ``train``, except that frozen BatchNorm layers stay in eval mode."""
-        super().train(mode)
-        if self.freeze_bn:
-            for module in self.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.eval()
-        return self
+        self.freeze_batchnorm(freeze_bn)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``(B, in_channels, H, W)`` in [0, 1] -> ``[C2, C3, C4, C5]`` (strides 4, 8, 16, 32)."""
