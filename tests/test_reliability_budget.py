@@ -40,3 +40,37 @@ def test_the_decode_budget_is_configurable(tmp_path, monkeypatch):
     monkeypatch.setenv("CXRDISTILL_MAX_COMPRESSION_RATIO", "1.5")
     with pytest.raises(ImageReadError, match="compression ratio"):
         read_image(path)
+
+
+def _png(path) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32), dtype=np.uint8)).save(path)
+
+
+def test_an_unterminated_csv_quote_is_an_error_naming_its_line(tmp_path):
+    from cxrdistill.data.sources import get_source
+    from cxrdistill.errors import ManifestError
+
+    for name in ("a.png", "b.png", "c.png"):
+        _png(tmp_path / name)
+    (tmp_path / "labels.csv").write_text(
+        'image,labels\na.png,nodule\nb.png,"nodule\nc.png,effusion\n', encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"labels.csv:3: a quote opened on this line is never closed"):
+        get_source("csv")(tmp_path, on_error="lenient", labels_col="labels")
+
+
+def test_one_image_on_two_csv_rows_with_different_labels_names_both_rows(tmp_path):
+    from cxrdistill.data.sources import get_source
+    from cxrdistill.errors import ManifestError
+
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    (tmp_path / "labels.csv").write_text(
+        "image,labels\na.png,nodule\nb.png,effusion\na.png,effusion\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"labels.csv:4.*a.png.*\['effusion'\].*\['nodule'\] on labels.csv:2"):
+        get_source("csv")(tmp_path, on_error="strict", labels_col="labels")
+    raw = get_source("csv")(tmp_path, on_error="lenient", labels_col="labels")
+    kept = [img["file_name"] for img in raw["images"] if not img.get("rejected")]
+    assert "b.png" in kept and "a.png" not in kept, raw["images"]
+    # the same labels on a repeated row are not a conflict
+    (tmp_path / "labels.csv").write_text("image,labels\na.png,nodule\na.png,nodule\n", encoding="utf-8")
+    assert len(get_source("csv")(tmp_path, on_error="strict", labels_col="labels")["images"]) == 1
