@@ -74,3 +74,28 @@ def test_one_image_on_two_csv_rows_with_different_labels_names_both_rows(tmp_pat
     # the same labels on a repeated row are not a conflict
     (tmp_path / "labels.csv").write_text("image,labels\na.png,nodule\na.png,nodule\n", encoding="utf-8")
     assert len(get_source("csv")(tmp_path, on_error="strict", labels_col="labels")["images"]) == 1
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_a_malicious_checkpoint_is_refused_without_the_weights_only_false_advice(tmp_path):
+    import torch
+
+    from cxrdistill.engine.checkpoint import load_checkpoint
+    from cxrdistill.errors import CheckpointError
+    from cxrdistill.models.pretrained import read_state_dict
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Evil()}, path)
+    for load in (load_checkpoint, read_state_dict):
+        with pytest.raises(CheckpointError) as info:
+            load(path)
+        text = str(info.value)
+        assert "evil.pt" in text and "refused to load" in text and "getcwd" in text, text
+        assert "weights_only" not in text and "will likely succeed" not in text, text
+        assert info.value.__cause__ is None  # the chained PyTorch message is not printed either
