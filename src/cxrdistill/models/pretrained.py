@@ -95,6 +95,8 @@ def read_state_dict(path_or_url: str | Path) -> dict[str, Tensor]:
             return dict(load_file(str(path)))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # garbage bytes, not a refused object (class or function)
+            raise CheckpointError(f"{path}: cannot read weights ({unpickling_detail(exc)})") from None
         raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain "
                               f"values (it could run code when unpickled). Only use weights you trust, saved "
                               f"as a state dict or safetensors. Detail: {unpickling_detail(exc)}") from None
