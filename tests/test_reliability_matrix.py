@@ -11,8 +11,8 @@ For each recipe (tiny config from ``crash_matrix_recipes.py``: 4 steps a stage, 
 
 The same config is then rerun in this process (resume) and every stage's final weights
 (``checkpoints/<stage>/last.pt``) and the exported ``model.pt`` must equal those of an uninterrupted
-run bit for bit (CPU). TSD / CEIRD / STAC draw their augmentation from local generators that the
-i16 branch moves to ``step_generator(seed, step)``; their kill points are xfail until that merges.
+run bit for bit (CPU). Every recipe draws its augmentation from ``step_generator(seed, step)`` or
+from state in the checkpoint, so no point is xfail.
 """
 
 from __future__ import annotations
