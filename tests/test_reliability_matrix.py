@@ -11,8 +11,8 @@ For each recipe (tiny config from ``crash_matrix_recipes.py``: 4 steps a stage, 
 
 The same config is then rerun in this process (resume) and every stage's final weights
 (``checkpoints/<stage>/last.pt``) and the exported ``model.pt`` must equal those of an uninterrupted
-run bit for bit (CPU). TSD / CEIRD / STAC draw their augmentation from local generators that the
-i16 branch moves to ``step_generator(seed, step)``; their kill points are xfail until that merges.
+run bit for bit (CPU). Every recipe draws its augmentation from ``step_generator(seed, step)`` or
+from state in the checkpoint, so no point is xfail.
 """
 
 from __future__ import annotations
@@ -32,12 +32,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from crash_matrix_recipes import CHECKPOINT, RECIPES, recipe_config  # noqa: E402
 
-# teacher_student_cls draws its augmentation from the global RNG: a rerun that reuses finished
-# stages starts a later stage from another RNG state. The fix (views from step_generator(seed,
-# step), /work/notes/i21_tscls_rng_fix.patch) changes the random stream of
-# test_student_beats_teacher_on_the_synthetic_world, whose paired-CI lower bound then fell to
-# -0.027 (gain +0.06) at seed 0: the lead decides whether to re-measure that claim and apply it.
-TSCLS_RESTART = "teacher_student_cls: augmentation from the global RNG (see TSCLS_RESTART note)"
 
 
 @pytest.fixture(scope="module")
@@ -171,13 +165,7 @@ STAGES = {
                             "student2_finetune"],
 }
 PSEUDO = {"stac", "tsd", "ceird", "teacher_student_cls"}
-def _marks(recipe: str, point: str) -> list:
-    if recipe == "teacher_student_cls" and point != "teacher@mid":
-        return [pytest.mark.xfail(reason=TSCLS_RESTART, strict=False)]
-    return []
-
-
-CASES = [pytest.param(r, p, id=f"{r}-{p}", marks=_marks(r, p))
+CASES = [pytest.param(r, p, id=f"{r}-{p}")
          for r in STAGES for p in _points(r, STAGES[r], r in PSEUDO)]
 
 

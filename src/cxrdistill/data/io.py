@@ -20,6 +20,7 @@ reason. DICOM patient identifiers are never put into a message.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,16 @@ from cxrdistill.errors import ImageReadError
 #: Largest image accepted, in pixels (H * W). 50 megapixels is well above any chest radiograph
 #: (a 43 x 43 cm detector at 0.1 mm pitch is about 18.5 MP) and stops decompression bombs early.
 DEFAULT_MAX_PIXELS = 50_000_000
+#: Decode budget in bytes: the working memory a decode needs (raw samples + float64 + float32 copies,
+#: estimated from the header before any pixel is decoded). 1 GiB admits a 16-bit 50 MP radiograph.
+DEFAULT_MAX_DECODE_BYTES = 1 << 30
+#: Largest ratio of raw pixel bytes to file bytes. Radiographs compress 2-20x (PNG, JPEG); a 47 KB
+#: 7000x7000 PNG (ratio ~1000) is a decompression bomb and is refused before its decode.
+DEFAULT_MAX_COMPRESSION_RATIO = 250.0
+#: Environment variables that override the two budgets (CLI users: no code change needed).
+ENV_MAX_DECODE_BYTES = "CXRDISTILL_MAX_DECODE_BYTES"
+ENV_MAX_COMPRESSION_RATIO = "CXRDISTILL_MAX_COMPRESSION_RATIO"
+_WORKING_BYTES_PER_PIXEL = 8 + 4  # float64 working copy + float32 result
 
 _DICOM_SUFFIXES = {".dcm", ".dicom"}
 _DICOM_MAGIC_OFFSET = 128
@@ -107,6 +118,38 @@ def _check_pixel_count(path: Path, height: int, width: int, max_pixels: int) -> 
         )
 
 
+def _budget(env: str, default: float) -> float:
+    text = os.environ.get(env)
+    if text is None or not text.strip():
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise ImageReadError(Path(env), f"environment variable {env}={text!r} is not a number") from None
+
+
+def check_decode_budget(path: Path, height: int, width: int, sample_bytes: int, *,
+                        max_bytes: float | None = None, max_ratio: float | None = None) -> None:
+    """Refuse, from the header alone, a decode above the byte budget or a suspicious compression ratio.
+
+    ``sample_bytes``: raw bytes per pixel of the stored image (all channels). Budgets default to
+    ``CXRDISTILL_MAX_DECODE_BYTES`` / ``CXRDISTILL_MAX_COMPRESSION_RATIO`` or the module defaults.
+    """
+    max_bytes = _budget(ENV_MAX_DECODE_BYTES, DEFAULT_MAX_DECODE_BYTES) if max_bytes is None else max_bytes
+    max_ratio = _budget(ENV_MAX_COMPRESSION_RATIO, DEFAULT_MAX_COMPRESSION_RATIO) if max_ratio is None else max_ratio
+    raw = height * width * sample_bytes
+    needed = raw + height * width * _WORKING_BYTES_PER_PIXEL
+    if needed > max_bytes:
+        raise ImageReadError(path, f"decode budget: {height}x{width} needs about {needed / 2**20:.0f} MiB, "
+                                   f"above {max_bytes / 2**20:.0f} MiB ({ENV_MAX_DECODE_BYTES})")
+    size = path.stat().st_size
+    if size > 0 and raw / size > max_ratio:
+        raise ImageReadError(path, f"decode budget: {height}x{width} pixels ({raw / 2**20:.0f} MiB raw) from a "
+                                   f"{size / 1024:.0f} KiB file is a compression ratio of {raw / size:.0f}, "
+                                   f"above {max_ratio:g} ({ENV_MAX_COMPRESSION_RATIO}); "
+                                   "a decompression bomb? Raise the limit if the file is genuine")
+
+
 def _check_finite_and_varying(path: Path, pixels: np.ndarray, stage: str = "") -> None:
     if not np.isfinite(pixels).all():
         bad = int((~np.isfinite(pixels)).sum())
@@ -149,6 +192,7 @@ def _read_pillow(path: Path, max_pixels: int) -> np.ndarray:
     with _open_pillow(path) as image:
         width, height = image.size
         _check_pixel_count(path, height, width, max_pixels)
+        check_decode_budget(path, height, width, _sample_bytes(image))
         fmt = image.format or "image"
         try:
             image.load()
@@ -159,6 +203,12 @@ def _read_pillow(path: Path, max_pixels: int) -> np.ndarray:
     if scale is None:  # float or 32-bit data with no fixed range
         return _min_max(pixels)
     return np.clip(pixels / scale, 0.0, 1.0).astype(np.float32)
+
+
+def _sample_bytes(image: Image.Image) -> int:
+    """Raw bytes per pixel of an opened (not loaded) Pillow image, all bands."""
+    per_band = {"1": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2, "I": 4, "F": 4}.get(image.mode, 1)
+    return per_band * len(image.getbands())
 
 
 def _pillow_to_array(image: Image.Image) -> tuple[np.ndarray, float | None]:
@@ -256,6 +306,9 @@ def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
         if rows == 0 or cols == 0:
             raise ImageReadError(path, "DICOM header has no Rows/Columns")
         _check_pixel_count(path, rows, cols, max_pixels)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+        check_decode_budget(path, rows, cols, samples * max(1, bits // 8), max_ratio=float("inf"))
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames != 1:
             raise ImageReadError(path, f"multi-frame DICOM ({frames} frames); expected one radiograph")
@@ -299,4 +352,5 @@ def _check_transfer_syntax(path: Path, ds: object) -> None:
         )
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "read_image", "read_image_size"]
+__all__ = ["DEFAULT_MAX_COMPRESSION_RATIO", "DEFAULT_MAX_DECODE_BYTES", "DEFAULT_MAX_PIXELS",
+           "check_decode_budget", "read_image", "read_image_size"]

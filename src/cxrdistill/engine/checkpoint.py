@@ -35,8 +35,8 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: refused to load: the file holds objects other than tensors and plain values "
             f"(it could run code when unpickled). Only load checkpoints you trust, and re-save them "
-            f"as state dicts. Detail: {_first_line(err)}"
-        ) from err
+            f"as state dicts. Detail: {unpickling_detail(err)}"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise CheckpointError(
             f"{path}: checkpoint is truncated or corrupt ({_first_line(err)}). Delete it to start "
@@ -45,6 +45,14 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of state, found {type(state).__name__}")
     return state
+
+
+def unpickling_detail(err: BaseException) -> str:
+    """What PyTorch's weights-only unpickler refused (e.g. ``unsupported GLOBAL posix.system``),
+    without its advice to re-run with ``weights_only=False`` (which would run the file's code)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    kept = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line]
+    return " ".join(kept) or type(err).__name__
 
 
 def _first_line(err: BaseException) -> str:

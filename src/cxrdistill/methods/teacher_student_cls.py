@@ -73,6 +73,7 @@ from cxrdistill.eval.classification import bootstrap_auroc, classification_summa
 from cxrdistill.eval.compare import compare_auroc
 from cxrdistill.eval.runs import image_score_rows
 from cxrdistill.eval.tta import DEFAULT_CROP_FRACTION, ten_crop_predict
+from cxrdistill.methods.kit import step_generator
 from cxrdistill.methods.registry import register_method
 from cxrdistill.models.classifier import ImageClassifier, masked_bce_with_logits
 from cxrdistill.models.factory import build_model, export_model
@@ -331,18 +332,18 @@ def _view_config(params: Params) -> ViewConfig:
     return replace(base[params.augment], intensity=params.intensity)
 
 
-def augment(images: Tensor, view: ViewConfig) -> Tensor:
+def augment(images: Tensor, view: ViewConfig, generator: torch.Generator | None = None) -> Tensor:
     """A random view `(B, 1, H, W)` of `images` (geometry of `view`, then intensity jitter)."""
     matrices = random_affine(images.shape[0], image_size=tuple(images.shape[-2:]), flip_p=view.flip_p,
                              rotate_deg=view.rotate_deg, translate=view.translate, scale=view.scale,
-                             perspective=view.perspective).to(images.device)
-    return intensity_jitter(warp_images(images, matrices), view.intensity)
+                             perspective=view.perspective, generator=generator).to(images.device)
+    return intensity_jitter(warp_images(images, matrices), view.intensity, generator)
 
 
 def batch_loss(model: ImageClassifier, batch: dict[str, Any], task: ClassificationTask,
-               view: ViewConfig) -> Tensor:
-    """Loss of one training batch on an augmented view of its images."""
-    return task.loss(model(augment(batch["image"], view)), batch["target"], batch["mask"])
+               view: ViewConfig, generator: torch.Generator | None = None) -> Tensor:
+    """Loss of one training batch on an augmented view of its images (drawn from `generator`)."""
+    return task.loss(model(augment(batch["image"], view, generator)), batch["target"], batch["mask"])
 
 
 def _train_stage(ctx: RunContext, stage: str, model: ImageClassifier, dataset: TargetDataset,
@@ -364,7 +365,9 @@ def _train_stage(ctx: RunContext, stage: str, model: ImageClassifier, dataset: T
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         for name, per_class in (counts or {}).items():
             trainer.log_counts(name, per_class)
-        return {"ce": batch_loss(model, batch, task, view)}
+        # the view depends on (seed, stage, step) only: a resumed or restarted stage draws the same
+        # views whatever the earlier stages (skipped on a rerun) did with the global RNG
+        return {"ce": batch_loss(model, batch, task, view, step_generator(seed, step))}
 
     return trainer.fit(step_fn, {"model": model}, build_optimizer(model.parameters(), cfg), loader, steps,
                        sampler=sampler)

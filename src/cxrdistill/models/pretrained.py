@@ -25,6 +25,7 @@ import importlib
 import importlib.metadata
 import json
 import os
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cxrdistill.engine.checkpoint import unpickling_detail
 from cxrdistill.errors import CheckpointError
 
 URL_PREFIXES = ("http://", "https://", "file://")
@@ -79,6 +81,9 @@ def read_state_dict(path_or_url: str | Path) -> dict[str, Tensor]:
     if is_url(source):
         try:
             state = torch.hub.load_state_dict_from_url(source, map_location="cpu", progress=False, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{source}: refused to load: not plain tensors (it could run code when "
+                                  f"unpickled). Detail: {unpickling_detail(exc)}") from None
         except Exception as exc:  # urllib / http / hash errors all mean "no weights"
             raise CheckpointError(f"{source}: cannot download weights ({type(exc).__name__}: {exc})") from exc
         return dict(state)
@@ -89,6 +94,12 @@ def read_state_dict(path_or_url: str | Path) -> dict[str, Tensor]:
 
             return dict(load_file(str(path)))
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # garbage bytes, not a refused object (class or function)
+            raise CheckpointError(f"{path}: cannot read weights ({unpickling_detail(exc)})") from None
+        raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain "
+                              f"values (it could run code when unpickled). Only use weights you trust, saved "
+                              f"as a state dict or safetensors. Detail: {unpickling_detail(exc)}") from None
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, Mapping):

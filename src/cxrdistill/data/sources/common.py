@@ -99,12 +99,15 @@ def read_csv(path: Path, required: Sequence[str] = (), problems: Problems | None
     """
     _check_utf8(path)
     fh = open_text(path)
-    reader = csv.reader(fh)
+    reader = csv.reader(fh, strict=True)  # strict: an unterminated quote is an error, not one huge cell
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
         fh.close()
         raise ManifestError(f"{path}: empty file (no header line)") from None
+    except csv.Error as err:
+        fh.close()
+        raise _csv_error(path, 1, err) from None
     missing = [c for c in required if c not in header]
     if missing:
         fh.close()
@@ -113,12 +116,25 @@ def read_csv(path: Path, required: Sequence[str] = (), problems: Problems | None
     def rows() -> Iterator[tuple[int, list[str]]]:
         with fh:
             start = reader.line_num + 1
-            for cells in reader:
+            while True:
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as err:
+                    raise _csv_error(path, start, err) from None
                 if any(c.strip() for c in cells):
                     yield start, cells
                 start = reader.line_num + 1
 
     return header, rows()
+
+
+def _csv_error(path: Path, line: int, err: csv.Error) -> ManifestError:
+    """A malformed CSV row as a ManifestError naming the line where the row starts."""
+    hint = ("a quote opened on this line is never closed (the rest of the file would become one cell)"
+            if "end of data" in str(err) else "malformed quoting")
+    return ManifestError(f"{path}:{line}: {hint} (csv: {err})")
 
 
 def read_csv_dicts(path: Path, required: Sequence[str] = ()) -> Iterator[tuple[int, dict[str, str]]]:

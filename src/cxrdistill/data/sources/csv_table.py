@@ -2,7 +2,8 @@
 
 One row per image, or one row per box when box columns are given (rows of the same image are
 merged: its labels are the union; its report and patient come from its first row; an image
-with a bad box row is left out whole). Columns:
+with a bad box row is left out whole). Without box columns, one image on two rows with different
+labels is a problem naming both rows (lenient: the image is left out). Columns:
 
 - `image_col` (required): path of the image relative to `images_dir` (default: the root);
 - `labels_col`: class names joined by `label_sep` (default `|`); `none_labels` (e.g. "No Finding")
@@ -52,6 +53,7 @@ def load(root: Path, *, on_error: str = "strict", csv_path: str = "labels.csv",
     by_file: dict[str, int] = {}
     name = path.name
     bad_files: set[str] = set()  # box mode: an image with a bad row is left out whole
+    first_row: dict[str, tuple[str, list[str]]] = {}  # image mode: where and which labels it came first
     for line, row in read_csv_dicts(path, required):
         where = f"{name}:{line}"
         rel_in = row[image_col]
@@ -97,6 +99,13 @@ def load(root: Path, *, on_error: str = "strict", csv_path: str = "labels.csv",
                 bad_files.add(rel)
             continue
         record = out.images[by_file[rel] - 1]
+        if labels_col and not box_cols:
+            seen = first_row.setdefault(rel, (where, labels))
+            if seen[0] != where and set(seen[1]) != set(labels):
+                problems.add(where, f"image {rel} has labels {labels} here but {seen[1]} on {seen[0]}: "
+                                    "two rows for one image must agree (image left out)")
+                bad_files.add(rel)
+                continue
         if labels_col:
             record["labels"] = list(dict.fromkeys(record["labels"] + labels))
         if box is not None:
