@@ -178,7 +178,7 @@ def main() -> None:
     print(f"RetinaNet-{args.model} at {args.size}x{args.size}, batch {args.batch}, {args.steps} timed steps "
           f"after {args.warmup} warm-up, median of {args.repeats} interleaved repeats; AdamW\n"
           f"{machine_line(device, args.threads if device.type == 'cpu' else None)}\n")
-    print(f"| variant | plain images/s | Trainer.fit images/s | fit / plain | plain peak MiB | fit peak MiB | memory |")
+    print("| variant | plain images/s | Trainer.fit images/s | fit / plain | plain peak MiB | fit peak MiB | memory |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for name, plain, fit, ratio, p_mem, f_mem, kind in rows:
         print(f"| {name} | {plain:.2f} | {fit:.2f} | {ratio:.3f} | {p_mem:,.0f} | {f_mem:,.0f} | {kind} |")

@@ -21,10 +21,9 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_labeler_iu import DEFAULT_CSV, TRUTH_TAGS, prf  # noqa: E402
-
 from cxrdistill.labeling import label_report, load_vocab  # noqa: E402
 from cxrdistill.models.report import TfidfReportClassifier  # noqa: E402
+from eval_labeler_iu import DEFAULT_CSV, TRUTH_TAGS, prf  # noqa: E402
 
 
 def main() -> None:

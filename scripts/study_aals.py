@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from cxrdistill.run import run_training
 from cxrdistill.data.manifest import load_manifest, manifest_from_dict
 from cxrdistill.data.splits import make_semi_split
 from cxrdistill.data.synthetic import make_world
+from cxrdistill.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 

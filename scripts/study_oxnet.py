@@ -28,8 +28,8 @@ import torch
 import yaml
 from scipy import stats
 
-from cxrdistill.run import run_training
 from cxrdistill.data.manifest import manifest_from_dict
+from cxrdistill.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 

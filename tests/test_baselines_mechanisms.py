@@ -9,11 +9,11 @@ import torch
 
 from cxrdistill.data.views import ViewConfig, make_views
 from cxrdistill.methods.cam import cam_boxes
-from cxrdistill.methods.unbiased_teacher import soft_teacher_cls_loss, teacher_targets_in_strong_view
 from cxrdistill.methods.pi_model import consistency_loss, ramp_up
 from cxrdistill.methods.stac import pseudo_targets
 from cxrdistill.methods.supervised import MultiTaskDetector, multitask_losses
 from cxrdistill.methods.temporal_ensembling import EnsembleTargets
+from cxrdistill.methods.unbiased_teacher import soft_teacher_cls_loss, teacher_targets_in_strong_view
 from cxrdistill.models.detector import RetinaNet
 
 

@@ -15,7 +15,6 @@ from cxrdistill.config import ModelConfig
 from cxrdistill.models.factory import build_model, export_model
 
 hd = pytest.importorskip("highdicom")
-import pydicom  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
 

@@ -7,7 +7,6 @@ import json
 from typer.testing import CliRunner
 
 from cxrdistill.cli import app
-
 from test_eval_report import make_run
 
 runner = CliRunner()

@@ -7,7 +7,6 @@ import pytest
 
 from cxrdistill.eval.compare import compare_auroc, compare_detection, paired_stats
 from cxrdistill.eval.detection import CocoParams
-
 from test_eval_detection import random_world
 
 

@@ -9,7 +9,14 @@ import pytest
 from typer.testing import CliRunner
 
 from cxrdistill.cli import app
-from cxrdistill.eval.detection import CEIRD_PROTOCOL, VOC_PROTOCOL, coco_evaluate, voc_ap, voc_detection_summary, voc_evaluate
+from cxrdistill.eval.detection import (
+    CEIRD_PROTOCOL,
+    VOC_PROTOCOL,
+    coco_evaluate,
+    voc_ap,
+    voc_detection_summary,
+    voc_evaluate,
+)
 from cxrdistill.eval.froc import lesion_froc
 from cxrdistill.eval.predictions import ground_truth_from_coco
 

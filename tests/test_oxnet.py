@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 import yaml
+from torch import Tensor
 
-from cxrdistill.run import run_training
 from cxrdistill.config import load_config
 from cxrdistill.engine.ema import EMATeacher
 from cxrdistill.errors import ConfigError
@@ -21,6 +20,7 @@ from cxrdistill.methods.oxnet import (
     distillation_set,
     global_losses,
 )
+from cxrdistill.methods.registry import load_run_config
 from cxrdistill.models.detector import DetectorOutput, RetinaNet, match_anchors
 from cxrdistill.models.oxnet_heads import (
     GlobalBranch,
@@ -31,6 +31,7 @@ from cxrdistill.models.oxnet_heads import (
     local_attention,
 )
 from cxrdistill.pseudo.soft_focal import soft_focal_loss
+from cxrdistill.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,12 +248,12 @@ def test_distillation_set_follows_the_switches():
 
 
 def test_config_file_validates_and_gpa_without_daa_is_rejected(tmp_path):
-    cfg = load_config(REPO / "configs" / "oxnet.yaml")
+    cfg = load_run_config(REPO / "configs" / "oxnet.yaml")
     assert cfg.method.name == "oxnet"
     for override in ("method.params.global_head=none", "method.params.distill=none"):
-        assert load_config(REPO / "configs" / "oxnet.yaml", [override]).method.params  # 'none' is not YAML null
+        assert load_run_config(REPO / "configs" / "oxnet.yaml", [override]).method.params  # 'none' is not YAML null
     with pytest.raises(ConfigError, match="global_hed"):
-        load_config(REPO / "configs" / "oxnet.yaml", ["method.params.global_hed=gap"])
+        load_run_config(REPO / "configs" / "oxnet.yaml", ["method.params.global_hed=gap"])
 
 
 def _tiny_config(tmp_path: Path, **params) -> Path:

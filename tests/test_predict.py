@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 from cxrdistill.cli import app
 from cxrdistill.config import ModelConfig
 from cxrdistill.data.study import synthetic_world
+from cxrdistill.data.synthetic import SYNTHETIC_CLASSES
 from cxrdistill.errors import CheckpointError
 from cxrdistill.models.factory import build_model, export_model, load_exported_model
-from cxrdistill.data.synthetic import SYNTHETIC_CLASSES
 
 TINY = {"detector": {"fpn_channels": 16, "head_convs": 1, "fpn_levels": [3, 4, 5]},
         "heatmap": {"fpn_channels": 16}, "classifier": {"tiny": True}}

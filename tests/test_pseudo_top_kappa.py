@@ -28,7 +28,7 @@ def test_single_label_honours_proportions_and_picks_most_confident():
     sel = class_balanced_top_kappa(probs, 0.5, torch.tensor([0.6, 0.2, 0.2]))
     assert int(sel.keep.sum()) == 50
     assert sel.counts.tolist() == [30, 10, 10]
-    for c, (lo, hi) in enumerate([(0, 50), (50, 80), (80, 100)]):
+    for lo, hi in [(0, 50), (50, 80), (80, 100)]:
         kept, dropped = conf[lo:hi][sel.keep[lo:hi]], conf[lo:hi][~sel.keep[lo:hi]]
         assert kept.min() > dropped.max()  # the most confident of each class
     assert torch.equal(sel.labels, torch.nn.functional.one_hot(probs.argmax(1), 3).float())

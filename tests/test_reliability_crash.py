@@ -413,10 +413,9 @@ def test_read_only_file_system_is_a_clear_cli_error(tmp_path, monkeypatch):
 
 
 def test_full_disk_while_building_the_image_cache_is_a_clear_error(tmp_path, monkeypatch):
-    from test_reliability_inputs import write_png
-
     from cxrdistill.data import cache as cache_module
     from cxrdistill.data.cache import ImageCache
+    from test_reliability_inputs import write_png
 
     path = write_png(tmp_path / "a.png")
 

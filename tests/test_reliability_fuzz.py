@@ -25,11 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, RLELossless
-from test_reliability_inputs import png_bytes, ramp, write_dicom
 
 from cxrdistill.data.io import read_image, read_image_size
 from cxrdistill.data.manifest import Manifest, manifest_from_dict
 from cxrdistill.errors import CxrDistillError, ManifestError
+from test_reliability_inputs import png_bytes, ramp, write_dicom
 
 EXAMPLES = int(os.environ.get("CXR_FUZZ_EXAMPLES", "200"))
 BIG_RUN = "CXR_FUZZ_EXAMPLES" in os.environ

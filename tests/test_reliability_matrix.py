@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -31,7 +30,6 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from crash_matrix_recipes import CHECKPOINT, RECIPES, recipe_config  # noqa: E402
-
 
 
 @pytest.fixture(scope="module")

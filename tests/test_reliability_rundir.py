@@ -63,8 +63,8 @@ def test_a_different_config_in_a_run_folder_stops_and_no_resume_moves_it_aside(t
 
 
 def test_a_changed_manifest_content_is_a_different_run(tmp_path):
-    from cxrdistill.engine.run_dir import MANIFEST_KEY, RunDirectory, RunMismatchError
     from cxrdistill.config import validate_config
+    from cxrdistill.engine.run_dir import MANIFEST_KEY, RunDirectory, RunMismatchError
 
     manifest = tmp_path / "m.json"
     manifest.write_text('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}')

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from pydantic import BaseModel
-from test_reliability_inputs import IDENTIFIERS, ramp, write_dicom
 from torch import nn
 from typer.testing import CliRunner
 
@@ -23,6 +22,7 @@ from cxrdistill.engine.run_dir import RunDirectory
 from cxrdistill.errors import CheckpointError, ConfigError, CxrDistillError
 from cxrdistill.methods.registry import get_method, register_method
 from cxrdistill.pseudo.store import PseudoLabelStore
+from test_reliability_inputs import IDENTIFIERS, ramp, write_dicom
 
 
 class Exploit:

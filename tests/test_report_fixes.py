@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 from cxrdistill.cli import app
 from cxrdistill.eval.html_report import build_report
-
 from test_eval_report import make_run
 
 ROOT = Path(__file__).resolve().parents[1]

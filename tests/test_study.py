@@ -159,11 +159,11 @@ def test_shards_split_the_matrix_without_overlap_and_refuse_bad_input(tmp_path):
 def test_every_packaged_study_builds_valid_run_configs(study_file, tmp_path):
     """Each cell's config (recipe config + study, recipe, fraction and seed overrides) validates,
     so a typo in a shipped study fails here rather than an hour into a run."""
-    from cxrdistill.config import load_config
+    from cxrdistill.methods.registry import load_run_config
 
     spec = load_study(study_file)
     cells = study_cells(spec, tmp_path)
     assert len(cells) == len(spec.recipes) * len(spec.fractions) * len(spec.seeds)
     for cell in (c for c in cells if c.seed == spec.seeds[-1]):  # every recipe and fraction
-        cfg = load_config(cell.config, list(cell.overrides))
+        cfg = load_run_config(cell.config, list(cell.overrides))
         assert cfg.train.seed == cell.seed

@@ -25,14 +25,13 @@ def run_training(
     from lightning_fabric.utilities.seed import seed_everything
 
     from cxrdistill.config import load_config
-    from cxrdistill.resources import resolve_config_path
     from cxrdistill.data.skipped import skip_sink
+    from cxrdistill.data.split_policy import apply_split_policy
     from cxrdistill.data.study import resolve_data_config
     from cxrdistill.engine.context import RunContext
     from cxrdistill.engine.run_dir import RunDirectory
     from cxrdistill.methods.registry import get_method, validate_method_params
-
-    from cxrdistill.data.split_policy import apply_split_policy
+    from cxrdistill.resources import resolve_config_path
 
     cfg = load_config(resolve_config_path(config), overrides)
     split_line = apply_split_policy(cfg.data, resolve_config_path(config), overrides)

@@ -109,12 +109,11 @@ def predict_to_folder(model_path: Path, out: Path, *, manifest: Path | None = No
                       dicom_seg: Path | None = None) -> dict[str, int]:
     """Predict and write the files; returns counts (images, boxes). `dicom_sr` / `dicom_seg`: folders
     for one DICOM SR (boxes) / fractional SEG (heat maps) per input DICOM (`interop.dicom_out`)."""
-    from cxrdistill.data.manifest import write_json_atomic
-    from cxrdistill.data.manifest import Issue
+    from cxrdistill.data.manifest import Issue, write_json_atomic
     from cxrdistill.data.skipped import report_skipped, skip_sink
     from cxrdistill.data.study import StudyData, cache_root_checked
-    from cxrdistill.eval.runs import batches, detections_to_rows, image_score_rows, predict_detections
     from cxrdistill.deploy.folder import load_model
+    from cxrdistill.eval.runs import batches, detections_to_rows, image_score_rows, predict_detections
 
     console = console or Console()
     model, meta = load_model(model_path)  # run dir, model.pt or model folder

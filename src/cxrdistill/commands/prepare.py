@@ -85,9 +85,9 @@ def prepare_manifest(*, out: Path, source: str | None = None, root: Path | None 
                      console: Console | None = None):
     """Build, validate, split and save a manifest; returns it. Problems are printed, never dropped."""
     from cxrdistill.data.manifest import Issue, load_manifest, manifest_from_dict
+    from cxrdistill.data.skipped import report_skipped, skip_sink
     from cxrdistill.data.sources import get_source
     from cxrdistill.data.splits import make_semi_split, make_splits
-    from cxrdistill.data.skipped import report_skipped, skip_sink
     from cxrdistill.data.summary import summary_table
 
     console = console or Console()

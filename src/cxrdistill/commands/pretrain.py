@@ -38,9 +38,9 @@ def run_pretraining(config: Path, overrides: list[str], *, resume: bool | None =
                     output_dir: Path | None = None, console: Console | None = None) -> dict[str, float]:
     """`run_training` of the ``pretrain`` recipe; any other ``method.name`` is a `ConfigError`."""
     import cxrdistill.ssl.recipe  # noqa: F401 - registers "pretrain"
-    from cxrdistill.run import run_training
     from cxrdistill.config import load_config
     from cxrdistill.resources import resolve_config_path
+    from cxrdistill.run import run_training
 
     name = load_config(resolve_config_path(config), overrides).method.name
     if name != "pretrain":

@@ -7,8 +7,9 @@ supervision is "box", image-level labels only when it is "box" or "image".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

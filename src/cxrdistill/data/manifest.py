@@ -16,9 +16,10 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -168,14 +169,14 @@ class Manifest:
                 if (splits is None or im.split in splits)
                 and (kinds is None or im.supervision in kinds)]
 
-    def with_images(self, images: list[ImageRecord]) -> "Manifest":
+    def with_images(self, images: list[ImageRecord]) -> Manifest:
         """A manifest over `images` (same categories); annotations of other images dropped."""
         keep = {im.id for im in images}
         return Manifest(self.categories, list(images),
                         [a for a in self.annotations if a.image_id in keep], self.root,
                         list(self.skipped), dict(self.info))
 
-    def replace_images(self, images: list[ImageRecord]) -> "Manifest":
+    def replace_images(self, images: list[ImageRecord]) -> Manifest:
         """Same image set with updated records (e.g. a new split or supervision)."""
         return replace(self, images=list(images))
 

@@ -8,8 +8,9 @@ command line, or in a config file of their own. Either way one console line says
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["apply_split_policy", "is_packaged_config"]
 

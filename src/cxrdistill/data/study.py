@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from cxrdistill.data.cache import ImageCache
 from cxrdistill.data.dataset import CXRDataset, build_manifest_cache
@@ -83,7 +84,7 @@ class StudyData:
     @classmethod
     def open(cls, manifest_path: Path, *, image_size: int, cache_dir: Path, on_error: str = "strict",
              boxed_fraction: float | None = None, weak_fraction: WeakFraction = 0.0, split_seed: int = 0,
-             workers: int = 0) -> "StudyData":
+             workers: int = 0) -> StudyData:
         """Load and validate the manifest, optionally re-split supervision, build the cache."""
         from cxrdistill.data.skipped import report_skipped
 
@@ -99,7 +100,7 @@ class StudyData:
         return cls(manifest, cache, row_of)
 
     @classmethod
-    def from_config(cls, data_cfg: Any, cache_root: Path | None = None) -> "StudyData":
+    def from_config(cls, data_cfg: Any, cache_root: Path | None = None) -> StudyData:
         """Open the data a run config's `data` section describes (synthetic world when no manifest)."""
         resolve_data_config(data_cfg, cache_root)
         return cls.open(Path(data_cfg.manifest), image_size=data_cfg.image_size,

@@ -60,7 +60,7 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def load_module_weights(path: Path | str, model: "torch.nn.Module", name: str = "model") -> None:
+def load_module_weights(path: Path | str, model: torch.nn.Module, name: str = "model") -> None:
     """Load a stage checkpoint's ``modules[name]`` (or a bare state dict) into ``model``.
 
     `CheckpointError` names the file when it holds no such module or the weights do not fit.

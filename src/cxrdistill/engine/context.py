@@ -28,7 +28,7 @@ class RunContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("cxrdistill"))
 
     @classmethod
-    def create(cls, cfg: RunConfig, run_dir: RunDirectory, console: Console | None = None) -> "RunContext":
+    def create(cls, cfg: RunConfig, run_dir: RunDirectory, console: Console | None = None) -> RunContext:
         """Make and launch the Fabric from `cfg.train` (devices, strategy, precision)."""
         return cls(cfg, run_dir, make_fabric(cfg.train), console or Console())
 

@@ -15,9 +15,9 @@ broadcast from rank 0 once, at a fresh start (:func:`broadcast_module`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
 import types
 import weakref
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 

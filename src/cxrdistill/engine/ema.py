@@ -76,7 +76,7 @@ class EMATeacher(nn.Module):
                     t.copy_(s)
         self.num_updates += 1
 
-    def train(self, mode: bool = True) -> "EMATeacher":
+    def train(self, mode: bool = True) -> EMATeacher:
         """Keep the teacher in eval mode whatever the caller asks (its BatchNorm uses running stats)."""
         super().train(mode)
         self.module.eval()

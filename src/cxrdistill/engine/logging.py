@@ -17,8 +17,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 _log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ class StepProgress:
             )
             self._task = self._progress.add_task(description, total=total, completed=start, status="", rate="")
 
-    def __enter__(self) -> "StepProgress":
+    def __enter__(self) -> StepProgress:
         if self._progress is not None:
             self._progress.start()
         return self

@@ -77,7 +77,7 @@ class RunDirectory:
         """True when an earlier `train` wrote its config here."""
         return self.fingerprint_path.is_file() or self.config_path.is_file()
 
-    def check_run(self, cfg: "RunConfig", *, resume: bool, move: bool = True) -> Path | None:
+    def check_run(self, cfg: RunConfig, *, resume: bool, move: bool = True) -> Path | None:
         """Make sure this folder may hold the run of `cfg`, before any stage is resumed or reused.
 
         resume=True: an earlier run with a different fingerprint raises `RunMismatchError` listing
@@ -165,7 +165,7 @@ class RunDirectory:
         directory.mkdir(parents=True, exist_ok=True)
         return directory
 
-    def write_config(self, cfg: "RunConfig") -> Path:
+    def write_config(self, cfg: RunConfig) -> Path:
         """Save the resolved config; a different earlier one is kept as `config.previous.yaml`."""
         from cxrdistill.config import dump_config
 
@@ -211,7 +211,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_fingerprint(cfg: "RunConfig") -> dict[str, Any]:
+def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The config keys that decide a run's results (flat, JSON values) plus the manifest's sha256."""
     flat = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in VOLATILE_KEYS}
     manifest = cfg.data.manifest

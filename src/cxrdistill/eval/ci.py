@@ -11,7 +11,8 @@ false positives per image (lesion-FROC hits, all classes pooled): the report's d
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -10,8 +10,9 @@ replicate in which a class is single-valued is left out of that class's CI.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata

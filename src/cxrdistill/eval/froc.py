@@ -25,8 +25,9 @@ become a map whose pixel value is the highest score of the boxes covering it
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -198,7 +199,7 @@ def _xyxy(b: Sequence[float]) -> list[float]:
     return [b[0], b[1], b[0] + b[2], b[1] + b[3]]
 
 
-def _per_image(gt: "GroundTruth", rows: Sequence[dict], category_id: int) -> tuple[list, list, list]:
+def _per_image(gt: GroundTruth, rows: Sequence[dict], category_id: int) -> tuple[list, list, list]:
     ids = gt.image_ids
     g: dict[int, list] = {i: [] for i in ids}
     d: dict[int, list] = {i: [] for i in ids}
@@ -213,13 +214,13 @@ def _per_image(gt: "GroundTruth", rows: Sequence[dict], category_id: int) -> tup
     return [g[i] for i in ids], [d[i] for i in ids], [s[i] for i in ids]
 
 
-def lesion_froc_per_class(gt: "GroundTruth", rows: Sequence[dict], **kwargs) -> dict[str, FrocResult]:
+def lesion_froc_per_class(gt: GroundTruth, rows: Sequence[dict], **kwargs) -> dict[str, FrocResult]:
     """:func:`lesion_froc` for each class of ``gt`` from COCO-format predictions (crowd boxes are not lesions)."""
     return {name: lesion_froc(*_per_image(gt, rows, cid), **kwargs)
             for name, cid in zip(gt.class_names, gt.category_ids)}
 
 
-def modified_froc_from_boxes(gt: "GroundTruth", rows: Sequence[dict], bins: int = 1000,
+def modified_froc_from_boxes(gt: GroundTruth, rows: Sequence[dict], bins: int = 1000,
                              ratios: Sequence[float] = AALS_FP_RATIOS) -> dict[str, FrocResult]:
     """AALS modified FROC of a detector per class: its boxes drawn as score maps at the image size."""
     missing = [im["id"] for im in gt.coco["images"] if not im.get("width") or not im.get("height")]

@@ -8,7 +8,7 @@ axes, so they never cover a curve.
 from __future__ import annotations
 
 import io
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 

@@ -9,8 +9,9 @@ reads), and returns the metrics dict of `eval.metrics.evaluate_predictions`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch

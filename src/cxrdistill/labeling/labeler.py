@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Iterable, Literal
+from typing import Literal
 
 from cxrdistill.errors import ConfigError
 from cxrdistill.labeling.vocab import DEFAULT_VOCAB, Vocabulary

@@ -25,10 +25,11 @@ Class names are matched to a manifest's classes case- and punctuation-insensitiv
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -126,7 +127,7 @@ def _import_all() -> None:
     _scanned = True
 
 
-def load_run_config(path: "Path | str | None", overrides: "list[str] | tuple[str, ...]" = ()) -> "RunConfig":
+def load_run_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """`config.load_config` and the recipe's own validation of `method.params` (a typo there fails here)."""
     from cxrdistill.config import load_config
 

@@ -184,7 +184,7 @@ def run_on_data(cfg: RunConfig, params: Params, ctx: RunContext, data: StudyData
     return _final_metrics(table)
 
 
-def _write_final_scores(ctx: RunContext, data: StudyData, task: "ClassificationTask", final: dict[str, Any]) -> None:
+def _write_final_scores(ctx: RunContext, data: StudyData, task: ClassificationTask, final: dict[str, Any]) -> None:
     """The final student's ``eval/metrics.json`` and ``eval/image_scores.json`` (its outputs that are
     manifest classes), where `cxrdistill report` and the study table's paired comparison read them."""
     shutil.copyfile(ctx.run_dir.eval / final["stage"] / "metrics.json", ctx.run_dir.eval / "metrics.json")

@@ -31,7 +31,8 @@ width) is left out of L_u's box loss. Soft Teacher: 10 copies, scale 0.06, thres
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Subset

@@ -26,7 +26,6 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Union
 
 import numpy as np
 import torch
@@ -35,8 +34,8 @@ from torch import Tensor
 from cxrdistill.atomic import atomic_write
 from cxrdistill.errors import CxrDistillError
 
-ImageId = Union[int, str]
-Record = Union[Tensor, np.ndarray, Mapping[str, Union[Tensor, np.ndarray]]]
+ImageId = int | str
+Record = Tensor | np.ndarray | Mapping[str, Tensor | np.ndarray]
 
 _CHUNK = re.compile(r"^chunk_r(\d+)_(\d+)\.npz$")
 _VALUE = "value"  # key of a record written as a single array

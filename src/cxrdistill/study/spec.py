@@ -67,7 +67,7 @@ class StudySpec(BaseModel):
     """The YAML file this spec was read from (relative config paths may be relative to it)."""
 
     @model_validator(mode="after")
-    def _check(self) -> "StudySpec":
+    def _check(self) -> StudySpec:
         if not self.recipes:
             raise ValueError("recipes: give at least one recipe")
         if self.baseline is not None and self.baseline not in self.recipes:

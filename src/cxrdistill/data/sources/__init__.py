@@ -10,7 +10,8 @@ Each adapter's module docstring documents the files it reads and the choices it 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 #: source name -> module (in this package) whose `load` reads it
 _MODULES = {

@@ -20,8 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from cxrdistill.data.sources.common import (Problems, RawManifest, hashed_split, read_csv_dicts,
-                                            size_or_problem)
+from cxrdistill.data.sources.common import Problems, RawManifest, hashed_split, read_csv_dicts, size_or_problem
 
 OBSERVATIONS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
                 "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",

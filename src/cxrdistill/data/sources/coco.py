@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from cxrdistill.data.sources.common import Problems, RawManifest, box_outside, parse_box
 from cxrdistill.errors import ManifestError

@@ -15,9 +15,10 @@ import gzip
 import hashlib
 import io
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from cxrdistill.errors import ImageReadError, ManifestError
 

@@ -20,12 +20,20 @@ otherwise classes are collected from the file in order of appearance.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from cxrdistill.data.sources.common import (Problems, RawManifest, box_outside, image_size,
-                                            parse_box, read_csv_dicts, split_label_text)
 from cxrdistill.data.sources.coco import _SPLIT_WORDS
+from cxrdistill.data.sources.common import (
+    Problems,
+    RawManifest,
+    box_outside,
+    image_size,
+    parse_box,
+    read_csv_dicts,
+    split_label_text,
+)
 from cxrdistill.errors import ImageReadError
 
 

@@ -26,12 +26,12 @@ Otherwise the classes are the 13 CheXpert observations and labelled images are `
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from cxrdistill.data.sources.chexpert import CLASSES as CHEXPERT_CLASSES
-from cxrdistill.data.sources.common import (Problems, RawManifest, box_outside, parse_box,
-                                            parse_float, read_csv_dicts)
+from cxrdistill.data.sources.common import Problems, RawManifest, box_outside, parse_box, parse_float, read_csv_dicts
 
 MS_CXR_CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Lung Opacity",
                   "Pleural Effusion", "Pneumonia", "Pneumothorax")

@@ -23,9 +23,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cxrdistill.data.sources.common import (Problems, RawManifest, box_outside, find_file,
-                                            hashed_split, index_images, parse_box, read_csv,
-                                            size_or_problem, split_label_text)
+from cxrdistill.data.sources.common import (
+    Problems,
+    RawManifest,
+    box_outside,
+    find_file,
+    hashed_split,
+    index_images,
+    parse_box,
+    read_csv,
+    size_or_problem,
+    split_label_text,
+)
 
 CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
            "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening",

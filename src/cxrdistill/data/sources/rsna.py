@@ -14,8 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cxrdistill.data.sources.common import (Problems, RawManifest, box_outside, find_file,
-                                            parse_box, read_csv_dicts, size_or_problem)
+from cxrdistill.data.sources.common import (
+    Problems,
+    RawManifest,
+    box_outside,
+    find_file,
+    parse_box,
+    read_csv_dicts,
+    size_or_problem,
+)
 
 CLASS = "Lung Opacity"
 

@@ -17,12 +17,12 @@ PulmonaryTuberculosis in the official XMLs), unless `classes` fixes them.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from cxrdistill.data.sources import coco
-from cxrdistill.data.sources.common import (Problems, RawManifest, box_outside, parse_box,
-                                            size_or_problem)
+from cxrdistill.data.sources.common import Problems, RawManifest, box_outside, parse_box, size_or_problem
 
 
 def load(root: Path, *, on_error: str = "strict", layout: str = "auto",

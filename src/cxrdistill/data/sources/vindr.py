@@ -21,11 +21,19 @@ test set (consensus of 5 readers) gives `split="test"`.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from cxrdistill.data.sources.common import (Problems, RawManifest, box_outside, iou_xywh,
-                                            parse_box, read_csv_dicts, size_or_problem)
+from cxrdistill.data.sources.common import (
+    Problems,
+    RawManifest,
+    box_outside,
+    iou_xywh,
+    parse_box,
+    read_csv_dicts,
+    size_or_problem,
+)
 
 NO_FINDING = "No finding"
 FUSIONS = ("wbf", "union", "first")

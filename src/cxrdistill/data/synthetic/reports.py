@@ -9,7 +9,8 @@ absent one hallucinated. ``report_truth`` records what the text says next to wha
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from cxrdistill.data.manifest import write_json_atomic
 from cxrdistill.data.synthetic.anatomy import sample_anatomy
 from cxrdistill.data.synthetic.lesions import SYNTHETIC_CLASSES, sample_lesion
 from cxrdistill.data.synthetic.render import render_image
 from cxrdistill.data.synthetic.reports import write_report
-from cxrdistill.data.manifest import write_json_atomic
 from cxrdistill.errors import ConfigError
 
 SPLIT_NAMES = ("train", "val", "test")
