@@ -7,6 +7,7 @@ after its own write succeeds).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -60,3 +61,12 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_json_atomic(path: str | Path, payload: Any, indent: int | None = 1) -> Path:
     """Write JSON atomically (non-JSON values such as paths are written as strings)."""
     return write_text_atomic(path, json.dumps(payload, indent=indent, default=str) + "\n")
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes, read in ``chunk``-byte blocks (weights, manifests, exported models)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

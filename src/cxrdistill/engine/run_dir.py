@@ -22,7 +22,6 @@ so finished stages are only ever reused by the config that made them.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -34,6 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cxrdistill.atomic import file_sha256
 from cxrdistill.errors import CxrDistillError
 
 if TYPE_CHECKING:
@@ -231,14 +231,6 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str
         if a != b:
             diff.append((key, a, b))
     return diff
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _short(value: Any, limit: int = 60) -> str:

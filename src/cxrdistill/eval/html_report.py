@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import hashlib
 import html
 import json
 import math
@@ -46,6 +45,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from cxrdistill.atomic import file_sha256
 from cxrdistill.errors import CxrDistillError
 from cxrdistill.eval import plots
 from cxrdistill.eval.classification import bootstrap_auroc, classification_summary
@@ -501,14 +501,6 @@ def _training_section(run: RunArtifacts) -> str:
                          "training curves")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _environment_section(run: RunArtifacts, page_dir: Path) -> str:
     env = run.environment or {}
     rows: list[list[Any]] = []
@@ -525,7 +517,7 @@ def _environment_section(run: RunArtifacts, page_dir: Path) -> str:
     else:
         rows.append(["environment", "no environment.json in the run directory"])
     model = run.path / "model.pt"
-    rows.append(["model.pt sha256", _sha256(model) if model.is_file() else "no model.pt"])
+    rows.append(["model.pt sha256", file_sha256(model) if model.is_file() else "no model.pt"])
     return _table(["item", "value"], rows)
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cxrdistill.atomic import write_json_atomic
+from cxrdistill.atomic import file_sha256, write_json_atomic
 from cxrdistill.config import ModelConfig
 from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.data.study import StudyData, default_cache_root
@@ -226,14 +226,6 @@ def stage_store_root() -> Path | None:
     return default_cache_root() / "stages"
 
 
-def _file_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: str,
               stage: str = SUPERVISED_STAGE) -> tuple[str, dict[str, Any]]:
     """The hash of everything that determines a supervised stage's weights, and what was hashed
@@ -248,7 +240,7 @@ def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: s
     payload = {
         "version": STAGE_VERSION, "kind": kind, "stage": stage, "steps": int(steps), "augment": augment,
         "split": split,
-        "data": {"manifest_sha256": _file_sha(manifest) if manifest is not None and manifest.is_file() else None,
+        "data": {"manifest_sha256": file_sha256(manifest) if manifest is not None and manifest.is_file() else None,
                  "image_size": data.image_size, "boxed_fraction": data.boxed_fraction,
                  "weak_fraction": data.weak_fraction, "split_seed": data.split_seed, "on_error": data.on_error},
         "model": cfg.model.model_dump(mode="json"), "train": train, "world_size": ctx.world_size,

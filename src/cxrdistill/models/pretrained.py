@@ -20,11 +20,9 @@ takes the backbone out of one of our own model checkpoints.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 import json
-import os
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cxrdistill.atomic import file_sha256
 from cxrdistill.engine.checkpoint import unpickling_detail
 from cxrdistill.errors import CheckpointError
 
@@ -131,17 +130,10 @@ def unnest_and_strip(state: dict) -> dict[str, Tensor]:
 
 # ---------------------------------------------------------------------------------------- ImageNet
 def cache_root() -> Path:
-    """``$CXRDISTILL_CACHE``, else ``~/.cache/cxrdistill``."""
-    env = os.environ.get("CXRDISTILL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "cxrdistill"
+    """``$CXRDISTILL_CACHE``, else ``~/.cache/cxrdistill`` (the one rule of `data.study`)."""
+    from cxrdistill.data.study import default_cache_root
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return default_cache_root()
 
 
 def imagenet_weights(variant: str) -> tuple[Path, dict[str, Any]]:
@@ -172,7 +164,7 @@ def imagenet_weights(variant: str) -> tuple[Path, dict[str, Any]]:
     record_path = target.with_suffix(".json")
     if target.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        if record.get("sha256") == _sha256(target):
+        if record.get("sha256") == file_sha256(target):
             return target, record
     from safetensors.torch import save
 
@@ -183,8 +175,8 @@ def imagenet_weights(variant: str) -> tuple[Path, dict[str, Any]]:
     atomic_write(target, lambda f: f.write(payload))
     record = {"source": IMAGENET, "variant": variant, "package": package,
               "package_version": importlib.metadata.version(package), "licence": licence,
-              "original_file": source.name, "original_sha256": _sha256(source),
-              "file": str(target), "sha256": _sha256(target)}
+              "original_file": source.name, "original_sha256": file_sha256(source),
+              "file": str(target), "sha256": file_sha256(target)}
     write_json_atomic(record_path, record)
     return target, record
 
@@ -198,7 +190,7 @@ def describe_pretrained(source: str | None, backbone: str) -> dict[str, Any] | N
     if is_url(source):
         return {"source": str(source), "backbone": backbone}
     path = resolve_weights_file(source)
-    return {"source": str(source), "file": str(path.resolve()), "sha256": _sha256(path), "backbone": backbone}
+    return {"source": str(source), "file": str(path.resolve()), "sha256": file_sha256(path), "backbone": backbone}
 
 
 def record_pretrained(environment_path: Path, model_cfg: Any) -> None:
