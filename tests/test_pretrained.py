@@ -56,7 +56,7 @@ def test_loads_torchvision_format_and_sums_rgb(tmp_path):
     # the one-channel model on a grey image equals the RGB model on that image repeated 3 times
     rgb = ResNetBackbone(depth=18, in_channels=3, base_width=WIDTH)
     load_imagenet_resnet(rgb, path)
-    image = torch.rand(1, 1, 64, 64)
+    image = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))  # fixed: float32 sums differ by ~1e-3 on rare draws
     grey.eval(), rgb.eval()
     with torch.no_grad():
         torch.testing.assert_close(grey(image)[0], rgb(image.repeat(1, 3, 1, 1))[0], rtol=1e-3, atol=1e-3)

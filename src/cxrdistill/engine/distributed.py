@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from lightning_fabric.strategies.strategy import Strategy
 from torch import Tensor, nn
 
 _ROUTED = "_cxrdistill_routed_forward"
@@ -109,7 +110,7 @@ def global_mean(value: Tensor) -> Tensor:
 
 
 @contextmanager
-def ddp_options(strategy: Any, **options: Any) -> Iterator[None]:
+def ddp_options(strategy: Strategy, **options: Any) -> Iterator[None]:
     """Temporarily set DistributedDataParallel keyword arguments of a Fabric DDP strategy."""
     kwargs = getattr(strategy, "_ddp_kwargs", None)
     if kwargs is None or not options:

@@ -33,6 +33,8 @@ BnMode = Literal["ema", "copy", "skip"]
 class EMATeacher(nn.Module):
     """An EMA copy of `student`; call `update(student)` after every optimizer step."""
 
+    num_updates: torch.Tensor  # () long buffer: updates done so far
+
     def __init__(self, student: nn.Module, decay: float = 0.999, bn_mode: BnMode = "ema", warmup_steps: int = 0) -> None:
         super().__init__()
         if not 0.0 <= decay <= 1.0:
@@ -69,11 +71,11 @@ class EMATeacher(nn.Module):
         for t, s in zip(t_params, s_params):
             t.mul_(d).add_(s.detach().to(t.dtype), alpha=1.0 - d)
         if self.bn_mode != "skip":
-            for t, s in zip(self.module.buffers(), student.buffers()):
-                if self.bn_mode == "ema" and t.is_floating_point():
-                    t.mul_(d).add_(s.detach().to(t.dtype), alpha=1.0 - d)
+            for t_buf, s_buf in zip(self.module.buffers(), student.buffers()):
+                if self.bn_mode == "ema" and t_buf.is_floating_point():
+                    t_buf.mul_(d).add_(s_buf.detach().to(t_buf.dtype), alpha=1.0 - d)
                 else:
-                    t.copy_(s)
+                    t_buf.copy_(s_buf)
         self.num_updates += 1
 
     def train(self, mode: bool = True) -> EMATeacher:

@@ -19,7 +19,11 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_fabric.loggers.logger import Logger
+    from torch.utils.tensorboard import SummaryWriter
 
 _log = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ class MetricsLogger:
     """Append rows `{step, stage, **values}` to a CSV and, optionally, TensorBoard."""
 
     def __init__(self, csv_path: Path | str, stage: str, tensorboard_dir: Path | str | None = None,
-                 trackers: Sequence[Any] = ()) -> None:
+                 trackers: Sequence[Logger] = ()) -> None:
         """`trackers`: extra `lightning_fabric.loggers.Logger`s (MLflow, W&B: `engine.trackers`)."""
         self.csv_path = Path(csv_path)
         self.trackers = list(trackers)
@@ -127,7 +131,7 @@ def _format(value: Any) -> str:
     return repr(value)
 
 
-def _open_tensorboard(directory: Path | str) -> Any:
+def _open_tensorboard(directory: Path | str) -> SummaryWriter | None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:  # tensorboard is optional: the CSV always has everything

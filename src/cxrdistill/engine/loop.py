@@ -56,17 +56,19 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypedDict, TypeVar, runtime_checkable
 
 import numpy as np
 import torch
 from lightning_fabric import Fabric
-from lightning_fabric.strategies import ParallelStrategy
+from lightning_fabric.strategies.parallel import ParallelStrategy
+from lightning_fabric.wrappers import _FabricModule, _FabricOptimizer
 from rich.console import Console
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from cxrdistill.atomic import write_json_atomic
 from cxrdistill.config import TrainConfig
@@ -80,6 +82,13 @@ from cxrdistill.errors import CheckpointError, ConfigError, CxrDistillError
 
 CHECKPOINT_FORMAT = 1
 
+BatchT = TypeVar("BatchT")
+"""Whatever one element of `fit`'s `batches` is (a dict of tensors, a named semi-supervised batch ...):
+the loop moves the tensors inside it to the device and hands it to `step_fn` unchanged."""
+LossTerms = Mapping[str, Tensor | float]
+"""`step_fn`'s result: scalar loss tensors, plus `log_*` values (tensors or numbers) logged only."""
+StepFn = Callable[[BatchT, int], LossTerms]
+
 
 class NonFiniteLossError(CxrDistillError, FloatingPointError):
     """A loss term became NaN or infinite; the message names the step and the terms."""
@@ -92,6 +101,14 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
 
+class BestRecord(TypedDict):
+    """Which evaluation `best.pt` holds: `train.best_metric`, its value and the step."""
+
+    metric: str
+    value: float
+    step: int
+
+
 @dataclass
 class FitResult:
     """What a finished stage returns (and what `done.json` holds)."""
@@ -100,7 +117,7 @@ class FitResult:
     step: int
     metrics: dict[str, float]
     """The last `evaluate()` result, or the last logged loss means when there is no `evaluate`."""
-    best: dict[str, Any] | None = None
+    best: BestRecord | None = None
     """`{"metric", "value", "step"}` of `best.pt`, when `train.best_metric` is set."""
     resumed_from: int | None = None
     skipped: bool = False
@@ -125,7 +142,7 @@ class Trainer:
         stage: str,
         *,
         fabric: Fabric | None = None,
-        console: Any = None,
+        console: Console | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
@@ -142,7 +159,7 @@ class Trainer:
         """Per step since the last check: (step, term names, their values on the device)."""
         self._logger: MetricsLogger | None = None
         self._last_losses: dict[str, float] = {}
-        self._wrapped: list[nn.Module] = []
+        self._wrapped: list[_FabricModule] = []
         self.check_every_step: bool | None = None
         """Check the loss terms for NaN/inf every step (a host sync) rather than at each flush;
         None: on the CPU only."""
@@ -171,10 +188,10 @@ class Trainer:
 
     def fit(
         self,
-        step_fn: Callable[[Any, int], Mapping[str, Tensor]],
+        step_fn: StepFn[BatchT],
         modules: Mapping[str, nn.Module],
         optimizer: torch.optim.Optimizer,
-        batches: Iterable[Any],
+        batches: Iterable[BatchT],
         max_steps: int,
         *,
         sampler: Stateful | None = None,
@@ -200,7 +217,7 @@ class Trainer:
 
         self._logger = self._open_logger()
         resumed_from: int | None = None
-        best: dict[str, Any] | None = None
+        best: BestRecord | None = None
         last_metrics: dict[str, float] = {}
         self.step = 0
         scheduler = build_scheduler(optimizer, self.cfg, max_steps)
@@ -218,6 +235,7 @@ class Trainer:
             self._broadcast_weights(modules)
         self._setup_modules(modules, optimizer, find_unused_parameters)
         opt = fabric.setup_optimizers(optimizer)
+        assert not isinstance(opt, tuple)  # one optimizer in, one wrapper out
         modes = {name: m.training for name, m in modules.items()}
 
         batch_iter = iter(batches)  # may draw a DataLoader seed: before the RNG states are restored
@@ -253,7 +271,7 @@ class Trainer:
                     if on_step_end is not None:
                         on_step_end(self.step)
                     bar.update(self.step, **shown)
-                    if evaluating:
+                    if evaluating and evaluate is not None:
                         last_metrics, best = self._evaluate(evaluate, modules, modes, best)
                     elif evaluate is None and final:
                         last_metrics = self._last_losses
@@ -278,7 +296,15 @@ class Trainer:
         return (self.cfg.nan_policy == "rollback" and done < self.cfg.max_rollbacks
                 and self.last_path.is_file())
 
-    def _roll_back(self, err: NonFiniteLossError, modules, optimizer, scheduler, sampler, extra):
+    def _roll_back(
+        self,
+        err: NonFiniteLossError,
+        modules: Mapping[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scheduler: LambdaLR,
+        sampler: Stateful | None,
+        extra: Mapping[str, Stateful],
+    ) -> tuple[BestRecord | None, dict[str, float]]:
         """Reload `last.pt` and lower the learning rate; training goes on with the next batches."""
         state = load_checkpoint(self.last_path)
         self._restore(state, modules, optimizer, scheduler, sampler, extra)
@@ -300,7 +326,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces of a step
 
-    def _optimizer_step(self, step_fn, batch_iter, optimizer, opt, scheduler) -> int:
+    def _optimizer_step(
+        self,
+        step_fn: StepFn[BatchT],
+        batch_iter: Iterator[BatchT],
+        optimizer: torch.optim.Optimizer,
+        opt: _FabricOptimizer,
+        scheduler: LambdaLR,
+    ) -> int:
         """One optimizer step over `accumulate` micro-batches; returns the number of batches used."""
         fabric, step, accumulate = self.fabric, self.step, self.cfg.accumulate
         optimizer.zero_grad(set_to_none=True)
@@ -317,13 +350,14 @@ class Trainer:
         if self.cfg.grad_clip is not None:
             grad_norm = fabric.clip_gradients(self._wrapped[0] if self._wrapped else nn.Module(), opt,
                                               max_norm=self.cfg.grad_clip, error_if_nonfinite=False)
-            self.log_metrics({"grad_norm": grad_norm})
+            if grad_norm is not None:  # None only for clip_val, which is not used here
+                self.log_metrics({"grad_norm": grad_norm})
         opt.step()
         scheduler.step()
         self.step = step + 1
         return accumulate
 
-    def _next_batch(self, batch_iter: Any, step: int) -> Any:
+    def _next_batch(self, batch_iter: Iterator[BatchT], step: int) -> BatchT:
         try:
             return next(batch_iter)
         except StopIteration:
@@ -332,16 +366,19 @@ class Trainer:
                 f"(e.g. a DataLoader over RatioBatchSampler) or lower max_steps"
             ) from None
 
-    def _total_loss(self, losses: Mapping[str, Any], step: int) -> Tensor:
+    def _total_loss(self, losses: Mapping[str, object], step: int) -> Tensor:
         """Sum of the non-`log_` terms; raises `NonFiniteLossError` naming any NaN/inf term."""
         if not isinstance(losses, Mapping) or not losses:
             raise TypeError(f"step_fn must return a non-empty dict of loss tensors, got {type(losses).__name__}")
-        terms = {k: v for k, v in losses.items() if not k.startswith("log_")}
-        if not terms:
-            raise ValueError(f"step_fn returned only log_ terms ({', '.join(losses)}); nothing to back-propagate")
-        for name, value in terms.items():
+        terms: list[Tensor] = []
+        for name, value in losses.items():
+            if name.startswith("log_"):
+                continue
             if not isinstance(value, Tensor) or value.numel() != 1:
                 raise TypeError(f"loss term {name!r} must be a scalar tensor, got {_describe_value(value)}")
+            terms.append(value)
+        if not terms:
+            raise ValueError(f"step_fn returned only log_ terms ({', '.join(losses)}); nothing to back-propagate")
         names = list(losses)
         values = torch.stack([torch.as_tensor(losses[k], device=self.device).detach().to(torch.float32).reshape(())
                               for k in names])
@@ -349,7 +386,10 @@ class Trainer:
         check_now = self.check_every_step if self.check_every_step is not None else self.device.type == "cpu"
         if check_now:
             self._check_pending()
-        return sum(terms.values())
+        total = terms[0]
+        for term in terms[1:]:  # = sum(terms), in the same order
+            total = total + term
+        return total
 
     def _check_pending(self) -> None:
         """Copy the pending loss values to the host (one transfer), raise on the first non-finite
@@ -406,11 +446,10 @@ class Trainer:
         every tensor logged since the last flush."""
         self._check_pending()
         tensors = [v for values in self._window.values() for v in values if isinstance(v, Tensor)]
-        if tensors:
-            host = iter(torch.stack([t.to(self.device, torch.float32) for t in tensors]).cpu().tolist())
-            self._window = {k: [next(host) if isinstance(v, Tensor) else v for v in values]
-                            for k, values in self._window.items()}
-        logged = {k: sum(v) / len(v) for k, v in self._window.items() if v}
+        host: Iterator[float] = iter(
+            torch.stack([t.to(self.device, torch.float32) for t in tensors]).cpu().tolist() if tensors else [])
+        window = {k: [next(host) if isinstance(v, Tensor) else v for v in values] for k, values in self._window.items()}
+        logged = {k: sum(v) / len(v) for k, v in window.items() if v}
         logged["lr"] = optimizer.param_groups[0]["lr"]
         self._window = {}
         self._last_losses = {k: v for k, v in logged.items() if k == "loss" or not k.startswith(("lr",))}
@@ -423,8 +462,8 @@ class Trainer:
         evaluate: Callable[[], Mapping[str, float]],
         modules: Mapping[str, nn.Module],
         modes: dict[str, bool],
-        best: dict[str, Any] | None,
-    ) -> tuple[dict[str, float], dict[str, Any] | None]:
+        best: BestRecord | None,
+    ) -> tuple[dict[str, float], BestRecord | None]:
         """Run `evaluate()`, log it, restore train/eval modes, save `best.pt` when it improved."""
         metrics = {k: float(v) for k, v in evaluate().items()}
         for name, module in modules.items():
@@ -449,8 +488,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save_last(self, modules, optimizer, scheduler, sampler, consumed, extra, best,
-                   last_metrics, max_steps) -> None:
+    def _save_last(
+        self,
+        modules: Mapping[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scheduler: LambdaLR,
+        sampler: Stateful | None,
+        consumed: int,
+        extra: Mapping[str, Stateful],
+        best: BestRecord | None,
+        last_metrics: Mapping[str, float],
+        max_steps: int,
+    ) -> None:
         if self.fabric.is_global_zero:
             sampler_state = None
             if sampler is not None:
@@ -475,7 +524,15 @@ class Trainer:
             save_checkpoint(self.last_path, state)
         self.fabric.barrier()
 
-    def _restore(self, state, modules, optimizer, scheduler, sampler, extra) -> None:
+    def _restore(
+        self,
+        state: dict[str, Any],
+        modules: Mapping[str, nn.Module],
+        optimizer: torch.optim.Optimizer,
+        scheduler: LambdaLR,
+        sampler: Stateful | None,
+        extra: Mapping[str, Stateful],
+    ) -> None:
         where = self.last_path
         try:
             self._load_modules(state, modules)
@@ -549,13 +606,16 @@ def _describe_value(value: Any) -> str:
 
 def _rng_state() -> dict[str, Any]:
     """Torch (CPU and CUDA), NumPy and Python RNG states, as tensors and plain values."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    if isinstance(np_state, dict):  # legacy=True gives the tuple for NumPy's global MT19937
+        raise TypeError(f"unexpected NumPy RNG state: {sorted(np_state)}")
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     py_version, py_internal, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
         "python": [py_version, list(py_internal), py_gauss],
     }
 
@@ -570,4 +630,4 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-__all__ = ["FitResult", "NonFiniteLossError", "Stateful", "Trainer", "make_fabric"]
+__all__ = ["BestRecord", "FitResult", "NonFiniteLossError", "Stateful", "Trainer", "make_fabric"]

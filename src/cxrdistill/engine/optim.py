@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.optimizer import ParamsT
 
 from cxrdistill.config import TrainConfig
 from cxrdistill.errors import ConfigError
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: ParamsT, cfg: TrainConfig) -> torch.optim.Optimizer:
     """`cfg.optimizer` ("adamw" | "adam" | "sgd") over `params` with `cfg.lr` and `cfg.weight_decay`."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

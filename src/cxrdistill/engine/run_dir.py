@@ -242,7 +242,7 @@ def environment_info() -> dict[str, Any]:
     """Versions that decide a run's numbers; deliberately no host name or user name."""
     import torch
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("cxrdistill", "torch", "monai", "lightning-fabric", "numpy", "pydantic", "transformers"):
         try:
             versions[package] = importlib.metadata.version(package)

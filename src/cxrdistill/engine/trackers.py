@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_fabric.loggers import Logger
+from lightning_fabric.loggers.logger import Logger
 
 from cxrdistill.errors import ConfigError
 
@@ -59,11 +59,12 @@ class MLflowLogger(Logger):
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        self.run_id = _remembered_id(run_id_file)
-        if self.run_id is None:
-            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
+        remembered = _remembered_id(run_id_file)
+        if remembered is None:
+            self.run_id: str = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
             _remember(run_id_file, self.run_id)
         else:
+            self.run_id = remembered
             self.client.update_run(self.run_id, status="RUNNING")
 
     @property
@@ -113,7 +114,7 @@ class WandbLogger(Logger):
 
     @property
     def version(self) -> str:
-        return self.run.id
+        return str(self.run.id)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.run.log(dict(metrics), step=step)

@@ -16,7 +16,7 @@ from monai.networks.nets import DenseNet
 from torch import Tensor
 
 from cxrdistill.models.frozen_bn import FrozenBatchNormMixin
-from cxrdistill.models.pretrained import LoadReport, read_state_dict
+from cxrdistill.models.state_dicts import LoadReport, load_checked, read_state_dict, unnest_and_strip
 
 IMAGE_MEAN = 0.449
 IMAGE_STD = 0.226
@@ -108,8 +108,6 @@ def load_imagenet_densenet(backbone: DenseNetBackbone, path: str | Path) -> Load
         CheckpointError: missing or unreadable file, or weights that do not cover the backbone
             (the message names missing / unexpected keys and shape mismatches).
     """
-    from cxrdistill.models.pretrained import load_checked, unnest_and_strip
-
     own = backbone.state_dict()
     state, skipped = densenet_state_from_torchvision(unnest_and_strip(read_state_dict(path)), own)
     return LoadReport(loaded=load_checked(backbone, state, True, str(path)), skipped=skipped)

@@ -18,12 +18,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from cxrdistill.errors import CxrDistillError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
 
@@ -100,7 +103,7 @@ def check_collapse(dets: Sequence[Mapping[str, Tensor]], thresholds: Tensor, cla
     return report
 
 
-def guard(report: CollapseReport, on_collapse: str, console: Any = None, where: str = "") -> None:
+def guard(report: CollapseReport, on_collapse: str, console: Console | None = None, where: str = "") -> None:
     """Warn (console) about a collapse, or raise :class:`PseudoLabelCollapse` when ``on_collapse == "stop"``."""
     if not report.collapsed:
         return

@@ -16,25 +16,46 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.errors import ConfigError
-from cxrdistill.pseudo.store import PseudoLabelStore
+from cxrdistill.pseudo.store import ImageId, PseudoLabelStore, Record
 
-PredictFn = Callable[[dict[str, Any]], Sequence[Any]]
-RefineFn = Callable[[dict[str, Any], Sequence[Any]], Sequence[Any]]
+if TYPE_CHECKING:
+    from lightning_fabric import Fabric
+    from typing_extensions import Unpack
+
+Batch = dict[str, Any]
+"""A batch of `data.dataset.collate` (``"image"`` (B, 1, S, S), ``"image_id"`` (B,), ...)."""
+PredictFn = Callable[[Batch], Iterable[Record]]
+"""batch -> one record per image, in batch order (detections dicts, or a (B, C) tensor's rows)."""
+RefineFn = Callable[[Batch, Iterable[Record]], Iterable[Record]]
 
 
-def _cpu(record: Any) -> Any:
+class PassOptions(TypedDict, total=False):
+    """Keyword options of :func:`generate_pseudo_labels` that :func:`stored_pseudo_labels` passes on."""
+
+    indices: Sequence[int] | None
+    refine: RefineFn | None
+    batch_size: int
+    chunk_size: int
+    rank: int
+    world_size: int
+    num_workers: int
+
+
+def _cpu(record: Record) -> Record:
+    """The record with its tensors on the CPU (stored as they are)."""
     if isinstance(record, torch.Tensor):
         return record.detach().cpu()
-    if isinstance(record, dict):
-        return {k: _cpu(v) for k, v in record.items()}
+    if isinstance(record, Mapping):
+        return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
     return record
 
 
@@ -72,8 +93,8 @@ def generate_pseudo_labels(predict: PredictFn, dataset: CXRDataset, store: Pseud
 
 
 def stored_pseudo_labels(predict: PredictFn, dataset: CXRDataset, store: PseudoLabelStore, *,
-                         fresh: bool, fabric: Any = None, metadata: dict[str, Any] | None = None,
-                         **kwargs: Any) -> dict[Any, Any]:
+                         fresh: bool, fabric: Fabric | None = None, metadata: dict[str, Any] | None = None,
+                         **kwargs: Unpack[PassOptions]) -> dict[ImageId, Tensor | dict[str, Tensor]]:
     """The records of one generation, computed at most once and read back from the store.
 
     `fresh`: the teacher was (re)trained in this run, so whatever an earlier teacher stored for this

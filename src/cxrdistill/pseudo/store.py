@@ -26,6 +26,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,12 @@ _KIND = "__kind__"
 _MARKER = "COMPLETE.json"
 
 
+def _chunk_key(path: Path) -> tuple[int, int] | None:
+    """``(rank, index)`` of a chunk file's name; None for any other file (e.g. a ``*.tmp``)."""
+    match = _CHUNK.match(path.name)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def _as_numpy(value: Tensor | np.ndarray) -> np.ndarray:
     if isinstance(value, Tensor):
         return value.detach().cpu().numpy()
@@ -57,7 +64,7 @@ class PseudoLabelStore:
         generation: generation number (0 = teacher trained on labeled data only).
     """
 
-    def __init__(self, root: str | os.PathLike, generation: int) -> None:
+    def __init__(self, root: str | os.PathLike[str], generation: int) -> None:
         if generation < 0:
             raise ValueError(f"generation must be >= 0, got {generation}")
         self.root = Path(root)
@@ -65,7 +72,7 @@ class PseudoLabelStore:
         self.path = self.root / f"generation_{self.generation:03d}"
 
     @staticmethod
-    def generations(root: str | os.PathLike) -> list[int]:
+    def generations(root: str | os.PathLike[str]) -> list[int]:
         """Generation numbers present under ``root``, ascending."""
         found = [re.fullmatch(r"generation_(\d+)", p.name) for p in Path(root).glob("generation_*")]
         return sorted(int(m.group(1)) for m in found if m)
@@ -74,8 +81,8 @@ class PseudoLabelStore:
         """Completely written chunk files, in (rank, index) order; ``*.tmp`` files are not chunks."""
         if not self.path.is_dir():
             return []
-        chunks = [(m, p) for p in self.path.iterdir() if (m := _CHUNK.match(p.name))]
-        return [p for m, p in sorted(chunks, key=lambda mp: (int(mp[0].group(1)), int(mp[0].group(2))))]
+        chunks = [(key, p) for p in self.path.iterdir() if (key := _chunk_key(p)) is not None]
+        return [p for _, p in sorted(chunks)]
 
     @staticmethod
     def _read_chunk(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
@@ -109,7 +116,7 @@ class PseudoLabelStore:
             raise CxrDistillError(f"{self.path}: generation {self.generation} is complete; start a new generation")
         return PseudoLabelWriter(self, chunk_size, rank)
 
-    def mark_complete(self, expected_ids: Iterable[ImageId] | None = None, metadata: Mapping | None = None) -> None:
+    def mark_complete(self, expected_ids: Iterable[ImageId] | None = None, metadata: Mapping[str, Any] | None = None) -> None:
         """Record that the pass is finished, after checking for duplicates and (given
         ``expected_ids``) gaps; raises :class:`CxrDistillError` listing them."""
         counts: dict[ImageId, int] = {}
@@ -157,7 +164,7 @@ def _decode_chunk(chunk: dict[str, np.ndarray], path: Path) -> Iterator[tuple[Im
     keys = sorted(k for k in chunk if k not in ("image_ids", _KIND) and "." not in k)
     single = str(chunk[_KIND]) == "array"
     for n, image_id in enumerate(ids):
-        record = {}
+        record: dict[str, Tensor] = {}
         for key in keys:
             start, stop = chunk[f"{key}.offsets"][n : n + 2]
             shape = tuple(chunk[f"{key}.shapes"][n])
@@ -188,7 +195,7 @@ class PseudoLabelWriter:
         self._pending: list[tuple[ImageId, dict[str, np.ndarray]]] = []
         self._kind: str | None = None
         own = [p for p in store.chunk_files() if p.name.startswith(f"chunk_r{rank:02d}_")]
-        self._next_index = max((int(_CHUNK.match(p.name).group(2)) for p in own), default=-1) + 1
+        self._next_index = max((key[1] for p in own if (key := _chunk_key(p)) is not None), default=-1) + 1
         self.skipped = 0
         self.written = 0
 
@@ -207,7 +214,8 @@ class PseudoLabelWriter:
             self._kind = kind
         elif kind != self._kind:
             raise CxrDistillError(f"image {image_id!r}: a {kind} record in a pass of {self._kind} records")
-        arrays = {k: _as_numpy(v) for k, v in record.items()} if kind == "dict" else {_VALUE: _as_numpy(record)}
+        arrays = ({k: _as_numpy(v) for k, v in record.items()} if isinstance(record, Mapping)
+                  else {_VALUE: _as_numpy(record)})
         for key in arrays:
             if not isinstance(key, str) or not key or "." in key or key in ("image_ids", _KIND):
                 raise CxrDistillError(f"image {image_id!r}: invalid record key {key!r}")
@@ -246,7 +254,7 @@ class PseudoLabelWriter:
                 raise CxrDistillError(f"key {key!r}: records of chunk disagree on the number of dimensions: {ndims}")
             payload[f"{key}.shapes"] = np.asarray([v.shape for v in values], dtype=np.int64).reshape(len(values), -1)
         path = self.store.path / f"chunk_r{self.rank:02d}_{self._next_index:06d}.npz"
-        atomic_write(path, lambda f: np.savez(f, **payload))
+        atomic_write(path, lambda f: np.savez(f, allow_pickle=False, **payload))  # object arrays were refused above
         self._next_index += 1
         self.written += len(self._pending)
         self._pending = []
