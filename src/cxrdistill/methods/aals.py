@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader
 from cxrdistill.config import ModelConfig, RunConfig
 from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.data.study import StudyData
-from cxrdistill.data.views import compose, invert, project_boxes, random_affine, warp_images
+from cxrdistill.data.views import View, ViewConfig, compose, invert, random_view, warp_images
 from cxrdistill.engine.checkpoint import load_checkpoint, load_module_weights
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.ema import EMATeacher
@@ -203,7 +203,7 @@ class MapTargets:
 
 
 def map_targets(batch: dict[str, Any], num_classes: int, stride: int, positive_ids: Tensor,
-                view: AalsView | None = None) -> MapTargets:
+                view: View | None = None) -> MapTargets:
     """The R / N / P supervision of a collated batch (see :class:`MapTargets`); the box masks are
     rasterised from the boxes as projected into ``view`` (None: the batch's own boxes)."""
     images = batch["image"]
@@ -253,43 +253,12 @@ def aals_losses(student_logits: Tensor, teacher_probs: Tensor, targets: MapTarge
 # --------------------------------------------------------------------------------- views
 
 
-@dataclass
-class AalsView:
-    """One random view of a batch: ``images (B, 1, H, W)``, ``matrices (B, 3, 3)`` (input pixel
-    coordinates -> view pixel coordinates) and the batch's boxes / labels projected into it."""
-
-    images: Tensor
-    matrices: Tensor
-    boxes: list[Tensor]
-    labels: list[Tensor]
-
-
-def random_view(batch: dict[str, Any], params: AalsParams, generator: torch.Generator) -> AalsView:
-    """Rotation, flip, intensity and contrast jitter of ``batch["image"]`` (the paper's list) with
-    its geometry recorded; boxes keeping < 50 % of their area inside the view are dropped."""
-    images = batch["image"]
-    size = tuple(images.shape[-2:])
-    matrices = random_affine(len(images), image_size=size, flip_p=params.flip_p, rotate_deg=params.rotate_deg,
-                             generator=generator).to(images.device)
-    warped = warp_images(images, matrices)
-    shape = (len(images), 1, 1, 1)
-    gain = 1 + params.contrast * (2 * torch.rand(shape, generator=generator) - 1)
-    shift = params.intensity * (2 * torch.rand(shape, generator=generator) - 1)
-    mean = warped.mean(dim=(1, 2, 3), keepdim=True)
-    jittered = ((warped - mean) * gain.to(warped) + mean + shift.to(warped)).clamp(0, 1)
-    boxes, labels = [], []
-    for b, (box, label) in enumerate(zip(batch["boxes"], batch["labels"], strict=True)):
-        kept, keep = project_boxes(box, matrices[b], size)
-        boxes.append(kept)
-        labels.append(label[keep.to(label.device)])
-    return AalsView(jittered, matrices, boxes, labels)
-
-
-def identity_view(batch: dict[str, Any]) -> AalsView:
-    """The un-augmented batch as a view (``augment: false``)."""
-    images = batch["image"]
-    eye = torch.eye(3, device=images.device).expand(len(images), 3, 3).clone()
-    return AalsView(images, eye, list(batch["boxes"]), list(batch["labels"]))
+def view_config(params: AalsParams) -> ViewConfig | None:
+    """The paper's training view (rotation, flip, intensity and contrast jitter); None: no augmentation."""
+    if not params.augment:
+        return None
+    return ViewConfig(flip_p=params.flip_p, rotate_deg=params.rotate_deg, contrast=params.contrast,
+                      brightness=params.intensity)
 
 
 def map_matrices(source: Tensor, target: Tensor, stride: int) -> Tensor:
@@ -314,13 +283,16 @@ def _view_generator(seed: int, stage: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def view_pair(batch: dict[str, Any], params: AalsParams, seed: int, stage: str, step: int) -> tuple[AalsView, AalsView]:
-    """(teacher view, student view): two independent random views, or the batch itself twice."""
-    if not params.augment:
-        view = identity_view(batch)
+def view_pair(batch: dict[str, Any], params: AalsParams, seed: int, stage: str, step: int) -> tuple[View, View]:
+    """(teacher view, student view): two independent random views (`data.views.random_view`, boxes
+    keeping < 50 % of their area dropped), or the batch itself twice."""
+    images, boxes, labels = batch["image"], batch["boxes"], batch["labels"]
+    cfg = view_config(params)
+    if cfg is None:
+        view = random_view(images, None, None, boxes, labels)
         return view, view
     generator = _view_generator(seed, stage, step)
-    return random_view(batch, params, generator), random_view(batch, params, generator)
+    return random_view(images, cfg, generator, boxes, labels), random_view(images, cfg, generator, boxes, labels)
 
 
 # --------------------------------------------------------------------------------- model selection

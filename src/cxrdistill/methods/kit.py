@@ -3,7 +3,7 @@
 Every recipe that starts from a supervised model (the supervised baselines, TSD / CEIRD / STAC's
 teacher, Mean / Soft Teacher's burn-in, OXnet's base detector) gets it from
 :func:`supervised_stage`: the *same* seeded initialisation, loader, augmentation
-(:func:`augment_batch` through `data/views.py`) and schedule. So the `supervised_detector` row of a
+(`data.views.random_view`) and schedule. So the `supervised_detector` row of a
 study and TSD's teacher at the same seed are one checkpoint.
 
 **The stage store.** A finished stage is kept under ``<store>/<key>/`` (``model.pt``, ``key.json``),
@@ -37,7 +37,7 @@ from cxrdistill.atomic import file_sha256, write_json_atomic
 from cxrdistill.config import ModelConfig
 from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.data.study import StudyData, default_cache_root
-from cxrdistill.data.views import ViewConfig, intensity_jitter, project_boxes, random_affine, warp_images
+from cxrdistill.data.views import View, ViewConfig, random_view
 from cxrdistill.engine.checkpoint import load_module_weights, save_checkpoint
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.loop import FitResult
@@ -93,24 +93,6 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1))
 
 
-def augment_batch(images: Tensor, boxes: list[Tensor], labels: list[Tensor], view: ViewConfig,
-                  generator: torch.Generator) -> tuple[Tensor, list[dict[str, Tensor]]]:
-    """Warp ``images (B, 1, H, W)`` by a random view and carry the boxes along (lost boxes dropped).
-
-    Returns the augmented images and detector targets ``[{"boxes": (K, 4), "labels": (K,)}]``.
-    """
-    size = (int(images.shape[-2]), int(images.shape[-1]))
-    matrices = random_affine(images.shape[0], image_size=size, flip_p=view.flip_p, rotate_deg=view.rotate_deg,
-                             translate=view.translate, scale=view.scale, perspective=view.perspective,
-                             generator=generator).to(images.device)
-    out = intensity_jitter(warp_images(images, matrices), view.intensity, generator)
-    targets = []
-    for b, l, m in zip(boxes, labels, matrices):
-        kept, keep = project_boxes(b, m, size)
-        targets.append({"boxes": kept, "labels": l[keep]})
-    return out, targets
-
-
 # =============================================================================== data
 
 
@@ -139,6 +121,72 @@ def image_labeled(dataset: CXRDataset) -> list[int]:
     return idx
 
 
+# =============================================================================== the semi-supervised batch
+
+
+@dataclass
+class Part:
+    """The labeled or the unlabeled images of a collated batch, and the views a recipe made of them.
+
+    ``rows (B,)`` bool: this part's rows of the batch; ``images (n, 1, H, W)`` un-augmented; ``boxes``
+    / ``labels``: per image ``(K, 4)`` / ``(K,)`` (empty for unlabeled images); ``image_ids``.
+    ``weak`` / ``strong``: the part's views (`data.views.View`: images, geometry, projected boxes),
+    set by the recipe with :meth:`view`.
+    """
+
+    rows: Tensor
+    images: Tensor
+    boxes: list[Tensor]
+    labels: list[Tensor]
+    image_ids: list[int]
+    weak: View | None = None
+    strong: View | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def index(self) -> list[int]:
+        """This part's row numbers in the batch."""
+        return self.rows.nonzero().flatten().tolist()
+
+    def view(self, cfg: ViewConfig | None, generator: torch.Generator, boxes: list[Tensor] | None = None,
+             labels: list[Tensor] | None = None) -> View:
+        """`random_view` of this part's images, carrying ``boxes`` / ``labels`` (default: its own)."""
+        return random_view(self.images, cfg, generator, self.boxes if boxes is None else boxes,
+                           self.labels if labels is None else labels)
+
+
+@dataclass
+class SemiBatch:
+    """A batch as its ``labeled`` and ``unlabeled`` parts (selected by mask, never by position)."""
+
+    labeled: Part
+    unlabeled: Part
+
+    @classmethod
+    def split(cls, batch: dict[str, Any], labeled: Tensor | None = None) -> SemiBatch:
+        """The parts of a collated batch; ``labeled (B,)`` bool (default: ``batch["has_boxes"]``)."""
+        mask = (batch["has_boxes"] if labeled is None else labeled).bool()
+
+        def part(rows: Tensor) -> Part:
+            index = rows.nonzero().flatten().tolist()
+            return Part(rows, batch["image"][rows.to(batch["image"].device)], [batch["boxes"][i] for i in index],
+                        [batch["labels"][i] for i in index], batch["image_id"][rows.to(batch["image_id"].device)].tolist())
+
+        return cls(part(mask), part(~mask))
+
+
+def semi_losses(sup: dict[str, Tensor], unsup: dict[str, Tensor] | None = None,
+                unsup_weight: float = 1.0) -> dict[str, Tensor]:
+    """The loss dict of a semi-supervised step: ``sup/<term>`` and ``unsup/<term>`` (times ``unsup_weight``,
+    the recipe's λ_u), in that order; L = L_s + λ_u · L_u is their sum (the trainer's)."""
+    out = {f"sup/{k}": v for k, v in sup.items()}
+    for k, v in (unsup or {}).items():
+        out[f"unsup/{k}"] = unsup_weight * v
+    return out
+
+
 # =============================================================================== the supervised loop
 
 Losses = Callable[[dict[str, Any], Tensor, list[dict[str, Tensor]]], dict[str, Tensor]]
@@ -155,21 +203,20 @@ def fit_on(ctx: RunContext, stage: str, model: nn.Module, dataset: CXRDataset, i
     model.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        images, targets = augment_batch(batch["image"], batch["boxes"], batch["labels"], view,
-                                        step_generator(cfg.seed, step))
-        return losses(batch, images, targets)
+        seen = random_view(batch["image"], view, step_generator(cfg.seed, step), batch["boxes"], batch["labels"])
+        return losses(batch, seen.images, seen.targets)
 
     return ctx.trainer(stage).fit(step_fn, {"model": model}, build_optimizer(model.parameters(), cfg), loader,
                                   cfg.max_steps if max_steps is None else max_steps, sampler=sampler)
 
 
 def detector_losses(model: RetinaNet) -> Losses:
-    """Focal + box loss of ``model`` (``sup_cls``/``sup_box`` in the logs), boxes per image logged."""
+    """Focal + box loss of ``model`` (``sup/cls``, ``sup/box`` in the logs), boxes per image logged."""
 
     def losses(batch: dict[str, Any], images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         out = model.loss(model(images), targets)
         n_boxes = sum(len(t["boxes"]) for t in targets) / max(len(targets), 1)
-        return {"sup_cls": out["cls"], "sup_box": out["box"], "log_boxes_per_image": torch.tensor(n_boxes)}
+        return {**semi_losses(out), "log_boxes_per_image": torch.tensor(n_boxes)}
 
     return losses
 
@@ -441,10 +488,10 @@ def evaluate_final(ctx: RunContext, evaluate: Callable[[], dict[str, Any]], titl
 
 
 __all__ = [
-    "Augment", "DETECTION_KEYS", "SUPERVISED_STAGE", "STAGE_STORE_ENV", "STAGE_VERSION", "Stage", "augment_batch",
+    "Augment", "DETECTION_KEYS", "Part", "SUPERVISED_STAGE", "STAGE_STORE_ENV", "STAGE_VERSION", "SemiBatch", "Stage",
     "boxed_indices", "build_classifier_model", "build_detector", "build_heatmap_model", "classifier_losses",
     "detection_headline", "detector_losses", "evaluate_final", "evaluate_stage", "fit_on", "headline",
     "image_labeled", "labeled_loader", "print_metrics", "stage_key", "stage_store_root", "step_generator",
-    "supervised_stage", "teacher_comparison", "train_classifier", "train_detector", "view_config",
+    "semi_losses", "supervised_stage", "teacher_comparison", "train_classifier", "train_detector", "view_config",
     "write_teacher_comparison",
 ]

@@ -29,20 +29,20 @@ from torch import Tensor
 
 from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
-from cxrdistill.data.views import ViewConfig, intensity_jitter
+from cxrdistill.data.views import ViewConfig, intensity_jitter, random_view
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.ema import EMATeacher
 from cxrdistill.engine.optim import build_optimizer, ramp_up
 from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_detector
 from cxrdistill.methods.kit import (
-    augment_batch,
     boxed_indices,
     build_detector,
     compare_with_own_teacher,
     evaluate_final,
     evaluate_stage,
     labeled_loader,
+    semi_losses,
     step_generator,
     supervised_stage,
 )
@@ -144,16 +144,15 @@ def run(cfg: RunConfig, params: MeanTeacherParams, ctx: RunContext) -> dict[str,
     student.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        images, targets = augment_batch(batch["image"], batch["boxes"], batch["labels"], geometry,
-                                        step_generator(t.seed, step))
+        view = random_view(batch["image"], geometry, step_generator(t.seed, step), batch["boxes"], batch["labels"])
+        images = view.images
         s_in, t_in = noisy_pair(images, params.noise, step_generator(t.seed, step, stream=1))
         out = student(s_in)
-        sup = student.loss(out, targets, weights=batch["has_boxes"].to(images))
+        sup = student.loss(out, view.targets, weights=batch["has_boxes"].to(images))
         with torch.no_grad():
             t_out = teacher(t_in)
         weight = params.consistency_weight * ramp_up(step, ramp)
-        return {"sup_cls": sup["cls"], "sup_box": sup["box"],
-                "consistency": weight * consistency_loss(out, t_out, params.box_weight),
+        return {**semi_losses(sup), "unsup/consistency": weight * consistency_loss(out, t_out, params.box_weight),
                 "log_w": torch.tensor(weight)}
 
     trainer.fit(step_fn, {"student": student, "teacher": teacher}, build_optimizer(student.parameters(), t), loader,

@@ -21,12 +21,12 @@ from torch import Tensor
 
 from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
+from cxrdistill.data.views import random_view
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer, ramp_up
 from cxrdistill.eval.runs import evaluate_classifier
 from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, semi_sets
 from cxrdistill.methods.kit import (
-    augment_batch,
     build_classifier_model,
     evaluate_final,
     labeled_loader,
@@ -61,8 +61,8 @@ def run(cfg: RunConfig, params: PiModelParams, ctx: RunContext) -> dict[str, flo
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         x = batch["image"]
-        first, _ = augment_batch(x, batch["boxes"], batch["labels"], view, step_generator(t.seed, step, 0))
-        second, _ = augment_batch(x, batch["boxes"], batch["labels"], view, step_generator(t.seed, step, 1))
+        first = random_view(x, view, step_generator(t.seed, step, 0)).images
+        second = random_view(x, view, step_generator(t.seed, step, 1)).images
         logits = model(torch.cat([first, second]))
         z, z_tilde = logits.split(len(x))
         mask = batch["has_image_labels"].to(x.dtype)[:, None].expand_as(batch["image_labels"])

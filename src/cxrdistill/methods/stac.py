@@ -30,12 +30,13 @@ from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_detections, predict_detections
 from cxrdistill.methods.kit import (
     Augment,
-    augment_batch,
+    SemiBatch,
     boxed_indices,
     build_detector,
     evaluate_final,
     evaluate_stage,
     labeled_loader,
+    semi_losses,
     step_generator,
     supervised_stage,
     teacher_comparison,
@@ -114,21 +115,18 @@ def run(cfg: RunConfig, params: StacParams, ctx: RunContext) -> dict[str, float]
     student.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        is_l = batch["has_boxes"]
-        n_l = int(is_l.sum())
-        images, targets = augment_batch(batch["image"][:n_l], batch["boxes"][:n_l], batch["labels"][:n_l], weak,
-                                        step_generator(t.seed, step))
-        sup = student.loss(student(images), targets)
-        ids = batch["image_id"][n_l:].tolist()
-        pseudo = pseudo_targets(records, ids, selection.thresholds)
-        u_images, u_targets = augment_batch(batch["image"][n_l:], [p["boxes"].to(images.device) for p in pseudo],
-                                            [p["labels"].to(images.device) for p in pseudo], strong,
-                                            step_generator(t.seed, step, stream=1))
-        unsup = student.loss(student(u_images), u_targets)
+        semi = SemiBatch.split(batch)
+        labeled, unlabeled = semi.labeled, semi.unlabeled
+        labeled.weak = labeled.view(weak, step_generator(t.seed, step))
+        sup = student.loss(student(labeled.weak.images), labeled.weak.targets)
+        pseudo = pseudo_targets(records, unlabeled.image_ids, selection.thresholds)
+        device = labeled.weak.images.device
+        unlabeled.strong = unlabeled.view(strong, step_generator(t.seed, step, stream=1),
+                                          [p["boxes"].to(device) for p in pseudo], [p["labels"].to(device) for p in pseudo])
+        unsup = student.loss(student(unlabeled.strong.images), unlabeled.strong.targets)
         trainer.log_counts("pseudo_boxes", {data.class_names[c]: int(sum((p["labels"] == c).sum() for p in pseudo))
                                             for c in range(data.num_classes)})
-        return {"sup_cls": sup["cls"], "sup_box": sup["box"],
-                "unsup_cls": params.unsup_weight * unsup["cls"], "unsup_box": params.unsup_weight * unsup["box"]}
+        return semi_losses(sup, unsup, params.unsup_weight)
 
     trainer.fit(step_fn, {"student": student}, build_optimizer(student.parameters(), t), loader, t.max_steps,
                 sampler=sampler)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
+from cxrdistill.data.views import random_view
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.eval.runs import (
@@ -44,7 +45,6 @@ from cxrdistill.eval.runs import (
 )
 from cxrdistill.methods.kit import (  # noqa: F401  (re-exported for callers of the old names)
     Augment,
-    augment_batch,
     boxed_indices,
     build_classifier_model,
     build_detector,
@@ -160,9 +160,8 @@ def run_multitask(cfg: RunConfig, params: SupervisedParams, ctx: RunContext) -> 
     model.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        images, targets = augment_batch(batch["image"], batch["boxes"], batch["labels"], view,
-                                        step_generator(cfg.train.seed, step))
-        return multitask_losses(model, images, targets, batch["has_boxes"], batch["image_labels"],
+        seen = random_view(batch["image"], view, step_generator(cfg.train.seed, step), batch["boxes"], batch["labels"])
+        return multitask_losses(model, seen.images, seen.targets, batch["has_boxes"], batch["image_labels"],
                                 batch["has_image_labels"], params.image_loss_weight)
 
     ctx.trainer("multitask").fit(step_fn, {"model": model}, build_optimizer(model.parameters(), cfg.train),
@@ -195,10 +194,10 @@ def run_heatmap(cfg: RunConfig, params: SupervisedParams, ctx: RunContext) -> di
     model.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        images, targets = augment_batch(batch["image"], batch["boxes"], batch["labels"], view,
-                                        step_generator(cfg.train.seed, step))
-        masks = boxes_to_masks([t["boxes"] for t in targets], [t["labels"] for t in targets], data.num_classes,
-                               images.shape[-2], images.shape[-1], model.output_stride)
+        seen = random_view(batch["image"], view, step_generator(cfg.train.seed, step), batch["boxes"], batch["labels"])
+        images = seen.images
+        masks = boxes_to_masks(seen.boxes, seen.labels, data.num_classes, images.shape[-2], images.shape[-1],
+                               model.output_stride)
         return {"pixel_bce": pixel_bce_loss(model(images), masks.to(images))}
 
     ctx.trainer("heatmap").fit(step_fn, {"model": model}, build_optimizer(model.parameters(), cfg.train), loader,

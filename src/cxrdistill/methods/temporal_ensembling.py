@@ -22,12 +22,12 @@ from torch import Tensor
 
 from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
+from cxrdistill.data.views import random_view
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.eval.runs import evaluate_classifier
 from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, semi_sets
 from cxrdistill.methods.kit import (
-    augment_batch,
     build_classifier_model,
     evaluate_final,
     labeled_loader,
@@ -97,7 +97,7 @@ def run(cfg: RunConfig, params: TemporalEnsemblingParams, ctx: RunContext) -> di
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         x, ids = batch["image"], batch["image_id"].cpu()
-        images, _ = augment_batch(x, batch["boxes"], batch["labels"], view, step_generator(t.seed, step))
+        images = random_view(x, view, step_generator(t.seed, step)).images
         z = model(images)
         probs = torch.sigmoid(z)
         target, has = ensemble.targets(ids)

@@ -8,9 +8,9 @@ this recipe must say ``method.name: unbiased_teacher`` (docs/fidelity.md, "Renam
 
 1. **Burn-in**: the shared supervised stage on D_B (`kit.supervised_stage`)      stage ``supervised``
 2. **Mean teacher**: the teacher is the EMA of the student (`engine.ema.EMATeacher`, decay 0.999).
-   Every step, each unlabeled image gets a weak and a strong view (`data.views.make_views`);
+   Every step, each unlabeled image gets a weak and a strong view (`data.views.random_view`);
    the teacher detects on the weak view, the boxes scoring ≥ τ are **projected into the strong
-   view** (`project_boxes` through the recorded ``weak_to_strong`` matrix) and the student learns
+   view** (`project_boxes` through the recorded ``weak.into(strong)`` matrix) and the student learns
    them on the strong view: L = L_s + λ_u · L_u                                   stage ``mean_teacher``
 
 ``soft_teacher: true`` (Soft Teacher's "soft teacher" mechanism): an anchor the pseudo-boxes leave
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
-from cxrdistill.data.views import ViewConfig, make_views, project_boxes
+from cxrdistill.data.views import View, ViewConfig, project_boxes
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.ema import EMATeacher
 from cxrdistill.engine.optim import build_optimizer
@@ -48,13 +48,14 @@ from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_detector
 from cxrdistill.methods.kit import (
     Augment,
-    augment_batch,
+    SemiBatch,
     boxed_indices,
     build_detector,
     compare_with_own_teacher,
     evaluate_final,
     evaluate_stage,
     labeled_loader,
+    semi_losses,
     step_generator,
     supervised_stage,
     view_config,
@@ -101,7 +102,7 @@ class UnbiasedTeacherParams(BaseModel):
 
 
 @torch.no_grad()
-def teacher_targets_in_strong_view(teacher: RetinaNet | EMATeacher, views: dict[str, Any],
+def teacher_targets_in_strong_view(teacher: RetinaNet | EMATeacher, weak: View, strong: View,
                                    threshold: float | Tensor) -> list[dict[str, Tensor]]:
     """The teacher's boxes (score ≥ τ) on the weak view, projected into the strong view.
 
@@ -109,10 +110,10 @@ def teacher_targets_in_strong_view(teacher: RetinaNet | EMATeacher, views: dict[
     that leaves the strong view (less than half visible) is dropped with its label.
     """
     module = teacher.module if isinstance(teacher, EMATeacher) else teacher
-    dets = filter_detections(module.predict(views["weak"]), threshold)
-    size = (int(views["strong"].shape[-2]), int(views["strong"].shape[-1]))
+    dets = filter_detections(module.predict(weak.images), threshold)
+    size = (int(strong.images.shape[-2]), int(strong.images.shape[-1]))
     out = []
-    for det, matrix in zip(dets, views["weak_to_strong"]):
+    for det, matrix in zip(dets, weak.into(strong)):
         boxes, keep = project_boxes(det["boxes"], matrix, size)
         out.append({"boxes": boxes, "labels": det["labels"][keep], "scores": det["scores"][keep]})
     return out
@@ -216,20 +217,21 @@ def _run(cfg: RunConfig, params: UnbiasedTeacherParams, ctx: RunContext, title: 
     student.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        n_l = int(batch["has_boxes"].sum())
-        images, targets = augment_batch(batch["image"][:n_l], batch["boxes"][:n_l], batch["labels"][:n_l], weak_view,
-                                        step_generator(t.seed, step))
-        sup = student.loss(student(images), targets)
-        views = make_views(batch["image"][n_l:], None, ViewConfig.weak(), ViewConfig.martins_silva(),
-                           step_generator(t.seed, step, stream=1))
-        pseudo = teacher_targets_in_strong_view(teacher, views, thresholds)
-        out = student(views["strong"])
+        semi = SemiBatch.split(batch)
+        labeled, unlabeled = semi.labeled, semi.unlabeled
+        labeled.weak = labeled.view(weak_view, step_generator(t.seed, step))
+        sup = student.loss(student(labeled.weak.images), labeled.weak.targets)
+        generator = step_generator(t.seed, step, stream=1)  # the weak view, then the strong one
+        unlabeled.weak = unlabeled.view(ViewConfig.weak(), generator)
+        unlabeled.strong = unlabeled.view(ViewConfig.martins_silva(), generator)
+        pseudo = teacher_targets_in_strong_view(teacher, unlabeled.weak, unlabeled.strong, thresholds)
+        out = student(unlabeled.strong.images)
         hard = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo]
         unsup = student.loss(out, hard)
         teacher_out = None
         if params.soft_teacher or params.box_jitter:
             with torch.no_grad():
-                teacher_out = teacher(views["strong"])
+                teacher_out = teacher(unlabeled.strong.images)
         if params.soft_teacher:
             probs = torch.sigmoid(teacher_out.cls_logits.float())
             unsup["cls"] = soft_teacher_cls_loss(student, out, hard, 1 - probs.amax(-1))
@@ -244,8 +246,7 @@ def _run(cfg: RunConfig, params: UnbiasedTeacherParams, ctx: RunContext, title: 
             trainer.log_metrics({"jitter_kept_fraction": sum(len(r["labels"]) for r in reg) / max(n_all, 1)})
         trainer.log_counts("pseudo_boxes", {data.class_names[c]: int(sum((p["labels"] == c).sum() for p in pseudo))
                                             for c in range(data.num_classes)})
-        return {"sup_cls": sup["cls"], "sup_box": sup["box"],
-                "unsup_cls": params.unsup_weight * unsup["cls"], "unsup_box": params.unsup_weight * unsup["box"]}
+        return semi_losses(sup, unsup, params.unsup_weight)
 
     trainer.fit(step_fn, {"student": student, "teacher": teacher}, build_optimizer(student.parameters(), t), loader,
                 max(t.max_steps - burn_in, 1), sampler=sampler, on_step_end=lambda _: teacher.update(student))
