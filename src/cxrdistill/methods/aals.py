@@ -42,7 +42,6 @@ modified FROC (recall at 1–10 % false-positive pixels), also with a bootstrap 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -55,7 +54,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from cxrdistill.config import ModelConfig, RunConfig
+from cxrdistill.atomic import write_json_atomic
+from cxrdistill.config import RunConfig
 from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.data.study import StudyData
 from cxrdistill.data.views import View, ViewConfig, compose, invert, random_view, warp_images
@@ -68,10 +68,11 @@ from cxrdistill.errors import ConfigError
 from cxrdistill.eval.classification import auroc, bootstrap_indices
 from cxrdistill.eval.froc import ModifiedFroc
 from cxrdistill.eval.runs import evaluate_heatmap, write_metrics
-from cxrdistill.methods.kit import headline, labeled_loader
+from cxrdistill.methods.kit import Augment, Stage, build_heatmap_model, headline, labeled_loader, supervised_stage
 from cxrdistill.methods.registry import register_method
-from cxrdistill.models.factory import build_model, export_model
-from cxrdistill.models.heatmap import HeatmapFPN, boxes_to_masks, image_scores, pixel_bce_loss
+from cxrdistill.models.factory import export_model
+from cxrdistill.models.heatmap import HeatmapFPN, image_scores
+from cxrdistill.models.heatmap_targets import MapTargets, map_supervised_indices, map_targets, supervised_map_loss
 from cxrdistill.pseudo.sharpening import asymmetric_sharpen, kl_map_loss
 
 
@@ -92,14 +93,18 @@ class AalsParams(BaseModel):
     """Fraction of the P images whose positive labels are used (Fig. 3); a nested seeded subset."""
     pretrain_steps: int | None = Field(None, ge=0)
     """Optimizer steps of supervised pre-training (None: ``train.max_steps``)."""
+    pretrain_augment: Augment = "aals"
+    """View of the pre-training (the shared heat-map stage's ``augment``; ``aals``: flip 0.5, rotation
+    ±10°, contrast ±0.2, brightness ±0.1, the defaults of the semi stage's view). The
+    `supervised_heatmap` baseline with ``augment: aals`` is the same checkpoint."""
     semi_steps: int | None = Field(None, ge=0)
     """Optimizer steps of semi-supervised training (None: ``train.max_steps``)."""
     positives_per_batch: int | None = Field(None, ge=1)
     """P images per batch next to ``train.batch_size`` R ∪ N images (None: ``train.unlabeled_batch_size``,
     or ``train.batch_size`` when that is 0)."""
     pretrained_checkpoint: Path | None = None
-    """Skip pre-training and start from this checkpoint's ``student`` weights (e.g. another run's
-    ``checkpoints/pretrain/last.pt``), so sweeps share one pre-training."""
+    """Skip pre-training and start from this checkpoint's ``model`` (or ``student``) weights (e.g. another
+    run's ``checkpoints/supervised/last.pt``). Sweeps share one pre-training without it: the stage store."""
     eval_split: str = "test"
     eval_batch_size: int = Field(16, ge=1)
     n_boot: int = Field(1000, ge=0)
@@ -161,16 +166,13 @@ def split_sets(data: StudyData, positive_fraction: float, seed: int, split: str 
         if im.supervision == "image" and manifest.image_labels(im.id).any():
             weak_positive.append(im.id)
     used = set(nested_subset(weak_positive, positive_fraction, seed))
-    supervised, positive, unused = [], [], 0
+    supervised, positive, unused = map_supervised_indices(dataset), [], 0
     for index, im in enumerate(dataset.images):
         labels = manifest.image_labels(im.id)
         if im.supervision == "box":
-            supervised.append(index)
             for name in names:
                 counts[name]["R"] += 1
         elif im.supervision == "image":
-            if not labels.all():
-                supervised.append(index)
             if im.id in used:
                 positive.append(index)
             for k, name in enumerate(names):
@@ -186,43 +188,6 @@ def split_sets(data: StudyData, positive_fraction: float, seed: int, split: str 
 
 
 # --------------------------------------------------------------------------------- targets and losses
-
-
-@dataclass
-class MapTargets:
-    """Per-(image, class) supervision of a batch at the map resolution.
-
-    masks ``(B, C, h, w)``: box masks for R, zeros otherwise. ``supervised (B, C)``: 1 where L_sup
-    applies (every class of R, the absent classes of N images). ``positive (B, C)``: 1 where L_semi
-    applies (the present classes of the used P images).
-    """
-
-    masks: Tensor
-    supervised: Tensor
-    positive: Tensor
-
-
-def map_targets(batch: dict[str, Any], num_classes: int, stride: int, positive_ids: Tensor,
-                view: View | None = None) -> MapTargets:
-    """The R / N / P supervision of a collated batch (see :class:`MapTargets`); the box masks are
-    rasterised from the boxes as projected into ``view`` (None: the batch's own boxes)."""
-    images = batch["image"]
-    height, width = images.shape[-2:]
-    boxes, labels = (batch["boxes"], batch["labels"]) if view is None else (view.boxes, view.labels)
-    masks = boxes_to_masks(boxes, labels, num_classes, height, width, stride)
-    has_boxes = batch["has_boxes"].to(images.device)
-    weak = batch["has_image_labels"].to(images.device) & ~has_boxes
-    present = batch["image_labels"].to(images)
-    boxed = has_boxes[:, None].float().expand_as(present)
-    supervised = boxed + weak[:, None].float() * (1 - present)
-    used = torch.isin(batch["image_id"].to(images.device), positive_ids.to(images.device))
-    positive = (weak & used)[:, None].float() * present
-    return MapTargets(masks.to(images), supervised, positive)
-
-
-def supervised_loss(logits: Tensor, targets: MapTargets) -> Tensor:
-    """L_sup (Eq. 1): mean pixel BCE over the supervised maps of R ∪ N."""
-    return pixel_bce_loss(logits, targets.masks, weights=targets.supervised)
 
 
 def aals_losses(student_logits: Tensor, teacher_probs: Tensor, targets: MapTargets, t: float, a0: float,
@@ -241,7 +206,7 @@ def aals_losses(student_logits: Tensor, teacher_probs: Tensor, targets: MapTarge
     if seen is not None:
         mask = mask * seen
     semi = kl_map_loss(student_logits, sharpened, mask=mask)
-    out = {"sup": supervised_loss(student_logits, targets) * (n_sup / total), "semi": semi * (n_pos / total)}
+    out = {"sup": supervised_map_loss(student_logits, targets) * (n_sup / total), "semi": semi * (n_pos / total)}
     if n_pos > 0:
         weight = targets.positive
         out["log_teacher_max"] = (teacher_probs.flatten(2).amax(2) * weight).sum() / n_pos
@@ -335,43 +300,32 @@ def _load_best(trainer: Trainer, result: Any, modules: dict[str, torch.nn.Module
 # --------------------------------------------------------------------------------- the recipe
 
 
-def build_heatmap(model_cfg: ModelConfig, num_classes: int) -> HeatmapFPN:
-    """The FPN probability-map network of ``cfg.model`` (``options`` go to :class:`HeatmapFPN`)."""
-    return build_model(model_cfg, num_classes, expect="heatmap")  # type: ignore[return-value]
-
-
-
-
-
-
-
-
 def _validator(model: torch.nn.Module, val_set: CXRDataset | None, params: AalsParams):
     if val_set is None:
         return None
     return lambda: {"val_AUROC": validation_auroc(model, val_set, params.eval_batch_size)}
 
 
-def pretrain(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: TrainingSets, student: HeatmapFPN,
-             val_set: CXRDataset | None = None) -> None:
-    """Stage 1: supervised pre-training on R ∪ N (Eq. 1), or the weights of ``pretrained_checkpoint``;
-    with ``select_best`` the student of the best validation AUROC."""
+def pretrain(ctx: RunContext, data: StudyData, params: AalsParams) -> Stage | None:
+    """Stage 1: supervised pre-training on R ∪ N (Eq. 1): the shared supervised heat-map stage
+    (`kit.supervised_stage(kind="heatmap")`, the `supervised_heatmap` baseline's checkpoint at the same
+    key, read from the stage store when trained once). None with ``pretrained_checkpoint``."""
     if params.pretrained_checkpoint is not None:
-        load_module_weights(params.pretrained_checkpoint, student, "student")
-        return
-    loader, sampler = labeled_loader(sets.dataset, sets.supervised, [], cfg.train.batch_size, 0, cfg.train.seed, ctx)
-    optimizer = build_optimizer(student.parameters(), cfg.train)
-    trainer = _selection_trainer(ctx, params, "pretrain", len(sets.supervised), cfg.train.batch_size)
+        return None
+    return supervised_stage(ctx, data, kind="heatmap", steps=params.pretrain_steps, augment=params.pretrain_augment)
 
-    def step(batch: dict[str, Any], index: int) -> dict[str, Tensor]:
-        _, view = view_pair(batch, params, cfg.train.seed, "pretrain", index)
-        targets = map_targets(batch, student.num_classes, student.output_stride, sets.positive_ids, view)
-        return {"sup": supervised_loss(student(view.images), targets)}
 
-    steps = cfg.train.max_steps if params.pretrain_steps is None else params.pretrain_steps
-    evaluate = _validator(student, val_set, params) if params.select_best else None
-    result = trainer.fit(step, {"student": student}, optimizer, loader, steps, sampler=sampler, evaluate=evaluate)
-    _load_best(trainer, result, {"student": student})
+def pretrained_model(ctx: RunContext, data: StudyData, params: AalsParams) -> HeatmapFPN:
+    """The pre-trained heat-map network: :func:`pretrain`'s stage model, or ``pretrained_checkpoint``'s
+    ``model`` (a stage checkpoint, e.g. ``checkpoints/supervised/last.pt``) or ``student`` weights."""
+    stage = pretrain(ctx, data, params)
+    if stage is not None:
+        return stage.model  # type: ignore[return-value]
+    model = build_heatmap_model(ctx.cfg.model, data.num_classes, ctx.cfg.train.seed)
+    path = params.pretrained_checkpoint
+    modules = load_checkpoint(path).get("modules", {})
+    load_module_weights(path, model, "student" if "student" in modules else "model")
+    return model.to(ctx.device)
 
 
 def distill(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: TrainingSets, student: HeatmapFPN,
@@ -414,9 +368,10 @@ def run(cfg: RunConfig, params: AalsParams, ctx: RunContext) -> dict[str, float]
     torch.manual_seed(cfg.train.seed)
     data = StudyData.from_config(cfg.data)
     sets = split_sets(data, params.positive_fraction, cfg.train.seed)
-    _write_json(ctx.run_dir.path / "aals_sets.json", {"per_class": sets.counts, "unused_none": sets.unused,
-                                                       "supervised_images": len(sets.supervised),
-                                                       "positive_images": len(sets.positive)})
+    if ctx.fabric.is_global_zero:
+        write_json_atomic(ctx.run_dir.path / "aals_sets.json", {"per_class": sets.counts, "unused_none": sets.unused,
+                                                                "supervised_images": len(sets.supervised),
+                                                                "positive_images": len(sets.positive)})
     if sets.unused:
         ctx.console.print(f"AALS: {sets.unused} training images with supervision 'none' are not used")
     eval_set = data.dataset(params.eval_split, with_truth=True)
@@ -432,13 +387,13 @@ def run(cfg: RunConfig, params: AalsParams, ctx: RunContext) -> dict[str, float]
         if len(val_set) == 0:
             raise ConfigError(f"method.params.val_split: split {params.val_split!r} has no images; "
                               f"name another split or set select_best: false")
-    student = build_heatmap(cfg.model, data.num_classes)
-    pretrain(cfg, params, ctx, sets, student, val_set)
+    student = pretrained_model(ctx, data, params)
     out = _flat("pretrain", evaluate(student, eval_set, ctx.run_dir.eval / "pretrain", params))
     if not params.semi_supervised:
         return _finish(ctx, data, student, "pretrain", out)
     if not sets.positive:
         ctx.console.print("AALS: no used image-level positives (P is empty): the semi stage trains on R ∪ N only")
+    student.train()
     teacher = distill(cfg, params, ctx, sets, student, val_set)
     for name, model in (("student", student), ("teacher", teacher.module)):
         out.update(_flat(name, evaluate(model, eval_set, ctx.run_dir.eval / name, params)))
@@ -532,8 +487,3 @@ def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
             f"{prefix}/AUROC_hi": f(auroc["macro_AUROC_CI95"][1]), f"{prefix}/mFROC": f(froc["mean_score"]),
             f"{prefix}/mFROC_lo": f(froc_ci[0]), f"{prefix}/mFROC_hi": f(froc_ci[1]),
             **{f"{prefix}/{k}": v for k, v in headline(metrics).items() if k.startswith("mAP")}}
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")

@@ -48,8 +48,9 @@ from cxrdistill.models.classifier import ImageClassifier, masked_bce_with_logits
 from cxrdistill.models.detector import RetinaNet
 from cxrdistill.models.factory import build_model, export_model
 from cxrdistill.models.heatmap import HeatmapFPN
+from cxrdistill.models.heatmap_targets import map_supervised_indices, map_targets, supervised_map_loss
 
-Augment = Literal["flip", "flip_shift", "none", "strong"]
+Augment = Literal["aals", "flip", "flip_shift", "none", "strong"]
 STAGE_VERSION = 1
 """Bumped when the supervised stage's code changes what it trains (old store entries then miss)."""
 STAGE_STORE_ENV = "CXRDISTILL_STAGE_STORE"
@@ -83,9 +84,11 @@ def build_classifier_model(model_cfg: ModelConfig, num_classes: int, seed: int |
 
 
 def view_config(augment: Augment) -> ViewConfig:
-    """The training view: flip (the weak view), flip + 10 % shift, the strong list, or identity."""
+    """The training view: flip (the weak view), flip + 10 % shift, the strong list, AALS's list
+    (flip, rotation ±10°, contrast ±0.2, brightness ±0.1), or identity geometry."""
     return {"flip": ViewConfig.weak(), "flip_shift": ViewConfig(flip_p=0.5, translate=0.1),
-            "strong": ViewConfig.martins_silva(), "none": ViewConfig()}[augment]
+            "strong": ViewConfig.martins_silva(), "none": ViewConfig(),
+            "aals": ViewConfig(flip_p=0.5, rotate_deg=10.0, contrast=0.2, brightness=0.1)}[augment]
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -189,13 +192,14 @@ def semi_losses(sup: dict[str, Tensor], unsup: dict[str, Tensor] | None = None,
 
 # =============================================================================== the supervised loop
 
-Losses = Callable[[dict[str, Any], Tensor, list[dict[str, Tensor]]], dict[str, Tensor]]
+Losses = Callable[[dict[str, Any], View], dict[str, Tensor]]
+"""``losses(batch, view)``: the loss terms of a collated batch seen through its random view."""
 
 
 def fit_on(ctx: RunContext, stage: str, model: nn.Module, dataset: CXRDataset, indices: list[int],
            augment: Augment, losses: Losses, max_steps: int | None) -> FitResult:
     """The supervised loop every baseline shares: batches of ``dataset[indices]``, the ``augment`` view
-    (images ``(B, 1, H, W)`` and their projected targets), ``losses(batch, images, targets)``, stage
+    (`data.views.random_view`: images ``(B, 1, H, W)``, projected boxes), ``losses(batch, view)``, stage
     ``stage`` of ``train.max_steps`` (or ``max_steps``) optimizer steps, resumable and exact."""
     cfg = ctx.cfg.train
     loader, sampler = labeled_loader(dataset, indices, [], cfg.batch_size, 0, cfg.seed + sum(map(ord, stage)), ctx)
@@ -204,7 +208,7 @@ def fit_on(ctx: RunContext, stage: str, model: nn.Module, dataset: CXRDataset, i
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         seen = random_view(batch["image"], view, step_generator(cfg.seed, step), batch["boxes"], batch["labels"])
-        return losses(batch, seen.images, seen.targets)
+        return losses(batch, seen)
 
     return ctx.trainer(stage).fit(step_fn, {"model": model}, build_optimizer(model.parameters(), cfg), loader,
                                   cfg.max_steps if max_steps is None else max_steps, sampler=sampler)
@@ -213,8 +217,9 @@ def fit_on(ctx: RunContext, stage: str, model: nn.Module, dataset: CXRDataset, i
 def detector_losses(model: RetinaNet) -> Losses:
     """Focal + box loss of ``model`` (``sup/cls``, ``sup/box`` in the logs), boxes per image logged."""
 
-    def losses(batch: dict[str, Any], images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        out = model.loss(model(images), targets)
+    def losses(batch: dict[str, Any], view: View) -> dict[str, Tensor]:
+        targets = view.targets
+        out = model.loss(model(view.images), targets)
         n_boxes = sum(len(t["boxes"]) for t in targets) / max(len(targets), 1)
         return {**semi_losses(out), "log_boxes_per_image": torch.tensor(n_boxes)}
 
@@ -224,9 +229,21 @@ def detector_losses(model: RetinaNet) -> Losses:
 def classifier_losses(model: ImageClassifier) -> Losses:
     """Masked BCE on the image labels of the batch."""
 
-    def losses(batch: dict[str, Any], images: Tensor, _: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        mask = batch["has_image_labels"].to(images.dtype)[:, None].expand_as(batch["image_labels"])
-        return {"bce": masked_bce_with_logits(model(images), batch["image_labels"], mask)}
+    def losses(batch: dict[str, Any], view: View) -> dict[str, Tensor]:
+        mask = batch["has_image_labels"].to(view.images.dtype)[:, None].expand_as(batch["image_labels"])
+        return {"bce": masked_bce_with_logits(model(view.images), batch["image_labels"], mask)}
+
+    return losses
+
+
+def heatmap_losses(model: HeatmapFPN) -> Losses:
+    """Pixel BCE of the probability maps on R ∪ N (AALS Eq. 1): box masks of the box images (as
+    projected into the view), all-zero maps for the absent classes of image-level images."""
+    no_positives = torch.zeros(0, dtype=torch.long)
+
+    def losses(batch: dict[str, Any], view: View) -> dict[str, Tensor]:
+        targets = map_targets(batch, model.num_classes, model.output_stride, no_positives, view)
+        return {"sup/pixel_bce": supervised_map_loss(model(view.images), targets)}
 
     return losses
 
@@ -296,12 +313,14 @@ def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: s
     return hashlib.sha256(text.encode()).hexdigest()[:16], payload
 
 
-def supervised_stage(ctx: RunContext, data: StudyData, *, kind: Literal["detector", "classifier"] = "detector",
+def supervised_stage(ctx: RunContext, data: StudyData, *,
+                     kind: Literal["detector", "classifier", "heatmap"] = "detector",
                      steps: int | None = None, augment: Augment = "flip", split: str = "train",
                      stage: str = SUPERVISED_STAGE) -> Stage:
     """The supervised model of ``data``'s labeled training images, trained once per key.
 
-    Detector: the box images (supervision "box"); classifier: images with image labels. Seeded
+    Detector: the box images (supervision "box"); classifier: images with image labels; heatmap:
+    R ∪ N (box images, and image-level images with an absent class: :func:`heatmap_losses`). Seeded
     initialisation (``train.seed``), :func:`fit_on` with ``augment`` for ``steps`` optimizer steps
     (None: ``train.max_steps``). Looked up in the stage store first; trained (resumably, as stage
     ``stage`` of this run folder) and stored otherwise.
@@ -313,6 +332,12 @@ def supervised_stage(ctx: RunContext, data: StudyData, *, kind: Literal["detecto
         model: nn.Module = build_detector(cfg.model, data.num_classes, cfg.train.seed)
         dataset = data.dataset(split, supervision="box")
         indices, losses = boxed_indices(dataset), detector_losses(model)  # type: ignore[arg-type]
+    elif kind == "heatmap":
+        model = build_heatmap_model(cfg.model, data.num_classes, cfg.train.seed)
+        dataset = data.dataset(split, supervision=("box", "image"))
+        indices, losses = map_supervised_indices(dataset), heatmap_losses(model)  # type: ignore[arg-type]
+        if not indices:
+            raise ConfigError(f"split {split!r} has no image with boxes or image-level negatives (R ∪ N is empty)")
     else:
         model = build_classifier_model(cfg.model, data.num_classes, cfg.train.seed)
         dataset = data.dataset(split, supervision=("box", "image"))
@@ -490,7 +515,7 @@ def evaluate_final(ctx: RunContext, evaluate: Callable[[], dict[str, Any]], titl
 __all__ = [
     "Augment", "DETECTION_KEYS", "Part", "SUPERVISED_STAGE", "STAGE_STORE_ENV", "STAGE_VERSION", "SemiBatch", "Stage",
     "boxed_indices", "build_classifier_model", "build_detector", "build_heatmap_model", "classifier_losses",
-    "detection_headline", "detector_losses", "evaluate_final", "evaluate_stage", "fit_on", "headline",
+    "detection_headline", "detector_losses", "evaluate_final", "heatmap_losses", "evaluate_stage", "fit_on", "headline",
     "image_labeled", "labeled_loader", "print_metrics", "stage_key", "stage_store_root", "step_generator",
     "semi_losses", "supervised_stage", "teacher_comparison", "train_classifier", "train_detector", "view_config",
     "write_teacher_comparison",
