@@ -24,7 +24,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -122,6 +122,43 @@ def image_labeled(dataset: CXRDataset) -> list[int]:
     if not idx:
         raise ConfigError("the training split has no image with image-level labels (supervision 'box' or 'image')")
     return idx
+
+
+@dataclass
+class TrainSets:
+    """The training images: one dataset and the indices of its labeled / unlabeled images."""
+
+    dataset: CXRDataset
+    labeled: list[int]
+    unlabeled: list[int]
+
+    @property
+    def unlabeled_ids(self) -> list[int]:
+        return [self.dataset.images[i].id for i in self.unlabeled]
+
+
+def split_train(data: StudyData, split: str = "train", unlabeled: Sequence[str] = ("image", "none"),
+                need_unlabeled: str | None = None) -> TrainSets:
+    """Labeled (supervision "box") and unlabeled (``unlabeled`` supervisions; "image" images count
+    as unlabeled, their image-level labels are not used) training images. ``need_unlabeled``: the
+    recipe's name, and an error naming it when there is no unlabeled image."""
+    dataset = data.dataset(split, supervision=("box", *unlabeled))
+    labeled = [i for i, im in enumerate(dataset.images) if im.supervision == "box"]
+    rest = [i for i, im in enumerate(dataset.images) if im.supervision != "box"]
+    if not labeled:
+        raise ConfigError(f"split {split!r} has no image with boxes: the teacher needs labeled images "
+                          "(set data.boxed_fraction, or use a manifest with supervision 'box')")
+    if need_unlabeled is not None and not rest:
+        raise ConfigError(f"{need_unlabeled}: no unlabeled training image; lower data.boxed_fraction")
+    return TrainSets(dataset, labeled, rest)
+
+
+def semi_loader(ctx: RunContext, sets: TrainSets, seed: int) -> tuple[DataLoader, RatioBatchSampler]:
+    """Endless batches of ``train.batch_size`` labeled then ``train.unlabeled_batch_size`` (0: as many)
+    unlabeled images of ``sets``."""
+    t = ctx.cfg.train
+    return labeled_loader(sets.dataset, sets.labeled, sets.unlabeled, t.batch_size, t.unlabeled_batch_size or t.batch_size,
+                          seed, ctx)
 
 
 # =============================================================================== the semi-supervised batch
@@ -373,7 +410,44 @@ def supervised_stage(ctx: RunContext, data: StudyData, *,
     return Stage(model, key, source, fresh=source == "trained" or previous != key, steps=steps)
 
 
+@dataclass
+class BurnIn:
+    """A mean-teacher recipe's start: its ``student``, the shared ``stage`` it came from (None without
+    burn-in) and the burn-in ``steps``."""
+
+    student: RetinaNet
+    stage: Stage | None
+    steps: int
+
+
+def burn_in(ctx: RunContext, data: StudyData, steps: int | None, augment: Augment, split: str,
+            held_out: CXRDataset, *, eval_split: str, n_boot: int) -> BurnIn:
+    """The burned-in student: the shared supervised stage of ``steps`` (None: half of ``train.max_steps``;
+    the `supervised_detector` checkpoint at these steps), scored on ``held_out`` as the recipe's own
+    teacher (``run_dir/eval_teacher``). ``steps`` 0: a fresh seeded detector and no teacher."""
+    steps = ctx.cfg.train.max_steps // 2 if steps is None else steps
+    if steps <= 0:
+        return BurnIn(build_detector(ctx.cfg.model, data.num_classes, ctx.cfg.train.seed), None, 0)
+    stage = supervised_stage(ctx, data, steps=steps, augment=augment, split=split)
+    evaluate_stage(ctx, stage, held_out, split=eval_split, n_boot=n_boot, topk_candidates=1000,
+                   out_dirs=[ctx.run_dir.path / "eval_teacher"])
+    return BurnIn(stage.model, stage, steps)  # type: ignore[arg-type]
+
+
 # =============================================================================== evaluation
+
+
+def evaluate_against_burn_in(ctx: RunContext, model: RetinaNet, start: BurnIn, held_out: CXRDataset, *, split: str,
+                             n_boot: int, title: str, class_names: list[str]) -> dict[str, float]:
+    """The final model's metrics (``run_dir/eval``; exported as ``model.pt``) and, after a burn-in, its
+    Δ against the burned-in model it started from on the same test images (its own teacher)."""
+    from cxrdistill.eval.runs import evaluate_detector
+
+    metrics = evaluate_final(ctx, lambda: evaluate_detector(model, held_out, ctx.run_dir.eval, split=split,
+                                                            n_boot=n_boot), title, model, class_names)
+    if start.stage is not None:
+        metrics.update(compare_with_own_teacher(ctx, start.stage, held_out, split, n_boot=n_boot))
+    return metrics
 
 
 def evaluate_stage(ctx: RunContext, stage: Stage, eval_set: CXRDataset, *, split: str, n_boot: int,
@@ -513,10 +587,10 @@ def evaluate_final(ctx: RunContext, evaluate: Callable[[], dict[str, Any]], titl
 
 
 __all__ = [
-    "Augment", "DETECTION_KEYS", "Part", "SUPERVISED_STAGE", "STAGE_STORE_ENV", "STAGE_VERSION", "SemiBatch", "Stage",
-    "boxed_indices", "build_classifier_model", "build_detector", "build_heatmap_model", "classifier_losses",
+    "Augment", "BurnIn", "DETECTION_KEYS", "Part", "TrainSets", "SUPERVISED_STAGE", "STAGE_STORE_ENV", "STAGE_VERSION", "SemiBatch", "Stage",
+    "boxed_indices", "build_classifier_model", "burn_in", "evaluate_against_burn_in", "build_detector", "build_heatmap_model", "classifier_losses",
     "detection_headline", "detector_losses", "evaluate_final", "heatmap_losses", "evaluate_stage", "fit_on", "headline",
     "image_labeled", "labeled_loader", "print_metrics", "stage_key", "stage_store_root", "step_generator",
-    "semi_losses", "supervised_stage", "teacher_comparison", "train_classifier", "train_detector", "view_config",
+    "semi_loader", "semi_losses", "split_train", "supervised_stage", "teacher_comparison", "train_classifier", "train_detector", "view_config",
     "write_teacher_comparison",
 ]

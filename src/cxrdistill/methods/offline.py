@@ -37,10 +37,12 @@ from cxrdistill.methods.kit import (
     Augment,
     SemiBatch,
     Stage,
+    TrainSets,
     detection_headline,
     evaluate_stage,
     labeled_loader,
     semi_losses,
+    split_train,
     step_generator,
 )
 from cxrdistill.models.detector import DetectorOutput, RetinaNet
@@ -102,31 +104,6 @@ class OfflineParams(BaseModel):
 
 
 # ------------------------------------------------------------------------------------ data
-
-
-@dataclass
-class TrainSets:
-    """The training images: one dataset and the indices of its labeled / unlabeled images."""
-
-    dataset: CXRDataset
-    labeled: list[int]
-    unlabeled: list[int]
-
-    @property
-    def unlabeled_ids(self) -> list[int]:
-        return [self.dataset.images[i].id for i in self.unlabeled]
-
-
-def split_train(data: StudyData, split: str = "train", unlabeled: Sequence[str] = ("image", "none")) -> TrainSets:
-    """Labeled (supervision "box") and unlabeled (``unlabeled`` supervisions; "image" images count
-    as unlabeled, their image-level labels are not used) training images."""
-    dataset = data.dataset(split, supervision=("box", *unlabeled))
-    labeled = [i for i, im in enumerate(dataset.images) if im.supervision == "box"]
-    rest = [i for i, im in enumerate(dataset.images) if im.supervision != "box"]
-    if not labeled:
-        raise ConfigError(f"split {split!r} has no image with boxes: the teacher needs labeled images "
-                          "(set data.boxed_fraction, or use a manifest with supervision 'box')")
-    return TrainSets(dataset, labeled, rest)
 
 
 def truth_of(dataset: CXRDataset, indices: Sequence[int] | None = None) -> list[Detections]:

@@ -25,13 +25,11 @@ from cxrdistill.data.views import random_view
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer, ramp_up
 from cxrdistill.eval.runs import evaluate_classifier
-from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, semi_sets
+from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, consistency_setup, semi_sets
 from cxrdistill.methods.kit import (
     build_classifier_model,
     evaluate_final,
-    labeled_loader,
     step_generator,
-    view_config,
 )
 from cxrdistill.methods.registry import register_method
 from cxrdistill.models.classifier import masked_bce_with_logits
@@ -50,13 +48,9 @@ class PiModelParams(ConsistencyParams):
 def run(cfg: RunConfig, params: PiModelParams, ctx: RunContext) -> dict[str, float]:
     """Supervised BCE + ramped Π-model consistency between two augmented passes."""
     data = StudyData.from_config(cfg.data)
-    train, labeled, unlabeled = semi_sets(data, params.train_split)
     model = build_classifier_model(cfg.model, data.num_classes)
     t = cfg.train
-    loader, sampler = labeled_loader(train, labeled, unlabeled, t.batch_size, t.unlabeled_batch_size or t.batch_size,
-                                     t.seed, ctx)
-    view = view_config(params.augment)
-    weight_at = params.weight_schedule(len(labeled), len(unlabeled), t.max_steps)
+    _, loader, sampler, view, weight_at = consistency_setup(ctx, data, params)
     model.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:

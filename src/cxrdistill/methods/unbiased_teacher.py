@@ -44,23 +44,18 @@ from cxrdistill.data.views import View, ViewConfig, project_boxes
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.ema import EMATeacher
 from cxrdistill.engine.optim import build_optimizer
-from cxrdistill.errors import ConfigError
-from cxrdistill.eval.runs import evaluate_detector
 from cxrdistill.methods.kit import (
     Augment,
     SemiBatch,
-    boxed_indices,
-    build_detector,
-    compare_with_own_teacher,
-    evaluate_final,
-    evaluate_stage,
-    labeled_loader,
+    burn_in,
+    evaluate_against_burn_in,
+    semi_loader,
     semi_losses,
+    split_train,
     step_generator,
-    supervised_stage,
     view_config,
 )
-from cxrdistill.methods.offline import TrainSets, select_pseudo_labels, stored_detections
+from cxrdistill.methods.offline import select_pseudo_labels, stored_detections
 from cxrdistill.methods.registry import register_method
 from cxrdistill.models.detector import DetectorOutput, RetinaNet
 from cxrdistill.models.losses import sigmoid_focal_loss
@@ -187,31 +182,20 @@ def box_jitter_uncertainty(module: RetinaNet, teacher_out: DetectorOutput, boxes
 
 def _run(cfg: RunConfig, params: UnbiasedTeacherParams, ctx: RunContext, title: str) -> dict[str, float]:
     data = StudyData.from_config(cfg.data)
-    train = data.dataset(params.train_split, supervision=["box", *params.unlabeled_supervision])
-    boxed = boxed_indices(train)
-    unlabeled = [i for i, im in enumerate(train.images) if im.supervision != "box"]
-    if not unlabeled:
-        raise ConfigError(f"{title}: no unlabeled training image; lower data.boxed_fraction")
+    sets = split_train(data, params.train_split, params.unlabeled_supervision, need_unlabeled=title)
     t = cfg.train
-    burn_in = params.burn_in_steps if params.burn_in_steps is not None else t.max_steps // 2
     held_out = data.dataset(params.eval_split)
+    start = burn_in(ctx, data, params.burn_in_steps, params.augment, params.train_split, held_out,
+                    eval_split=params.eval_split, n_boot=params.n_boot)
+    student = start.student
     thresholds: float | Tensor = params.threshold
-    stage = None
-    if burn_in > 0:  # the shared supervised stage (the supervised_detector checkpoint at these steps)
-        stage = supervised_stage(ctx, data, steps=burn_in, augment=params.augment, split=params.train_split)
-        student = stage.model
-        evaluate_stage(ctx, stage, held_out, split=params.eval_split, n_boot=params.n_boot, topk_candidates=1000,
-                       out_dirs=[ctx.run_dir.path / "eval_teacher"])  # its own teacher: the burned-in model
-        sets = TrainSets(train, boxed, unlabeled)
-        dets = stored_detections(ctx, student, sets, 0, fresh=stage.fresh, root="pseudo/burn_in")
+    if start.stage is not None:  # τ, or per-class thresholds chosen once with the burned-in model
+        dets = stored_detections(ctx, student, sets, 0, fresh=start.stage.fresh, root="pseudo/burn_in")
         thresholds = select_pseudo_labels(ctx, student, sets, data, dets, params.threshold, params.pseudo,
                                           name="burn-in model")[0].thresholds
-    else:
-        student = build_detector(cfg.model, data.num_classes, t.seed)
     student.train()
     teacher = EMATeacher(student, decay=params.ema_decay)  # from the burned-in student
-    loader, sampler = labeled_loader(train, boxed, unlabeled, t.batch_size, t.unlabeled_batch_size or t.batch_size,
-                                     t.seed + 1, ctx)
+    loader, sampler = semi_loader(ctx, sets, t.seed + 1)
     weak_view = view_config(params.augment)
     trainer = ctx.trainer("mean_teacher")  # the stage keeps its name: earlier runs resume
     student.train()
@@ -249,13 +233,10 @@ def _run(cfg: RunConfig, params: UnbiasedTeacherParams, ctx: RunContext, title: 
         return semi_losses(sup, unsup, params.unsup_weight)
 
     trainer.fit(step_fn, {"student": student, "teacher": teacher}, build_optimizer(student.parameters(), t), loader,
-                max(t.max_steps - burn_in, 1), sampler=sampler, on_step_end=lambda _: teacher.update(student))
-    metrics = evaluate_final(ctx, lambda: evaluate_detector(teacher.module, held_out, ctx.run_dir.eval,
-                                                            split=params.eval_split, n_boot=params.n_boot), title,
-                             teacher.module, data.class_names)
-    if stage is not None:  # the final (EMA) model − the burned-in model it started from, same test images
-        metrics.update(compare_with_own_teacher(ctx, stage, held_out, params.eval_split, n_boot=params.n_boot))
-    return metrics
+                max(t.max_steps - start.steps, 1), sampler=sampler, on_step_end=lambda _: teacher.update(student))
+    # the final (EMA) model − the burned-in model it started from, on the same test images
+    return evaluate_against_burn_in(ctx, teacher.module, start, held_out, split=params.eval_split,
+                                    n_boot=params.n_boot, title=title, class_names=data.class_names)
 
 
 @register_method("unbiased_teacher", UnbiasedTeacherParams)
