@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
             else:
                 results[recipe] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(recipe, "done", file=sys.stderr, flush=True)
-    target.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+            target.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")  # after each recipe
     return 0
 
 
