@@ -9,7 +9,9 @@ Three kinds of training image, per class (Sec. 2, "Problem Setup"):
 Images with supervision ``"none"`` are not part of the paper's setup and are left out (counted).
 
 1. **Supervised pre-training** (Eq. 1) on R ∪ N: pixel-wise BCE between the FPN probability map
-   and the rasterised masks (:func:`~cxrdistill.models.heatmap.boxes_to_masks`).
+   and the rasterised masks (:mod:`~cxrdistill.models.heatmap_targets`). This is the shared
+   supervised stage (``kit.supervised_stage(kind="heatmap")``, stage ``supervised``): the
+   `supervised_heatmap` baseline at the same key is the same checkpoint, trained once.
 2. **Semi-supervised training**: teacher and student start from the pre-trained weights; the
    teacher is the EMA of the student (Eq. 2, α = 0.999, :class:`~cxrdistill.engine.ema.EMATeacher`).
    R and N keep L_sup; on P the teacher's map is sharpened by AALS (Eqs. 6–7, t = 0.4, a0 = 4,
@@ -32,8 +34,8 @@ view before they are rasterised, and the teacher's probability maps are warped f
 the student's (pixels the teacher did not see carry no L_semi). ``augment: false`` is the earlier
 behaviour (no augmentation, one view for both). The model is evaluated on the validation split
 once per epoch (``val_every``) and the checkpoint with the highest validation AUROC is kept
-(``select_best``): the pre-trained student in stage 1, the EMA teacher (with the student of the same
-step) in stage 2; that teacher is the exported model.
+(``select_best``) in stage 2: the EMA teacher (with the student of the same step); that teacher is
+the exported model. Stage 1 keeps the shared stage's final weights (one checkpoint per key).
 
 Image score = the maximum of the class map; metrics: AUROC with bootstrap CI and the AALS
 modified FROC (recall at 1–10 % false-positive pixels), also with a bootstrap CI.
