@@ -5,7 +5,9 @@ the training images. Both recipe files compose these; neither imports the other.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -16,7 +18,8 @@ from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import ramp_up
 from cxrdistill.engine.sampler import RatioBatchSampler
 from cxrdistill.errors import ConfigError
-from cxrdistill.methods.kit import Augment, TrainSets, image_labeled, semi_loader, view_config
+from cxrdistill.methods.kit import Augment, TrainSets, image_labeled, semi_loader, semi_losses, view_config
+from cxrdistill.models.classifier import masked_bce_with_logits
 
 
 class ConsistencyParams(BaseModel):
@@ -54,6 +57,14 @@ def consistency_loss(probs: Tensor, targets: Tensor, mask: Tensor | None = None,
     return (per_image * m).sum() / m.sum().clamp(min=1.0)
 
 
+def step_losses(logits: Tensor, batch: dict[str, Any], consistency: Tensor, weight: float) -> dict[str, Tensor]:
+    """A step's L = BCE(z_labeled, y) + w(t) · consistency: ``sup/bce`` (masked to the images with
+    image labels), ``unsup/consistency`` (times ``weight``) and ``log_w``."""
+    mask = batch["has_image_labels"].to(batch["image"].dtype)[:, None].expand_as(batch["image_labels"])
+    return {**semi_losses({"bce": masked_bce_with_logits(logits, batch["image_labels"], mask)},
+                          {"consistency": consistency}, weight), "log_w": torch.tensor(weight)}
+
+
 def semi_sets(data: StudyData, split: str) -> TrainSets:
     """The training split with its image-labeled rows and its unlabeled rows (supervision "none")."""
     train = data.dataset(split)
@@ -74,4 +85,4 @@ def consistency_setup(ctx: RunContext, data: StudyData, params: ConsistencyParam
     return sets, loader, sampler, view_config(params.augment), weight_at
 
 
-__all__ = ["ConsistencyParams", "consistency_loss", "consistency_setup", "semi_sets"]
+__all__ = ["ConsistencyParams", "consistency_loss", "consistency_setup", "semi_sets", "step_losses"]

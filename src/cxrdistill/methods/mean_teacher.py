@@ -136,7 +136,7 @@ def run(cfg: RunConfig, params: MeanTeacherParams, ctx: RunContext) -> dict[str,
         with torch.no_grad():
             t_out = teacher(t_in)
         weight = params.consistency_weight * ramp_up(step, ramp)
-        return {**semi_losses(sup), "unsup/consistency": weight * consistency_loss(out, t_out, params.box_weight),
+        return {**semi_losses(sup, {"consistency": consistency_loss(out, t_out, params.box_weight)}, weight),
                 "log_w": torch.tensor(weight)}
 
     trainer.fit(step_fn, {"student": student, "teacher": teacher}, build_optimizer(student.parameters(), t), loader,

@@ -25,14 +25,19 @@ from cxrdistill.data.views import random_view
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer, ramp_up
 from cxrdistill.eval.runs import evaluate_classifier
-from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, consistency_setup, semi_sets
+from cxrdistill.methods.consistency import (
+    ConsistencyParams,
+    consistency_loss,
+    consistency_setup,
+    semi_sets,
+    step_losses,
+)
 from cxrdistill.methods.kit import (
     build_classifier_model,
     evaluate_final,
     step_generator,
 )
 from cxrdistill.methods.registry import register_method
-from cxrdistill.models.classifier import masked_bce_with_logits
 
 
 class PiModelParams(ConsistencyParams):
@@ -59,12 +64,8 @@ def run(cfg: RunConfig, params: PiModelParams, ctx: RunContext) -> dict[str, flo
         second = random_view(x, view, step_generator(t.seed, step, 1)).images
         logits = model(torch.cat([first, second]))
         z, z_tilde = logits.split(len(x))
-        mask = batch["has_image_labels"].to(x.dtype)[:, None].expand_as(batch["image_labels"])
-        weight = weight_at(step)
-        return {"bce": masked_bce_with_logits(z, batch["image_labels"], mask),
-                "consistency": weight * consistency_loss(torch.sigmoid(z), torch.sigmoid(z_tilde),
-                                                         detach=params.detach),
-                "log_w": torch.tensor(weight)}
+        consistency = consistency_loss(torch.sigmoid(z), torch.sigmoid(z_tilde), detach=params.detach)
+        return step_losses(z, batch, consistency, weight_at(step))
 
     ctx.trainer("pi_model").fit(step_fn, {"model": model}, build_optimizer(model.parameters(), t), loader,
                                 t.max_steps, sampler=sampler)

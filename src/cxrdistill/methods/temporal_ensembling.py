@@ -26,14 +26,13 @@ from cxrdistill.data.views import random_view
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.eval.runs import evaluate_classifier
-from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, consistency_setup
+from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, consistency_setup, step_losses
 from cxrdistill.methods.kit import (
     build_classifier_model,
     evaluate_final,
     step_generator,
 )
 from cxrdistill.methods.registry import register_method
-from cxrdistill.models.classifier import masked_bce_with_logits
 
 
 class TemporalEnsemblingParams(ConsistencyParams):
@@ -95,11 +94,8 @@ def run(cfg: RunConfig, params: TemporalEnsemblingParams, ctx: RunContext) -> di
         z = model(images)
         probs = torch.sigmoid(z)
         target, has = ensemble.targets(ids)
-        mask = batch["has_image_labels"].to(x.dtype)[:, None].expand_as(batch["image_labels"])
-        weight = weight_at(step)
-        losses = {"bce": masked_bce_with_logits(z, batch["image_labels"], mask),
-                  "consistency": weight * consistency_loss(probs, target.to(probs), has.to(probs.device)),
-                  "log_w": torch.tensor(weight)}
+        losses = step_losses(z, batch, consistency_loss(probs, target.to(probs), has.to(probs.device)),
+                             weight_at(step))
         ensemble.update(ids, probs)
         return losses
 
