@@ -164,11 +164,12 @@ def test_registered_params_validate():
         validate_method_params("aals", {"a0": 0.5})
 
 
-def test_end_to_end_run_writes_metrics_and_reuses_pretraining(world):
+def test_end_to_end_run_writes_metrics_and_reuses_pretraining(world, monkeypatch):
     from cxrdistill.engine.context import RunContext
     from cxrdistill.engine.run_dir import RunDirectory
 
     torch.set_num_threads(1)
+    monkeypatch.setenv("CXRDISTILL_STAGE_STORE", "off")  # the pre-training is trained here, into the run folder
     root, manifest = world
     spec = get_method("aals")
     cfg = run_config(root, manifest, "full")
