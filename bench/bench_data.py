@@ -3,7 +3,7 @@
 Generated 16-bit PNG radiographs (with 1-3 boxes each) are decoded once into the memory-mapped
 cache; then each `--workers` setting runs `--epochs` shuffled epochs of a DataLoader over
 `CXRDataset` and reports images/s twice: batches moved to the device, and additionally turned into
-a weak and a strong (Martins & Silva) view with projected boxes by `make_views` on the device,
+a weak and a strong (Martins & Silva) view with projected boxes by `random_view` on the device,
 as a recipe's step does. The augmentation runs where the batch is (the main process), so loader
 workers can only speed up the first column.
 
@@ -28,7 +28,7 @@ from _common import add_common_args, machine_line, median, pick_device, sync
 from bench_cache import make_pngs
 from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.data.study import StudyData
-from cxrdistill.data.views import ViewConfig, make_views
+from cxrdistill.data.views import ViewConfig, random_view
 
 
 def write_manifest(folder: Path, count: int, side: int) -> Path:
@@ -66,7 +66,7 @@ def epoch_rate(dataset: CXRDataset, workers: int, batch: int, device: torch.devi
             images = b["image"].to(device, non_blocking=True)
             if augment:
                 boxes = [x.to(device, non_blocking=True) for x in b["boxes"]]
-                make_views(images, boxes, weak, strong, generator=g)
+                random_view(images, weak, g, boxes), random_view(images, strong, g, boxes)
             seen += images.shape[0]
         sync(device)
         rates.append(seen / (time.perf_counter() - start))

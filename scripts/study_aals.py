@@ -162,7 +162,7 @@ def main() -> None:
     print(f"study config: {base}", flush=True)
     results: dict[str, dict[str, float]] = {"pretrain": run_row(base, out, "pretrain", {"semi_supervised": False,
                                                                               "pretrain_steps": args.pretrain_steps})}
-    stage = out / "pretrain" / "checkpoints" / "pretrain"
+    stage = out / "pretrain" / "checkpoints" / "supervised"  # the shared heat-map stage (issue 16)
     checkpoint = stage / "best.pt" if (stage / "best.pt").is_file() else stage / "last.pt"  # the selected one
     wanted = set(args.rows.split(","))
     rows = {**TABLE1, **(T_SWEEP if "t" in wanted else {}), **(A0_SWEEP if "a0" in wanted else {}),

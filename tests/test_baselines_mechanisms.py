@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cxrdistill.data.views import ViewConfig, make_views
+from cxrdistill.data.views import ViewConfig, random_view
 from cxrdistill.methods.cam import cam_boxes
 from cxrdistill.methods.pi_model import consistency_loss, ramp_up
 from cxrdistill.methods.stac import pseudo_targets
@@ -33,16 +33,17 @@ class _FixedTeacher:
 def test_unbiased_teacher_projects_teacher_boxes_from_weak_into_strong_view():
     images = torch.rand(2, 1, 64, 64)
     # weak view: always flipped; strong view: identity -> weak_to_strong is the flip
-    views = make_views(images, None, ViewConfig(flip_p=1.0), ViewConfig(), torch.Generator().manual_seed(0))
-    targets = teacher_targets_in_strong_view(_FixedTeacher(), views, threshold=0.7)
+    generator = torch.Generator().manual_seed(0)
+    weak, strong = random_view(images, ViewConfig(flip_p=1.0), generator), random_view(images, ViewConfig(), generator)
+    targets = teacher_targets_in_strong_view(_FixedTeacher(), weak, strong, threshold=0.7)
     for t in targets:
         assert t["labels"].tolist() == [1]  # the 0.3 box is below τ
         assert torch.allclose(t["boxes"], torch.tensor([[44.0, 20.0, 54.0, 30.0]]), atol=1e-4)
     # and the projected box really covers the same pixels: draw it in the input, read it in both views
     marked = torch.zeros(1, 1, 64, 64)
     marked[..., 20:30, 44:54] = 1.0  # the object in input coordinates (the weak view flips it to x 10..20)
-    views = make_views(marked, None, ViewConfig(flip_p=1.0), ViewConfig(flip_p=1.0, rotate_deg=0.0), None)
-    assert views["weak"][0, 0, 20:30, 10:20].mean() > 0.99
+    weak = random_view(marked, ViewConfig(flip_p=1.0))
+    assert weak.images[0, 0, 20:30, 10:20].mean() > 0.99
 
 
 def test_stac_keeps_only_boxes_at_or_above_the_threshold():

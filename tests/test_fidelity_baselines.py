@@ -99,7 +99,7 @@ def _tiny_config(tmp_path, method: str, **params):
 
 
 @pytest.mark.parametrize("method, params, logged", [
-    ("mean_teacher", {"box_weight": 1.0}, "consistency"),
+    ("mean_teacher", {"box_weight": 1.0}, "unsup/consistency"),
     ("soft_teacher", {"threshold": 0.0}, "jitter_kept_fraction"),  # τ 0: the untrained teacher's boxes reach the filter
 ])
 def test_detection_baselines_run_end_to_end(tmp_path, method, params, logged):

@@ -21,7 +21,7 @@ from cxrdistill.methods.aals import (
     nested_subset,
     project_maps,
     split_sets,
-    supervised_loss,
+    supervised_map_loss,
     view_pair,
 )
 from cxrdistill.methods.registry import get_method, validate_method_params
@@ -68,7 +68,7 @@ def test_p_maps_contribute_only_the_kl_term():
     teacher = torch.rand(3, C, 8, 8) * 0.3
     losses = aals_losses(logits, teacher, targets, t=0.4, a0=4.0)
     (losses["sup"] + losses["semi"]).backward()
-    sup_grad = torch.autograd.grad(supervised_loss(logits, targets), logits)[0]
+    sup_grad = torch.autograd.grad(supervised_map_loss(logits, targets), logits)[0]
     assert sup_grad[1, 0].abs().sum() == 0  # the P map (image 1, class 0) gets no BCE gradient
     semi_grad = torch.autograd.grad(kl_map_loss(logits, asymmetric_sharpen(teacher), targets.positive[:, :, None, None]),
                                     logits)[0]
@@ -79,7 +79,7 @@ def test_p_maps_contribute_only_the_kl_term():
     target = asymmetric_sharpen(teacher, t=0.4, a0=4.0)
     expected_semi = kl_map_loss(logits[1:2, 0:1], target[1:2, 0:1]) / 6
     assert torch.allclose(losses["semi"], expected_semi)
-    assert torch.allclose(losses["sup"], supervised_loss(logits, targets) * 5 / 6)
+    assert torch.allclose(losses["sup"], supervised_map_loss(logits, targets) * 5 / 6)
 
 
 def test_one_step_moves_teacher_by_one_minus_alpha_times_student_minus_teacher():
@@ -126,13 +126,14 @@ def world(tmp_path_factory):
     return root, manifest.save(root / "world" / "semi.json")
 
 
-def run_config(root, manifest, name: str, **params):
+def run_config(root, manifest, name: str, method: str = "aals", out=None, **params):
     return validate_config({
         "data": {"manifest": str(manifest), "image_size": 32, "cache_dir": str(root / "cache")},
         "model": {"kind": "heatmap", "base_width": 4, "options": {"fpn_channels": 8}},
         "train": {"max_steps": 3, "batch_size": 2, "progress": False, "tensorboard": False},
-        "method": {"name": "aals", "params": {"n_boot": 20, "froc_boot": 5, **params}},
-        "output_dir": str(root / name),
+        "method": {"name": method, "params": {"n_boot": 20, **({"froc_boot": 5} if method == "aals" else {}),
+                                              **params}},
+        "output_dir": str((out or root) / name),
     })
 
 
@@ -163,11 +164,12 @@ def test_registered_params_validate():
         validate_method_params("aals", {"a0": 0.5})
 
 
-def test_end_to_end_run_writes_metrics_and_reuses_pretraining(world):
+def test_end_to_end_run_writes_metrics_and_reuses_pretraining(world, monkeypatch):
     from cxrdistill.engine.context import RunContext
     from cxrdistill.engine.run_dir import RunDirectory
 
     torch.set_num_threads(1)
+    monkeypatch.setenv("CXRDISTILL_STAGE_STORE", "off")  # the pre-training is trained here, into the run folder
     root, manifest = world
     spec = get_method("aals")
     cfg = run_config(root, manifest, "full")
@@ -187,12 +189,13 @@ def test_end_to_end_run_writes_metrics_and_reuses_pretraining(world):
     scores = json.loads((root / "full" / "eval" / "student" / "image_scores.json").read_text())
     assert len(scores) == saved["n_images"] * len(saved["class_names"])
 
-    # model selection on the validation split: each stage kept its best-validation-AUROC checkpoint,
-    # and the exported model is the selected teacher
-    for stage in ("pretrain", "semi"):
-        done = json.loads((root / "full" / "checkpoints" / stage / "done.json").read_text())
-        assert done["best"]["metric"] == "val_AUROC" and 1 <= done["best"]["step"] <= 3
-        assert (root / "full" / "checkpoints" / stage / "best.pt").is_file()
+    # pre-training is the shared supervised heat-map stage (its final weights); model selection on
+    # the validation split keeps the semi stage's best-validation-AUROC checkpoint, and the exported
+    # model is the selected teacher
+    assert json.loads((root / "full" / "checkpoints" / "supervised" / "stage_key.json").read_text())["kind"] == "heatmap"
+    done = json.loads((root / "full" / "checkpoints" / "semi" / "done.json").read_text())
+    assert done["best"]["metric"] == "val_AUROC" and 1 <= done["best"]["step"] <= 3
+    assert (root / "full" / "checkpoints" / "semi" / "best.pt").is_file()
     from cxrdistill.engine.checkpoint import load_checkpoint
 
     best_teacher = load_checkpoint(root / "full" / "checkpoints" / "semi" / "best.pt")["modules"]["teacher"]
@@ -203,11 +206,11 @@ def test_end_to_end_run_writes_metrics_and_reuses_pretraining(world):
     key = next(k for k in best_teacher if k.endswith("weight") and best_teacher[k].ndim == 4)
     assert any(torch.equal(v, best_teacher[key]) for v in _tensors(exported)), "model.pt is not the selected teacher"
 
-    ckpt = root / "full" / "checkpoints" / "pretrain" / "best.pt"
+    ckpt = root / "full" / "checkpoints" / "supervised" / "last.pt"
     cfg2 = run_config(root, manifest, "mt", a0=1.0, pretrained_checkpoint=str(ckpt))
     ctx2 = RunContext.create(cfg2, RunDirectory(cfg2.output_dir))
     metrics2 = spec.run(cfg2, AalsParams.model_validate(cfg2.method.params), ctx2)
-    assert not (root / "mt" / "checkpoints" / "pretrain").exists()  # pre-training was reused
+    assert not (root / "mt" / "checkpoints" / "supervised").exists()  # pre-training was reused
     assert metrics2["pretrain/AUROC"] == pytest.approx(metrics["pretrain/AUROC"])
 
 
@@ -221,6 +224,48 @@ def _tensors(obj):
     elif isinstance(obj, (list, tuple)):
         for value in obj:
             yield from _tensors(value)
+
+
+def test_pretraining_is_the_supervised_heatmap_baseline_checkpoint(world, tmp_path, monkeypatch):
+    """Issue 16: AALS pre-trains through the shared supervised stage. The `supervised_heatmap` baseline
+    at the same key (same data, model, schedule, ``augment: aals``) is that checkpoint: trained once,
+    then read from the stage store (no pre-training in a second AALS run), bit-identical weights."""
+    from cxrdistill.engine.checkpoint import load_checkpoint
+    from cxrdistill.engine.context import RunContext
+    from cxrdistill.engine.loop import Trainer
+    from cxrdistill.engine.run_dir import RunDirectory
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("CXRDISTILL_STAGE_STORE", str(tmp_path / "store"))
+    trained: list[str] = []
+    real_fit = Trainer.fit
+
+    def fit(self, *args, **kwargs):
+        if not self.is_done():
+            trained.append(self.stage)
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    root, manifest = world
+
+    def run(name: str, method: str, **params):
+        cfg = run_config(root, manifest, name, method, tmp_path, **params)
+        p = validate_method_params(method, cfg.method.params)
+        return get_method(method).run(cfg, p, RunContext.create(cfg, RunDirectory(cfg.output_dir)))
+
+    run("baseline", "supervised_heatmap", augment="aals", n_boot=5)
+    assert trained == ["supervised"]
+    run("aals", "aals", semi_supervised=False, select_best=False)
+    assert trained == ["supervised"]  # AALS's pre-training came from the stage store
+    marker = json.loads((tmp_path / "aals" / "checkpoints" / "supervised" / "stage_key.json").read_text())
+    assert marker["source"] == "store" and marker["kind"] == "heatmap"
+    baseline = load_checkpoint(tmp_path / "baseline" / "checkpoints" / "supervised" / "last.pt")["modules"]["model"]
+    exported = torch.load(tmp_path / "aals" / "model.pt", weights_only=True)["state_dict"]
+    assert baseline.keys() == exported.keys()
+    assert all(torch.equal(baseline[k], exported[k]) for k in baseline)
+    # a changed key (another pre-training view) trains anew
+    run("aals_none", "aals", semi_supervised=False, select_best=False, pretrain_augment="none")
+    assert trained == ["supervised", "supervised"]
 
 
 def test_selection_needs_a_validation_split_other_than_the_test_split(world):

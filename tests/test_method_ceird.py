@@ -142,17 +142,17 @@ def test_generations_rebirth_students_and_hand_the_frozen_student_on(world, tmp_
                        "weights": {k: v.clone() for k, v in model.state_dict().items()}})
         return result
 
-    def view(images, flip_p, translate, generator):
-        out = real_view(images, flip_p, translate, generator)
+    def view(*args, **kwargs):
+        out = real_view(*args, **kwargs)
         views.append(out)
         return out
 
     def sa(teacher, student, iou, thresh):
         # the student predictions handed to SA-NMS are the current student's, on this batch's view
         model = distilled[-1]["student"]
-        unlabeled = [i for i in range(views[-1][0].shape[0])][-len(teacher):]
+        unlabeled = [i for i in range(views[-1].images.shape[0])][-len(teacher):]
         with torch.no_grad():
-            expected = model.decode(offline.output_rows(model(views[-1][0]), torch.tensor(unlabeled)),
+            expected = model.decode(offline.output_rows(model(views[-1].images), torch.tensor(unlabeled)),
                                     score_thresh=0.05, topk_candidates=50)
         for got, want in zip(student, expected):
             assert torch.allclose(got["scores"], want["scores"]) and torch.equal(got["labels"], want["labels"])

@@ -152,12 +152,12 @@ def _points(recipe: str, stages: list[str], pseudo: bool) -> list[str]:
 # against the stages the uninterrupted run really trained).
 STAGES = {
     "supervised_detector": ["supervised"], "supervised_multitask": ["multitask"],
-    "supervised_heatmap": ["heatmap"], "supervised_classifier": ["classifier"], "supervised_report": [],
+    "supervised_heatmap": ["supervised"], "supervised_classifier": ["classifier"], "supervised_report": [],
     "mean_teacher": ["supervised", "mean_teacher"], "unbiased_teacher": ["supervised", "mean_teacher"],
     "soft_teacher": ["supervised", "mean_teacher"],
     "stac": ["supervised", "student"], "tsd": ["supervised", "vision_gen1"],
     "ceird": ["supervised", "vision_gen1", "vision_gen2"], "oxnet": ["supervised", "oxnet"],
-    "aals": ["pretrain", "semi"], "cam": ["classifier"], "pi_model": ["pi_model"],
+    "aals": ["supervised", "semi"], "cam": ["classifier"], "pi_model": ["pi_model"],
     "temporal_ensembling": ["temporal_ensembling"],
     "teacher_student_cls": ["teacher", "student1_pseudo", "student1_finetune", "student2_pseudo",
                             "student2_finetune"],

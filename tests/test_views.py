@@ -11,9 +11,9 @@ from cxrdistill.data.views import (
     homography_from_points,
     intensity_jitter,
     invert,
-    make_views,
     project_boxes,
     random_affine,
+    random_view,
     transform_points,
     warp_images,
 )
@@ -136,31 +136,91 @@ def test_blur_smooths_noise() -> None:
     assert blurred[1].mean() == pytest.approx(images[1].mean().item(), abs=0.02)
 
 
-def test_make_views_weak_to_strong_carries_teacher_boxes() -> None:
+def test_weak_into_strong_carries_teacher_boxes() -> None:
     generator = torch.Generator().manual_seed(7)
     box = [20, 16, 44, 36]
     images = _rectangle_image(box).repeat(3, 1, 1, 1)
     boxes = [torch.tensor([box], dtype=torch.float32)] * 3
+    labels = [torch.tensor([1])] * 3
     geometry_only = ViewConfig(flip_p=0.5, rotate_deg=25.0, translate=0.1, scale=(0.9, 1.1),
                                perspective=0.2)
-    views = make_views(images, boxes, ViewConfig.weak(), geometry_only, generator)
-    assert views["weak"].shape == views["strong"].shape == (3, 1, *SIZE)
+    weak = random_view(images, ViewConfig.weak(), generator, boxes, labels)
+    strong = random_view(images, geometry_only, generator, boxes, labels)
+    assert weak.images.shape == strong.images.shape == (3, 1, *SIZE)
     for i in range(3):
-        teacher_boxes = _bright_bbox(views["weak"][i, 0])[None]  # what a teacher would find
-        student_boxes, keep = project_boxes(teacher_boxes, views["weak_to_strong"][i], SIZE)
+        teacher_boxes = _bright_bbox(weak.images[i, 0])[None]  # what a teacher would find
+        student_boxes, keep = project_boxes(teacher_boxes, weak.into(strong)[i], SIZE)
         assert keep.all()
-        truth = _bright_bbox(views["strong"][i, 0])
+        truth = _bright_bbox(strong.images[i, 0])
         assert torch.allclose(student_boxes[0], truth, atol=2.5)
-        assert torch.allclose(views["strong_boxes"][i][0], truth, atol=2.0)
-        assert views["weak_keep"][i].tolist() == [True]
+        assert torch.allclose(strong.boxes[i][0], truth, atol=2.0)
+        assert weak.keep[i].tolist() == [True] and strong.labels[i].tolist() == [1]
 
 
-def test_make_views_strong_intensity_and_presets() -> None:
+def test_random_view_strong_intensity_and_presets() -> None:
     images = torch.rand(2, 1, 32, 32)
     strong = ViewConfig.martins_silva()
     assert (strong.rotate_deg, strong.translate, strong.scale, strong.perspective) == (
         25.0, 0.15, (0.9, 1.1), 0.2)
-    views = make_views(images, None, ViewConfig(), strong, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(views["weak"], images, atol=1e-5, rtol=0)  # identity weak view
-    assert "weak_boxes" not in views
-    assert views["strong"].min() >= 0 and views["strong"].max() <= 1
+    generator = torch.Generator().manual_seed(0)
+    weak = random_view(images, ViewConfig(), generator)
+    view = random_view(images, strong, generator)
+    torch.testing.assert_close(weak.images, images, atol=1e-5, rtol=0)  # identity geometry
+    assert weak.boxes is None
+    assert view.images.min() >= 0 and view.images.max() <= 1
+
+
+# Outputs of the four augmentation paths random_view replaced (kit.augment_batch with the flip,
+# strong and flip_shift views, offline.random_view, aals.random_view), recorded from them on this
+# seeded input before the refactor: random_view must draw the same numbers in the same order
+# (the generator's next draw agrees exactly) and give the same views.
+_REFERENCE = {
+    "flip": (ViewConfig.weak(), [1530.0144, 0.740253, 0.285303],
+             [[[12.0, 3.0, 30.0, 25.0], [0.0, 28.0, 4.0, 31.0]], [], [[23.0, 5.0, 27.0, 9.0]]], 0.8189664483070374),
+    "strong": (ViewConfig.martins_silva(), [1108.64795, 0.341824, 0.714963],
+               [[[12.900164604187012, 0.0, 32.0, 21.51738739013672],
+                 [7.635995388031006, 26.571636199951172, 12.957167625427246, 30.76920509338379]], [],
+                [[28.416845321655273, 8.970601081848145, 32.0, 14.123291969299316]]], 0.6878734827041626),
+    "flip_shift": (ViewConfig(flip_p=0.5, translate=0.1), [1349.28345, 0.776932, 0.719361],
+                   [[[14.909629821777344, 0.1693875789642334, 32.0, 22.169387817382812],
+                     [1.9096298217773438, 25.169387817382812, 6.909629821777344, 28.169387817382812]], [],
+                    [[25.567123413085938, 5.400673866271973, 29.567123413085938, 9.400673866271973]]],
+                   0.8189664483070374),
+    "aals": (ViewConfig(flip_p=0.5, rotate_deg=10.0, contrast=0.2, brightness=0.1), [1484.65894, 0.095886, 0.698551],
+             [[[10.370429039001465, 1.3164410591125488, 31.035961151123047, 25.437620162963867],
+               [0.674105167388916, 29.43601417541504, 6.016688346862793, 32.0]], [],
+              [[24.04121208190918, 6.2788190841674805, 28.636192321777344, 10.873798370361328]]],
+             0.19465243816375732),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_REFERENCE))
+def test_random_view_equals_the_frozen_reference_of_the_paths_it_replaced(name: str) -> None:
+    from cxrdistill.data.views import random_view
+    from cxrdistill.methods.kit import step_generator
+
+    cfg, stats, boxes_out, next_draw = _REFERENCE[name]
+    images = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    boxes = [torch.tensor([[2.0, 3, 20, 25], [28, 28, 33, 31]]), torch.zeros(0, 4), torch.tensor([[5.0, 5, 9, 9]])]
+    labels = [torch.tensor([0, 1]), torch.zeros(0, dtype=torch.long), torch.tensor([1])]
+    generator = step_generator(3, 5, 1)
+    view = random_view(images, cfg, generator, boxes, labels)
+    assert torch.rand(1, generator=generator).item() == next_draw  # the same draws, in the same order
+    x = view.images
+    assert [float(x.sum()), float(x[0, 0, 5, 7]), float(x[2, 0, 17, 30])] == pytest.approx(stats, abs=2e-5)
+    for got, want in zip(view.boxes, boxes_out, strict=True):
+        torch.testing.assert_close(got, torch.tensor(want).reshape(-1, 4), atol=1e-5, rtol=0)
+    assert [lab.tolist() for lab in view.labels] == [[0, 1], [], [1]]
+    assert [t["labels"].tolist() for t in view.targets] == [[0, 1], [], [1]]
+
+
+def test_random_view_none_is_the_identity_and_draws_nothing() -> None:
+    from cxrdistill.data.views import random_view
+
+    images = torch.rand(2, 1, 16, 16)
+    generator = torch.Generator().manual_seed(1)
+    boxes = [torch.tensor([[1.0, 1, 5, 5]]), torch.zeros(0, 4)]
+    view = random_view(images, None, generator, boxes, [torch.tensor([0]), torch.zeros(0, dtype=torch.long)])
+    assert view.images is images and torch.equal(view.matrices, torch.eye(3).expand(2, 3, 3))
+    assert view.boxes[0] is boxes[0] and view.keep[0].tolist() == [True]
+    assert torch.rand(1, generator=generator).item() == torch.rand(1, generator=torch.Generator().manual_seed(1)).item()

@@ -5,8 +5,9 @@ Coordinates are continuous pixel coordinates: pixel ``(row i, col j)`` covers ``
 homogeneous input point ``(x, y, 1)`` to the output point ``M @ (x, y, 1)`` divided by its last
 coordinate, so affine and projective (perspective) transforms share one code path.
 
-A teacher's boxes on the weak view reach the student's strong view with
-``project_boxes(boxes, views["weak_to_strong"][i], image_size)``.
+:func:`random_view` is the one augmentation every recipe uses (a :class:`View`: images, matrices,
+projected boxes). A teacher's boxes on the weak view reach the student's strong view with
+``project_boxes(boxes, weak.into(strong)[i], image_size)``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class ViewConfig:
     flip_p: probability of a horizontal flip. rotate_deg: maximum absolute rotation. translate:
     maximum shift as a fraction of width/height. scale: (low, high) zoom range. perspective: maximum
     corner displacement as a fraction of half the image size (torchvision's distortion_scale).
-    intensity: strength in [0, 1] of :func:`intensity_jitter` (0: none).
+    intensity: strength in [0, 1] of :func:`intensity_jitter` (0: none). contrast / brightness: the
+    ranges of :func:`linear_jitter` (AALS's "intensity and contrast jittering"; 0 and 0: none).
     """
 
     flip_p: float = 0.0
@@ -35,6 +37,8 @@ class ViewConfig:
     scale: tuple[float, float] = (1.0, 1.0)
     perspective: float = 0.0
     intensity: float = 0.0
+    contrast: float = 0.0
+    brightness: float = 0.0
 
     @classmethod
     def weak(cls) -> ViewConfig:
@@ -233,6 +237,17 @@ def intensity_jitter(images: Tensor, strength: float,
     return out.clamp(0, 1)
 
 
+def linear_jitter(images: Tensor, contrast: float, brightness: float,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Contrast about each image's mean by a factor from ``1 ± contrast``, then a brightness shift
+    from ``± brightness``; ``images (B, C, H, W)`` in [0, 1], result clipped to [0, 1]."""
+    shape = (len(images), 1, 1, 1)
+    gain = 1 + contrast * (2 * torch.rand(shape, generator=generator) - 1)
+    shift = brightness * (2 * torch.rand(shape, generator=generator) - 1)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    return ((images - mean) * gain.to(images) + mean + shift.to(images)).clamp(0, 1)
+
+
 def _gaussian_blur(images: Tensor, sigmas: Tensor) -> Tensor:
     """Separable Gaussian blur with one ``sigma`` per image (0: unchanged), reflect padding."""
     batch, channels, height, width = images.shape
@@ -253,43 +268,78 @@ def _gaussian_blur(images: Tensor, sigmas: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# views
+# the view
 
 
-def make_views(
-    images: Tensor,
-    boxes_list: list[Tensor] | None,
-    weak_cfg: ViewConfig,
-    strong_cfg: ViewConfig,
-    generator: torch.Generator | None = None,
-) -> dict:
-    """A weak and a strong view of ``images (B, 1, H, W)``, both warped from the input.
+@dataclass
+class View:
+    """One random view of a batch.
 
-    Returns a dict: ``weak``, ``strong`` ``(B, 1, H, W)``; ``weak_matrices`` and
-    ``strong_matrices`` ``(B, 3, 3)`` (input → view); ``weak_to_strong`` ``(B, 3, 3)``; and when
-    ``boxes_list`` is given, ``weak_boxes`` / ``strong_boxes`` (lists of ``(K, 4)``) with
-    ``weak_keep`` / ``strong_keep`` (lists of ``(N,)`` bool masks for labels and scores).
+    ``images (B, C, H, W)``; ``matrices (B, 3, 3)`` from input pixel coordinates to view pixel
+    coordinates; when boxes were given, ``boxes`` (per image ``(K, 4)`` xyxy in the view),
+    ``labels`` (per image ``(K,)``) and ``keep`` (per image ``(N,)`` bool: which input boxes survived,
+    to filter scores or other per-box entries the same way).
     """
-    batch, _, height, width = images.shape
-    size = (height, width)
-    views: dict = {}
-    for name, cfg in (("weak", weak_cfg), ("strong", strong_cfg)):
-        matrices = random_affine(batch, image_size=size, flip_p=cfg.flip_p,
-                                 rotate_deg=cfg.rotate_deg, translate=cfg.translate,
-                                 scale=cfg.scale, perspective=cfg.perspective,
-                                 generator=generator).to(images.device)
-        warped = warp_images(images, matrices)
-        views[name] = intensity_jitter(warped, cfg.intensity, generator)
-        views[f"{name}_matrices"] = matrices
-        if boxes_list is not None:
-            projected = [project_boxes(b, m, size) for b, m in zip(boxes_list, matrices, strict=True)]
-            views[f"{name}_boxes"] = [boxes for boxes, _ in projected]
-            views[f"{name}_keep"] = [keep for _, keep in projected]
-    views["weak_to_strong"] = compose(invert(views["weak_matrices"]), views["strong_matrices"])
-    return views
+
+    images: Tensor
+    matrices: Tensor
+    boxes: list[Tensor] | None = None
+    labels: list[Tensor] | None = None
+    keep: list[Tensor] | None = None
+
+    @property
+    def targets(self) -> list[dict[str, Tensor]]:
+        """Detector targets ``[{"boxes": (K, 4), "labels": (K,)}]`` of the projected boxes."""
+        if self.boxes is None or self.labels is None:
+            raise ValueError("this view was made without boxes")
+        return [{"boxes": b, "labels": lab} for b, lab in zip(self.boxes, self.labels, strict=True)]
+
+    def into(self, other: View) -> Tensor:
+        """``(B, 3, 3)``: pixel coordinates of this view -> those of ``other`` (e.g. weak -> strong)."""
+        return compose(invert(self.matrices), other.matrices)
+
+
+def random_view(
+    images: Tensor,
+    cfg: ViewConfig | None,
+    generator: torch.Generator | None = None,
+    boxes: list[Tensor] | None = None,
+    labels: list[Tensor] | None = None,
+) -> View:
+    """The one augmentation of every recipe: a random view of ``images (B, 1, H, W)`` by ``cfg``.
+
+    Draws, in this order from ``generator``: the geometry (:func:`random_affine`), then the linear
+    contrast / brightness jitter (when ``cfg.contrast`` or ``cfg.brightness`` > 0), then the
+    intensity jitter (:func:`intensity_jitter`, when ``cfg.intensity`` > 0). ``boxes`` (per image
+    ``(N, 4)`` xyxy) and their ``labels`` are projected into the view (:func:`project_boxes`: boxes
+    keeping < 50 % of their area are dropped). ``cfg=None``: the images themselves (identity
+    matrices, boxes unchanged, nothing drawn). A weak and a strong view of the same images are two
+    calls with the same generator; ``weak.into(strong)`` maps one into the other.
+    """
+    batch = images.shape[0]
+    if cfg is None:
+        eye = torch.eye(3, device=images.device).expand(batch, 3, 3).clone()
+        keep = None if boxes is None else [torch.ones(len(b), dtype=torch.bool, device=b.device) for b in boxes]
+        return View(images, eye, None if boxes is None else list(boxes), None if labels is None else list(labels),
+                    keep)
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    matrices = random_affine(batch, image_size=size, flip_p=cfg.flip_p, rotate_deg=cfg.rotate_deg,
+                             translate=cfg.translate, scale=cfg.scale, perspective=cfg.perspective,
+                             generator=generator).to(images.device)
+    out = warp_images(images, matrices)
+    if cfg.contrast > 0 or cfg.brightness > 0:
+        out = linear_jitter(out, cfg.contrast, cfg.brightness, generator)
+    out = intensity_jitter(out, cfg.intensity, generator)
+    if boxes is None:
+        return View(out, matrices)
+    projected = [project_boxes(b, m, size) for b, m in zip(boxes, matrices, strict=True)]
+    kept_labels = None
+    if labels is not None:
+        kept_labels = [lab[keep.to(lab.device)] for lab, (_, keep) in zip(labels, projected, strict=True)]
+    return View(out, matrices, [b for b, _ in projected], kept_labels, [keep for _, keep in projected])
 
 
 __all__ = [
-    "ViewConfig", "compose", "homography_from_points", "intensity_jitter", "invert",
-    "make_views", "project_boxes", "random_affine", "transform_points", "warp_images",
+    "View", "ViewConfig", "compose", "homography_from_points", "intensity_jitter", "invert", "linear_jitter",
+    "project_boxes", "random_affine", "random_view", "transform_points", "warp_images",
 ]

@@ -9,7 +9,9 @@ Three kinds of training image, per class (Sec. 2, "Problem Setup"):
 Images with supervision ``"none"`` are not part of the paper's setup and are left out (counted).
 
 1. **Supervised pre-training** (Eq. 1) on R ∪ N: pixel-wise BCE between the FPN probability map
-   and the rasterised masks (:func:`~cxrdistill.models.heatmap.boxes_to_masks`).
+   and the rasterised masks (:mod:`~cxrdistill.models.heatmap_targets`). This is the shared
+   supervised stage (``kit.supervised_stage(kind="heatmap")``, stage ``supervised``): the
+   `supervised_heatmap` baseline at the same key is the same checkpoint, trained once.
 2. **Semi-supervised training**: teacher and student start from the pre-trained weights; the
    teacher is the EMA of the student (Eq. 2, α = 0.999, :class:`~cxrdistill.engine.ema.EMATeacher`).
    R and N keep L_sup; on P the teacher's map is sharpened by AALS (Eqs. 6–7, t = 0.4, a0 = 4,
@@ -32,8 +34,8 @@ view before they are rasterised, and the teacher's probability maps are warped f
 the student's (pixels the teacher did not see carry no L_semi). ``augment: false`` is the earlier
 behaviour (no augmentation, one view for both). The model is evaluated on the validation split
 once per epoch (``val_every``) and the checkpoint with the highest validation AUROC is kept
-(``select_best``): the pre-trained student in stage 1, the EMA teacher (with the student of the same
-step) in stage 2; that teacher is the exported model.
+(``select_best``) in stage 2: the EMA teacher (with the student of the same step); that teacher is
+the exported model. Stage 1 keeps the shared stage's final weights (one checkpoint per key).
 
 Image score = the maximum of the class map; metrics: AUROC with bootstrap CI and the AALS
 modified FROC (recall at 1–10 % false-positive pixels), also with a bootstrap CI.
@@ -42,7 +44,6 @@ modified FROC (recall at 1–10 % false-positive pixels), also with a bootstrap 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -55,10 +56,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from cxrdistill.config import ModelConfig, RunConfig
+from cxrdistill.atomic import write_json_atomic
+from cxrdistill.config import RunConfig
 from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.data.study import StudyData
-from cxrdistill.data.views import compose, invert, project_boxes, random_affine, warp_images
+from cxrdistill.data.views import View, ViewConfig, compose, invert, random_view, warp_images
 from cxrdistill.engine.checkpoint import load_checkpoint, load_module_weights
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.ema import EMATeacher
@@ -68,10 +70,11 @@ from cxrdistill.errors import ConfigError
 from cxrdistill.eval.classification import auroc, bootstrap_indices
 from cxrdistill.eval.froc import ModifiedFroc
 from cxrdistill.eval.runs import evaluate_heatmap, write_metrics
-from cxrdistill.methods.kit import headline, labeled_loader
+from cxrdistill.methods.kit import Augment, Stage, build_heatmap_model, headline, labeled_loader, supervised_stage
 from cxrdistill.methods.registry import register_method
-from cxrdistill.models.factory import build_model, export_model
-from cxrdistill.models.heatmap import HeatmapFPN, boxes_to_masks, image_scores, pixel_bce_loss
+from cxrdistill.models.factory import export_model
+from cxrdistill.models.heatmap import HeatmapFPN, image_scores
+from cxrdistill.models.heatmap_targets import MapTargets, map_supervised_indices, map_targets, supervised_map_loss
 from cxrdistill.pseudo.sharpening import asymmetric_sharpen, kl_map_loss
 
 
@@ -92,14 +95,18 @@ class AalsParams(BaseModel):
     """Fraction of the P images whose positive labels are used (Fig. 3); a nested seeded subset."""
     pretrain_steps: int | None = Field(None, ge=0)
     """Optimizer steps of supervised pre-training (None: ``train.max_steps``)."""
+    pretrain_augment: Augment = "aals"
+    """View of the pre-training (the shared heat-map stage's ``augment``; ``aals``: flip 0.5, rotation
+    ±10°, contrast ±0.2, brightness ±0.1, the defaults of the semi stage's view). The
+    `supervised_heatmap` baseline with ``augment: aals`` is the same checkpoint."""
     semi_steps: int | None = Field(None, ge=0)
     """Optimizer steps of semi-supervised training (None: ``train.max_steps``)."""
     positives_per_batch: int | None = Field(None, ge=1)
     """P images per batch next to ``train.batch_size`` R ∪ N images (None: ``train.unlabeled_batch_size``,
     or ``train.batch_size`` when that is 0)."""
     pretrained_checkpoint: Path | None = None
-    """Skip pre-training and start from this checkpoint's ``student`` weights (e.g. another run's
-    ``checkpoints/pretrain/last.pt``), so sweeps share one pre-training."""
+    """Skip pre-training and start from this checkpoint's ``model`` (or ``student``) weights (e.g. another
+    run's ``checkpoints/supervised/last.pt``). Sweeps share one pre-training without it: the stage store."""
     eval_split: str = "test"
     eval_batch_size: int = Field(16, ge=1)
     n_boot: int = Field(1000, ge=0)
@@ -161,16 +168,13 @@ def split_sets(data: StudyData, positive_fraction: float, seed: int, split: str 
         if im.supervision == "image" and manifest.image_labels(im.id).any():
             weak_positive.append(im.id)
     used = set(nested_subset(weak_positive, positive_fraction, seed))
-    supervised, positive, unused = [], [], 0
+    supervised, positive, unused = map_supervised_indices(dataset), [], 0
     for index, im in enumerate(dataset.images):
         labels = manifest.image_labels(im.id)
         if im.supervision == "box":
-            supervised.append(index)
             for name in names:
                 counts[name]["R"] += 1
         elif im.supervision == "image":
-            if not labels.all():
-                supervised.append(index)
             if im.id in used:
                 positive.append(index)
             for k, name in enumerate(names):
@@ -186,43 +190,6 @@ def split_sets(data: StudyData, positive_fraction: float, seed: int, split: str 
 
 
 # --------------------------------------------------------------------------------- targets and losses
-
-
-@dataclass
-class MapTargets:
-    """Per-(image, class) supervision of a batch at the map resolution.
-
-    masks ``(B, C, h, w)``: box masks for R, zeros otherwise. ``supervised (B, C)``: 1 where L_sup
-    applies (every class of R, the absent classes of N images). ``positive (B, C)``: 1 where L_semi
-    applies (the present classes of the used P images).
-    """
-
-    masks: Tensor
-    supervised: Tensor
-    positive: Tensor
-
-
-def map_targets(batch: dict[str, Any], num_classes: int, stride: int, positive_ids: Tensor,
-                view: AalsView | None = None) -> MapTargets:
-    """The R / N / P supervision of a collated batch (see :class:`MapTargets`); the box masks are
-    rasterised from the boxes as projected into ``view`` (None: the batch's own boxes)."""
-    images = batch["image"]
-    height, width = images.shape[-2:]
-    boxes, labels = (batch["boxes"], batch["labels"]) if view is None else (view.boxes, view.labels)
-    masks = boxes_to_masks(boxes, labels, num_classes, height, width, stride)
-    has_boxes = batch["has_boxes"].to(images.device)
-    weak = batch["has_image_labels"].to(images.device) & ~has_boxes
-    present = batch["image_labels"].to(images)
-    boxed = has_boxes[:, None].float().expand_as(present)
-    supervised = boxed + weak[:, None].float() * (1 - present)
-    used = torch.isin(batch["image_id"].to(images.device), positive_ids.to(images.device))
-    positive = (weak & used)[:, None].float() * present
-    return MapTargets(masks.to(images), supervised, positive)
-
-
-def supervised_loss(logits: Tensor, targets: MapTargets) -> Tensor:
-    """L_sup (Eq. 1): mean pixel BCE over the supervised maps of R ∪ N."""
-    return pixel_bce_loss(logits, targets.masks, weights=targets.supervised)
 
 
 def aals_losses(student_logits: Tensor, teacher_probs: Tensor, targets: MapTargets, t: float, a0: float,
@@ -241,7 +208,7 @@ def aals_losses(student_logits: Tensor, teacher_probs: Tensor, targets: MapTarge
     if seen is not None:
         mask = mask * seen
     semi = kl_map_loss(student_logits, sharpened, mask=mask)
-    out = {"sup": supervised_loss(student_logits, targets) * (n_sup / total), "semi": semi * (n_pos / total)}
+    out = {"sup": supervised_map_loss(student_logits, targets) * (n_sup / total), "semi": semi * (n_pos / total)}
     if n_pos > 0:
         weight = targets.positive
         out["log_teacher_max"] = (teacher_probs.flatten(2).amax(2) * weight).sum() / n_pos
@@ -253,43 +220,12 @@ def aals_losses(student_logits: Tensor, teacher_probs: Tensor, targets: MapTarge
 # --------------------------------------------------------------------------------- views
 
 
-@dataclass
-class AalsView:
-    """One random view of a batch: ``images (B, 1, H, W)``, ``matrices (B, 3, 3)`` (input pixel
-    coordinates -> view pixel coordinates) and the batch's boxes / labels projected into it."""
-
-    images: Tensor
-    matrices: Tensor
-    boxes: list[Tensor]
-    labels: list[Tensor]
-
-
-def random_view(batch: dict[str, Any], params: AalsParams, generator: torch.Generator) -> AalsView:
-    """Rotation, flip, intensity and contrast jitter of ``batch["image"]`` (the paper's list) with
-    its geometry recorded; boxes keeping < 50 % of their area inside the view are dropped."""
-    images = batch["image"]
-    size = tuple(images.shape[-2:])
-    matrices = random_affine(len(images), image_size=size, flip_p=params.flip_p, rotate_deg=params.rotate_deg,
-                             generator=generator).to(images.device)
-    warped = warp_images(images, matrices)
-    shape = (len(images), 1, 1, 1)
-    gain = 1 + params.contrast * (2 * torch.rand(shape, generator=generator) - 1)
-    shift = params.intensity * (2 * torch.rand(shape, generator=generator) - 1)
-    mean = warped.mean(dim=(1, 2, 3), keepdim=True)
-    jittered = ((warped - mean) * gain.to(warped) + mean + shift.to(warped)).clamp(0, 1)
-    boxes, labels = [], []
-    for b, (box, label) in enumerate(zip(batch["boxes"], batch["labels"], strict=True)):
-        kept, keep = project_boxes(box, matrices[b], size)
-        boxes.append(kept)
-        labels.append(label[keep.to(label.device)])
-    return AalsView(jittered, matrices, boxes, labels)
-
-
-def identity_view(batch: dict[str, Any]) -> AalsView:
-    """The un-augmented batch as a view (``augment: false``)."""
-    images = batch["image"]
-    eye = torch.eye(3, device=images.device).expand(len(images), 3, 3).clone()
-    return AalsView(images, eye, list(batch["boxes"]), list(batch["labels"]))
+def view_config(params: AalsParams) -> ViewConfig | None:
+    """The paper's training view (rotation, flip, intensity and contrast jitter); None: no augmentation."""
+    if not params.augment:
+        return None
+    return ViewConfig(flip_p=params.flip_p, rotate_deg=params.rotate_deg, contrast=params.contrast,
+                      brightness=params.intensity)
 
 
 def map_matrices(source: Tensor, target: Tensor, stride: int) -> Tensor:
@@ -314,13 +250,16 @@ def _view_generator(seed: int, stage: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def view_pair(batch: dict[str, Any], params: AalsParams, seed: int, stage: str, step: int) -> tuple[AalsView, AalsView]:
-    """(teacher view, student view): two independent random views, or the batch itself twice."""
-    if not params.augment:
-        view = identity_view(batch)
+def view_pair(batch: dict[str, Any], params: AalsParams, seed: int, stage: str, step: int) -> tuple[View, View]:
+    """(teacher view, student view): two independent random views (`data.views.random_view`, boxes
+    keeping < 50 % of their area dropped), or the batch itself twice."""
+    images, boxes, labels = batch["image"], batch["boxes"], batch["labels"]
+    cfg = view_config(params)
+    if cfg is None:
+        view = random_view(images, None, None, boxes, labels)
         return view, view
     generator = _view_generator(seed, stage, step)
-    return random_view(batch, params, generator), random_view(batch, params, generator)
+    return random_view(images, cfg, generator, boxes, labels), random_view(images, cfg, generator, boxes, labels)
 
 
 # --------------------------------------------------------------------------------- model selection
@@ -363,43 +302,32 @@ def _load_best(trainer: Trainer, result: Any, modules: dict[str, torch.nn.Module
 # --------------------------------------------------------------------------------- the recipe
 
 
-def build_heatmap(model_cfg: ModelConfig, num_classes: int) -> HeatmapFPN:
-    """The FPN probability-map network of ``cfg.model`` (``options`` go to :class:`HeatmapFPN`)."""
-    return build_model(model_cfg, num_classes, expect="heatmap")  # type: ignore[return-value]
-
-
-
-
-
-
-
-
 def _validator(model: torch.nn.Module, val_set: CXRDataset | None, params: AalsParams):
     if val_set is None:
         return None
     return lambda: {"val_AUROC": validation_auroc(model, val_set, params.eval_batch_size)}
 
 
-def pretrain(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: TrainingSets, student: HeatmapFPN,
-             val_set: CXRDataset | None = None) -> None:
-    """Stage 1: supervised pre-training on R ∪ N (Eq. 1), or the weights of ``pretrained_checkpoint``;
-    with ``select_best`` the student of the best validation AUROC."""
+def pretrain(ctx: RunContext, data: StudyData, params: AalsParams) -> Stage | None:
+    """Stage 1: supervised pre-training on R ∪ N (Eq. 1): the shared supervised heat-map stage
+    (`kit.supervised_stage(kind="heatmap")`, the `supervised_heatmap` baseline's checkpoint at the same
+    key, read from the stage store when trained once). None with ``pretrained_checkpoint``."""
     if params.pretrained_checkpoint is not None:
-        load_module_weights(params.pretrained_checkpoint, student, "student")
-        return
-    loader, sampler = labeled_loader(sets.dataset, sets.supervised, [], cfg.train.batch_size, 0, cfg.train.seed, ctx)
-    optimizer = build_optimizer(student.parameters(), cfg.train)
-    trainer = _selection_trainer(ctx, params, "pretrain", len(sets.supervised), cfg.train.batch_size)
+        return None
+    return supervised_stage(ctx, data, kind="heatmap", steps=params.pretrain_steps, augment=params.pretrain_augment)
 
-    def step(batch: dict[str, Any], index: int) -> dict[str, Tensor]:
-        _, view = view_pair(batch, params, cfg.train.seed, "pretrain", index)
-        targets = map_targets(batch, student.num_classes, student.output_stride, sets.positive_ids, view)
-        return {"sup": supervised_loss(student(view.images), targets)}
 
-    steps = cfg.train.max_steps if params.pretrain_steps is None else params.pretrain_steps
-    evaluate = _validator(student, val_set, params) if params.select_best else None
-    result = trainer.fit(step, {"student": student}, optimizer, loader, steps, sampler=sampler, evaluate=evaluate)
-    _load_best(trainer, result, {"student": student})
+def pretrained_model(ctx: RunContext, data: StudyData, params: AalsParams) -> HeatmapFPN:
+    """The pre-trained heat-map network: :func:`pretrain`'s stage model, or ``pretrained_checkpoint``'s
+    ``model`` (a stage checkpoint, e.g. ``checkpoints/supervised/last.pt``) or ``student`` weights."""
+    stage = pretrain(ctx, data, params)
+    if stage is not None:
+        return stage.model  # type: ignore[return-value]
+    model = build_heatmap_model(ctx.cfg.model, data.num_classes, ctx.cfg.train.seed)
+    path = params.pretrained_checkpoint
+    modules = load_checkpoint(path).get("modules", {})
+    load_module_weights(path, model, "student" if "student" in modules else "model")
+    return model.to(ctx.device)
 
 
 def distill(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: TrainingSets, student: HeatmapFPN,
@@ -442,9 +370,10 @@ def run(cfg: RunConfig, params: AalsParams, ctx: RunContext) -> dict[str, float]
     torch.manual_seed(cfg.train.seed)
     data = StudyData.from_config(cfg.data)
     sets = split_sets(data, params.positive_fraction, cfg.train.seed)
-    _write_json(ctx.run_dir.path / "aals_sets.json", {"per_class": sets.counts, "unused_none": sets.unused,
-                                                       "supervised_images": len(sets.supervised),
-                                                       "positive_images": len(sets.positive)})
+    if ctx.fabric.is_global_zero:
+        write_json_atomic(ctx.run_dir.path / "aals_sets.json", {"per_class": sets.counts, "unused_none": sets.unused,
+                                                                "supervised_images": len(sets.supervised),
+                                                                "positive_images": len(sets.positive)})
     if sets.unused:
         ctx.console.print(f"AALS: {sets.unused} training images with supervision 'none' are not used")
     eval_set = data.dataset(params.eval_split, with_truth=True)
@@ -460,13 +389,13 @@ def run(cfg: RunConfig, params: AalsParams, ctx: RunContext) -> dict[str, float]
         if len(val_set) == 0:
             raise ConfigError(f"method.params.val_split: split {params.val_split!r} has no images; "
                               f"name another split or set select_best: false")
-    student = build_heatmap(cfg.model, data.num_classes)
-    pretrain(cfg, params, ctx, sets, student, val_set)
+    student = pretrained_model(ctx, data, params)
     out = _flat("pretrain", evaluate(student, eval_set, ctx.run_dir.eval / "pretrain", params))
     if not params.semi_supervised:
         return _finish(ctx, data, student, "pretrain", out)
     if not sets.positive:
         ctx.console.print("AALS: no used image-level positives (P is empty): the semi stage trains on R ∪ N only")
+    student.train()
     teacher = distill(cfg, params, ctx, sets, student, val_set)
     for name, model in (("student", student), ("teacher", teacher.module)):
         out.update(_flat(name, evaluate(model, eval_set, ctx.run_dir.eval / name, params)))
@@ -560,8 +489,3 @@ def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
             f"{prefix}/AUROC_hi": f(auroc["macro_AUROC_CI95"][1]), f"{prefix}/mFROC": f(froc["mean_score"]),
             f"{prefix}/mFROC_lo": f(froc_ci[0]), f"{prefix}/mFROC_hi": f(froc_ci[1]),
             **{f"{prefix}/{k}": v for k, v in headline(metrics).items() if k.startswith("mAP")}}
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")

@@ -7,13 +7,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from cxrdistill.data.study import StudyData
+from cxrdistill.data.views import ViewConfig
+from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import ramp_up
+from cxrdistill.engine.sampler import RatioBatchSampler
 from cxrdistill.errors import ConfigError
-from cxrdistill.methods.kit import Augment, image_labeled
+from cxrdistill.methods.kit import Augment, TrainSets, image_labeled, semi_loader, semi_losses, view_config
+from cxrdistill.models.classifier import masked_bce_with_logits
 
 
 class ConsistencyParams(BaseModel):
@@ -51,14 +57,32 @@ def consistency_loss(probs: Tensor, targets: Tensor, mask: Tensor | None = None,
     return (per_image * m).sum() / m.sum().clamp(min=1.0)
 
 
-def semi_sets(data: StudyData, split: str) -> tuple[Any, list[int], list[int]]:
-    """The training split, its image-labeled rows and its unlabeled rows (supervision "none")."""
+def step_losses(logits: Tensor, batch: dict[str, Any], consistency: Tensor, weight: float) -> dict[str, Tensor]:
+    """A step's L = BCE(z_labeled, y) + w(t) · consistency: ``sup/bce`` (masked to the images with
+    image labels), ``unsup/consistency`` (times ``weight``) and ``log_w``."""
+    mask = batch["has_image_labels"].to(batch["image"].dtype)[:, None].expand_as(batch["image_labels"])
+    return {**semi_losses({"bce": masked_bce_with_logits(logits, batch["image_labels"], mask)},
+                          {"consistency": consistency}, weight), "log_w": torch.tensor(weight)}
+
+
+def semi_sets(data: StudyData, split: str) -> TrainSets:
+    """The training split with its image-labeled rows and its unlabeled rows (supervision "none")."""
     train = data.dataset(split)
     labeled = image_labeled(train)
     unlabeled = [i for i, im in enumerate(train.images) if im.supervision == "none"]
     if not unlabeled:
         raise ConfigError("no unlabeled training image (supervision 'none'); lower data.boxed_fraction/weak_fraction")
-    return train, labeled, unlabeled
+    return TrainSets(train, labeled, unlabeled)
 
 
-__all__ = ["ConsistencyParams", "consistency_loss", "semi_sets"]
+def consistency_setup(ctx: RunContext, data: StudyData, params: ConsistencyParams
+                      ) -> tuple[TrainSets, DataLoader, RatioBatchSampler, ViewConfig, Callable[[int], float]]:
+    """What both recipes train with: their sets, the labeled/unlabeled loader (seed ``train.seed``), the
+    stochastic view and the consistency weight w(step)."""
+    sets = semi_sets(data, params.train_split)
+    loader, sampler = semi_loader(ctx, sets, ctx.cfg.train.seed)
+    weight_at = params.weight_schedule(len(sets.labeled), len(sets.unlabeled), ctx.cfg.train.max_steps)
+    return sets, loader, sampler, view_config(params.augment), weight_at
+
+
+__all__ = ["ConsistencyParams", "consistency_loss", "consistency_setup", "semi_sets", "step_losses"]

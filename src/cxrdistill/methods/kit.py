@@ -3,7 +3,7 @@
 Every recipe that starts from a supervised model (the supervised baselines, TSD / CEIRD / STAC's
 teacher, Mean / Soft Teacher's burn-in, OXnet's base detector) gets it from
 :func:`supervised_stage`: the *same* seeded initialisation, loader, augmentation
-(:func:`augment_batch` through `data/views.py`) and schedule. So the `supervised_detector` row of a
+(`data.views.random_view`) and schedule. So the `supervised_detector` row of a
 study and TSD's teacher at the same seed are one checkpoint.
 
 **The stage store.** A finished stage is kept under ``<store>/<key>/`` (``model.pt``, ``key.json``),
@@ -24,7 +24,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +37,7 @@ from cxrdistill.atomic import file_sha256, write_json_atomic
 from cxrdistill.config import ModelConfig
 from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.data.study import StudyData, default_cache_root
-from cxrdistill.data.views import ViewConfig, intensity_jitter, project_boxes, random_affine, warp_images
+from cxrdistill.data.views import View, ViewConfig, random_view
 from cxrdistill.engine.checkpoint import load_module_weights, save_checkpoint
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.loop import FitResult
@@ -48,8 +48,9 @@ from cxrdistill.models.classifier import ImageClassifier, masked_bce_with_logits
 from cxrdistill.models.detector import RetinaNet
 from cxrdistill.models.factory import build_model, export_model
 from cxrdistill.models.heatmap import HeatmapFPN
+from cxrdistill.models.heatmap_targets import map_supervised_indices, map_targets, supervised_map_loss
 
-Augment = Literal["flip", "flip_shift", "none", "strong"]
+Augment = Literal["aals", "flip", "flip_shift", "none", "strong"]
 STAGE_VERSION = 1
 """Bumped when the supervised stage's code changes what it trains (old store entries then miss)."""
 STAGE_STORE_ENV = "CXRDISTILL_STAGE_STORE"
@@ -83,32 +84,16 @@ def build_classifier_model(model_cfg: ModelConfig, num_classes: int, seed: int |
 
 
 def view_config(augment: Augment) -> ViewConfig:
-    """The training view: flip (the weak view), flip + 10 % shift, the strong list, or identity."""
+    """The training view: flip (the weak view), flip + 10 % shift, the strong list, AALS's list
+    (flip, rotation ±10°, contrast ±0.2, brightness ±0.1), or identity geometry."""
     return {"flip": ViewConfig.weak(), "flip_shift": ViewConfig(flip_p=0.5, translate=0.1),
-            "strong": ViewConfig.martins_silva(), "none": ViewConfig()}[augment]
+            "strong": ViewConfig.martins_silva(), "none": ViewConfig(),
+            "aals": ViewConfig(flip_p=0.5, rotate_deg=10.0, contrast=0.2, brightness=0.1)}[augment]
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     """A generator that depends only on (seed, step, stream): augmentation is the same after a resume."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1))
-
-
-def augment_batch(images: Tensor, boxes: list[Tensor], labels: list[Tensor], view: ViewConfig,
-                  generator: torch.Generator) -> tuple[Tensor, list[dict[str, Tensor]]]:
-    """Warp ``images (B, 1, H, W)`` by a random view and carry the boxes along (lost boxes dropped).
-
-    Returns the augmented images and detector targets ``[{"boxes": (K, 4), "labels": (K,)}]``.
-    """
-    size = (int(images.shape[-2]), int(images.shape[-1]))
-    matrices = random_affine(images.shape[0], image_size=size, flip_p=view.flip_p, rotate_deg=view.rotate_deg,
-                             translate=view.translate, scale=view.scale, perspective=view.perspective,
-                             generator=generator).to(images.device)
-    out = intensity_jitter(warp_images(images, matrices), view.intensity, generator)
-    targets = []
-    for b, l, m in zip(boxes, labels, matrices):
-        kept, keep = project_boxes(b, m, size)
-        targets.append({"boxes": kept, "labels": l[keep]})
-    return out, targets
 
 
 # =============================================================================== data
@@ -139,15 +124,119 @@ def image_labeled(dataset: CXRDataset) -> list[int]:
     return idx
 
 
+@dataclass
+class TrainSets:
+    """The training images: one dataset and the indices of its labeled / unlabeled images."""
+
+    dataset: CXRDataset
+    labeled: list[int]
+    unlabeled: list[int]
+
+    @property
+    def unlabeled_ids(self) -> list[int]:
+        return [self.dataset.images[i].id for i in self.unlabeled]
+
+
+def split_train(data: StudyData, split: str = "train", unlabeled: Sequence[str] = ("image", "none"),
+                need_unlabeled: str | None = None) -> TrainSets:
+    """Labeled (supervision "box") and unlabeled (``unlabeled`` supervisions; "image" images count
+    as unlabeled, their image-level labels are not used) training images. ``need_unlabeled``: the
+    recipe's name, and an error naming it when there is no unlabeled image."""
+    dataset = data.dataset(split, supervision=("box", *unlabeled))
+    labeled = [i for i, im in enumerate(dataset.images) if im.supervision == "box"]
+    rest = [i for i, im in enumerate(dataset.images) if im.supervision != "box"]
+    if not labeled:
+        raise ConfigError(f"split {split!r} has no image with boxes: the teacher needs labeled images "
+                          "(set data.boxed_fraction, or use a manifest with supervision 'box')")
+    if need_unlabeled is not None and not rest:
+        raise ConfigError(f"{need_unlabeled}: no unlabeled training image; lower data.boxed_fraction")
+    return TrainSets(dataset, labeled, rest)
+
+
+def semi_loader(ctx: RunContext, sets: TrainSets, seed: int) -> tuple[DataLoader, RatioBatchSampler]:
+    """Endless batches of ``train.batch_size`` labeled then ``train.unlabeled_batch_size`` (0: as many)
+    unlabeled images of ``sets``."""
+    t = ctx.cfg.train
+    return labeled_loader(sets.dataset, sets.labeled, sets.unlabeled, t.batch_size, t.unlabeled_batch_size or t.batch_size,
+                          seed, ctx)
+
+
+# =============================================================================== the semi-supervised batch
+
+
+@dataclass
+class Part:
+    """The labeled or the unlabeled images of a collated batch, and the views a recipe made of them.
+
+    ``rows (B,)`` bool: this part's rows of the batch; ``images (n, 1, H, W)`` un-augmented; ``boxes``
+    / ``labels``: per image ``(K, 4)`` / ``(K,)`` (empty for unlabeled images); ``image_ids``.
+    ``weak`` / ``strong``: the part's views (`data.views.View`: images, geometry, projected boxes),
+    set by the recipe with :meth:`view`.
+    """
+
+    rows: Tensor
+    images: Tensor
+    boxes: list[Tensor]
+    labels: list[Tensor]
+    image_ids: list[int]
+    weak: View | None = None
+    strong: View | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def index(self) -> list[int]:
+        """This part's row numbers in the batch."""
+        return self.rows.nonzero().flatten().tolist()
+
+    def view(self, cfg: ViewConfig | None, generator: torch.Generator, boxes: list[Tensor] | None = None,
+             labels: list[Tensor] | None = None) -> View:
+        """`random_view` of this part's images, carrying ``boxes`` / ``labels`` (default: its own)."""
+        return random_view(self.images, cfg, generator, self.boxes if boxes is None else boxes,
+                           self.labels if labels is None else labels)
+
+
+@dataclass
+class SemiBatch:
+    """A batch as its ``labeled`` and ``unlabeled`` parts (selected by mask, never by position)."""
+
+    labeled: Part
+    unlabeled: Part
+
+    @classmethod
+    def split(cls, batch: dict[str, Any], labeled: Tensor | None = None) -> SemiBatch:
+        """The parts of a collated batch; ``labeled (B,)`` bool (default: ``batch["has_boxes"]``)."""
+        mask = (batch["has_boxes"] if labeled is None else labeled).bool()
+
+        def part(rows: Tensor) -> Part:
+            index = rows.nonzero().flatten().tolist()
+            return Part(rows, batch["image"][rows.to(batch["image"].device)], [batch["boxes"][i] for i in index],
+                        [batch["labels"][i] for i in index], batch["image_id"][rows.to(batch["image_id"].device)].tolist())
+
+        return cls(part(mask), part(~mask))
+
+
+def semi_losses(sup: dict[str, Tensor], unsup: dict[str, Tensor] | None = None,
+                unsup_weight: float = 1.0) -> dict[str, Tensor]:
+    """The loss dict of a semi-supervised step: ``sup/<term>`` and ``unsup/<term>`` (times ``unsup_weight``,
+    the recipe's λ_u), in that order; L = L_s + λ_u · L_u is their sum (the trainer's)."""
+    out = {f"sup/{k}": v for k, v in sup.items()}
+    for k, v in (unsup or {}).items():
+        out[f"unsup/{k}"] = unsup_weight * v
+    return out
+
+
 # =============================================================================== the supervised loop
 
-Losses = Callable[[dict[str, Any], Tensor, list[dict[str, Tensor]]], dict[str, Tensor]]
+Losses = Callable[[dict[str, Any], View], dict[str, Tensor]]
+"""``losses(batch, view)``: the loss terms of a collated batch seen through its random view."""
 
 
 def fit_on(ctx: RunContext, stage: str, model: nn.Module, dataset: CXRDataset, indices: list[int],
            augment: Augment, losses: Losses, max_steps: int | None) -> FitResult:
     """The supervised loop every baseline shares: batches of ``dataset[indices]``, the ``augment`` view
-    (images ``(B, 1, H, W)`` and their projected targets), ``losses(batch, images, targets)``, stage
+    (`data.views.random_view`: images ``(B, 1, H, W)``, projected boxes), ``losses(batch, view)``, stage
     ``stage`` of ``train.max_steps`` (or ``max_steps``) optimizer steps, resumable and exact."""
     cfg = ctx.cfg.train
     loader, sampler = labeled_loader(dataset, indices, [], cfg.batch_size, 0, cfg.seed + sum(map(ord, stage)), ctx)
@@ -155,21 +244,21 @@ def fit_on(ctx: RunContext, stage: str, model: nn.Module, dataset: CXRDataset, i
     model.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        images, targets = augment_batch(batch["image"], batch["boxes"], batch["labels"], view,
-                                        step_generator(cfg.seed, step))
-        return losses(batch, images, targets)
+        seen = random_view(batch["image"], view, step_generator(cfg.seed, step), batch["boxes"], batch["labels"])
+        return losses(batch, seen)
 
     return ctx.trainer(stage).fit(step_fn, {"model": model}, build_optimizer(model.parameters(), cfg), loader,
                                   cfg.max_steps if max_steps is None else max_steps, sampler=sampler)
 
 
 def detector_losses(model: RetinaNet) -> Losses:
-    """Focal + box loss of ``model`` (``sup_cls``/``sup_box`` in the logs), boxes per image logged."""
+    """Focal + box loss of ``model`` (``sup/cls``, ``sup/box`` in the logs), boxes per image logged."""
 
-    def losses(batch: dict[str, Any], images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        out = model.loss(model(images), targets)
+    def losses(batch: dict[str, Any], view: View) -> dict[str, Tensor]:
+        targets = view.targets
+        out = model.loss(model(view.images), targets)
         n_boxes = sum(len(t["boxes"]) for t in targets) / max(len(targets), 1)
-        return {"sup_cls": out["cls"], "sup_box": out["box"], "log_boxes_per_image": torch.tensor(n_boxes)}
+        return {**semi_losses(out), "log_boxes_per_image": torch.tensor(n_boxes)}
 
     return losses
 
@@ -177,9 +266,21 @@ def detector_losses(model: RetinaNet) -> Losses:
 def classifier_losses(model: ImageClassifier) -> Losses:
     """Masked BCE on the image labels of the batch."""
 
-    def losses(batch: dict[str, Any], images: Tensor, _: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        mask = batch["has_image_labels"].to(images.dtype)[:, None].expand_as(batch["image_labels"])
-        return {"bce": masked_bce_with_logits(model(images), batch["image_labels"], mask)}
+    def losses(batch: dict[str, Any], view: View) -> dict[str, Tensor]:
+        mask = batch["has_image_labels"].to(view.images.dtype)[:, None].expand_as(batch["image_labels"])
+        return {"bce": masked_bce_with_logits(model(view.images), batch["image_labels"], mask)}
+
+    return losses
+
+
+def heatmap_losses(model: HeatmapFPN) -> Losses:
+    """Pixel BCE of the probability maps on R ∪ N (AALS Eq. 1): box masks of the box images (as
+    projected into the view), all-zero maps for the absent classes of image-level images."""
+    no_positives = torch.zeros(0, dtype=torch.long)
+
+    def losses(batch: dict[str, Any], view: View) -> dict[str, Tensor]:
+        targets = map_targets(batch, model.num_classes, model.output_stride, no_positives, view)
+        return {"sup/pixel_bce": supervised_map_loss(model(view.images), targets)}
 
     return losses
 
@@ -249,12 +350,14 @@ def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: s
     return hashlib.sha256(text.encode()).hexdigest()[:16], payload
 
 
-def supervised_stage(ctx: RunContext, data: StudyData, *, kind: Literal["detector", "classifier"] = "detector",
+def supervised_stage(ctx: RunContext, data: StudyData, *,
+                     kind: Literal["detector", "classifier", "heatmap"] = "detector",
                      steps: int | None = None, augment: Augment = "flip", split: str = "train",
                      stage: str = SUPERVISED_STAGE) -> Stage:
     """The supervised model of ``data``'s labeled training images, trained once per key.
 
-    Detector: the box images (supervision "box"); classifier: images with image labels. Seeded
+    Detector: the box images (supervision "box"); classifier: images with image labels; heatmap:
+    R ∪ N (box images, and image-level images with an absent class: :func:`heatmap_losses`). Seeded
     initialisation (``train.seed``), :func:`fit_on` with ``augment`` for ``steps`` optimizer steps
     (None: ``train.max_steps``). Looked up in the stage store first; trained (resumably, as stage
     ``stage`` of this run folder) and stored otherwise.
@@ -266,6 +369,12 @@ def supervised_stage(ctx: RunContext, data: StudyData, *, kind: Literal["detecto
         model: nn.Module = build_detector(cfg.model, data.num_classes, cfg.train.seed)
         dataset = data.dataset(split, supervision="box")
         indices, losses = boxed_indices(dataset), detector_losses(model)  # type: ignore[arg-type]
+    elif kind == "heatmap":
+        model = build_heatmap_model(cfg.model, data.num_classes, cfg.train.seed)
+        dataset = data.dataset(split, supervision=("box", "image"))
+        indices, losses = map_supervised_indices(dataset), heatmap_losses(model)  # type: ignore[arg-type]
+        if not indices:
+            raise ConfigError(f"split {split!r} has no image with boxes or image-level negatives (R ∪ N is empty)")
     else:
         model = build_classifier_model(cfg.model, data.num_classes, cfg.train.seed)
         dataset = data.dataset(split, supervision=("box", "image"))
@@ -301,7 +410,44 @@ def supervised_stage(ctx: RunContext, data: StudyData, *, kind: Literal["detecto
     return Stage(model, key, source, fresh=source == "trained" or previous != key, steps=steps)
 
 
+@dataclass
+class BurnIn:
+    """A mean-teacher recipe's start: its ``student``, the shared ``stage`` it came from (None without
+    burn-in) and the burn-in ``steps``."""
+
+    student: RetinaNet
+    stage: Stage | None
+    steps: int
+
+
+def burn_in(ctx: RunContext, data: StudyData, steps: int | None, augment: Augment, split: str,
+            held_out: CXRDataset, *, eval_split: str, n_boot: int) -> BurnIn:
+    """The burned-in student: the shared supervised stage of ``steps`` (None: half of ``train.max_steps``;
+    the `supervised_detector` checkpoint at these steps), scored on ``held_out`` as the recipe's own
+    teacher (``run_dir/eval_teacher``). ``steps`` 0: a fresh seeded detector and no teacher."""
+    steps = ctx.cfg.train.max_steps // 2 if steps is None else steps
+    if steps <= 0:
+        return BurnIn(build_detector(ctx.cfg.model, data.num_classes, ctx.cfg.train.seed), None, 0)
+    stage = supervised_stage(ctx, data, steps=steps, augment=augment, split=split)
+    evaluate_stage(ctx, stage, held_out, split=eval_split, n_boot=n_boot, topk_candidates=1000,
+                   out_dirs=[ctx.run_dir.path / "eval_teacher"])
+    return BurnIn(stage.model, stage, steps)  # type: ignore[arg-type]
+
+
 # =============================================================================== evaluation
+
+
+def evaluate_against_burn_in(ctx: RunContext, model: RetinaNet, start: BurnIn, held_out: CXRDataset, *, split: str,
+                             n_boot: int, title: str, class_names: list[str]) -> dict[str, float]:
+    """The final model's metrics (``run_dir/eval``; exported as ``model.pt``) and, after a burn-in, its
+    Δ against the burned-in model it started from on the same test images (its own teacher)."""
+    from cxrdistill.eval.runs import evaluate_detector
+
+    metrics = evaluate_final(ctx, lambda: evaluate_detector(model, held_out, ctx.run_dir.eval, split=split,
+                                                            n_boot=n_boot), title, model, class_names)
+    if start.stage is not None:
+        metrics.update(compare_with_own_teacher(ctx, start.stage, held_out, split, n_boot=n_boot))
+    return metrics
 
 
 def evaluate_stage(ctx: RunContext, stage: Stage, eval_set: CXRDataset, *, split: str, n_boot: int,
@@ -441,10 +587,10 @@ def evaluate_final(ctx: RunContext, evaluate: Callable[[], dict[str, Any]], titl
 
 
 __all__ = [
-    "Augment", "DETECTION_KEYS", "SUPERVISED_STAGE", "STAGE_STORE_ENV", "STAGE_VERSION", "Stage", "augment_batch",
-    "boxed_indices", "build_classifier_model", "build_detector", "build_heatmap_model", "classifier_losses",
-    "detection_headline", "detector_losses", "evaluate_final", "evaluate_stage", "fit_on", "headline",
+    "Augment", "BurnIn", "DETECTION_KEYS", "Part", "TrainSets", "SUPERVISED_STAGE", "STAGE_STORE_ENV", "STAGE_VERSION", "SemiBatch", "Stage",
+    "boxed_indices", "build_classifier_model", "burn_in", "evaluate_against_burn_in", "build_detector", "build_heatmap_model", "classifier_losses",
+    "detection_headline", "detector_losses", "evaluate_final", "heatmap_losses", "evaluate_stage", "fit_on", "headline",
     "image_labeled", "labeled_loader", "print_metrics", "stage_key", "stage_store_root", "step_generator",
-    "supervised_stage", "teacher_comparison", "train_classifier", "train_detector", "view_config",
+    "semi_loader", "semi_losses", "split_train", "supervised_stage", "teacher_comparison", "train_classifier", "train_detector", "view_config",
     "write_teacher_comparison",
 ]

@@ -29,22 +29,17 @@ from torch import Tensor
 
 from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
-from cxrdistill.data.views import ViewConfig, intensity_jitter
+from cxrdistill.data.views import ViewConfig, intensity_jitter, random_view
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.ema import EMATeacher
 from cxrdistill.engine.optim import build_optimizer, ramp_up
-from cxrdistill.errors import ConfigError
-from cxrdistill.eval.runs import evaluate_detector
 from cxrdistill.methods.kit import (
-    augment_batch,
-    boxed_indices,
-    build_detector,
-    compare_with_own_teacher,
-    evaluate_final,
-    evaluate_stage,
-    labeled_loader,
+    burn_in,
+    evaluate_against_burn_in,
+    semi_loader,
+    semi_losses,
+    split_train,
     step_generator,
-    supervised_stage,
 )
 from cxrdistill.methods.registry import register_method
 from cxrdistill.models.detector import DetectorOutput
@@ -117,53 +112,38 @@ def noisy_pair(images: Tensor, strength: float, generator: torch.Generator) -> t
 def run(cfg: RunConfig, params: MeanTeacherParams, ctx: RunContext) -> dict[str, float]:
     """Burn-in on D_B, then supervised loss + ramped per-anchor consistency to the EMA teacher."""
     data = StudyData.from_config(cfg.data)
-    train = data.dataset(params.train_split, supervision=["box", *params.unlabeled_supervision])
-    boxed = boxed_indices(train)
-    unlabeled = [i for i, im in enumerate(train.images) if im.supervision != "box"]
-    if not unlabeled:
-        raise ConfigError("mean_teacher: no unlabeled training image; lower data.boxed_fraction")
+    sets = split_train(data, params.train_split, params.unlabeled_supervision, need_unlabeled="mean_teacher")
     t = cfg.train
-    burn_in = params.burn_in_steps if params.burn_in_steps is not None else t.max_steps // 2
     held_out = data.dataset(params.eval_split)
-    stage = None
-    if burn_in > 0:  # the shared supervised stage (the supervised_detector checkpoint at these steps)
-        stage = supervised_stage(ctx, data, steps=burn_in, augment="flip", split=params.train_split)
-        student = stage.model
-        evaluate_stage(ctx, stage, held_out, split=params.eval_split, n_boot=params.n_boot, topk_candidates=1000,
-                       out_dirs=[ctx.run_dir.path / "eval_teacher"])  # its own teacher: the burned-in model
-    else:
-        student = build_detector(cfg.model, data.num_classes, t.seed)
+    start = burn_in(ctx, data, params.burn_in_steps, "flip", params.train_split, held_out,
+                    eval_split=params.eval_split, n_boot=params.n_boot)
+    student = start.student
     student.train()
     teacher = EMATeacher(student, decay=params.ema_decay)
-    loader, sampler = labeled_loader(train, boxed, unlabeled, t.batch_size, t.unlabeled_batch_size or t.batch_size,
-                                     t.seed + 1, ctx)
-    steps = max(t.max_steps - burn_in, 1)
+    loader, sampler = semi_loader(ctx, sets, t.seed + 1)
+    steps = max(t.max_steps - start.steps, 1)
     ramp = round(params.rampup_fraction * steps)
     geometry = ViewConfig(flip_p=params.flip_p)
     trainer = ctx.trainer("mean_teacher")
     student.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        images, targets = augment_batch(batch["image"], batch["boxes"], batch["labels"], geometry,
-                                        step_generator(t.seed, step))
+        view = random_view(batch["image"], geometry, step_generator(t.seed, step), batch["boxes"], batch["labels"])
+        images = view.images
         s_in, t_in = noisy_pair(images, params.noise, step_generator(t.seed, step, stream=1))
         out = student(s_in)
-        sup = student.loss(out, targets, weights=batch["has_boxes"].to(images))
+        sup = student.loss(out, view.targets, weights=batch["has_boxes"].to(images))
         with torch.no_grad():
             t_out = teacher(t_in)
         weight = params.consistency_weight * ramp_up(step, ramp)
-        return {"sup_cls": sup["cls"], "sup_box": sup["box"],
-                "consistency": weight * consistency_loss(out, t_out, params.box_weight),
+        return {**semi_losses(sup, {"consistency": consistency_loss(out, t_out, params.box_weight)}, weight),
                 "log_w": torch.tensor(weight)}
 
     trainer.fit(step_fn, {"student": student, "teacher": teacher}, build_optimizer(student.parameters(), t), loader,
                 steps, sampler=sampler, on_step_end=lambda _: teacher.update(student))
-    metrics = evaluate_final(ctx, lambda: evaluate_detector(teacher.module, held_out, ctx.run_dir.eval,
-                                                            split=params.eval_split, n_boot=params.n_boot),
-                             "Mean Teacher (consistency)", teacher.module, data.class_names)
-    if stage is not None:  # the final (EMA) model − the burned-in model it started from, same test images
-        metrics.update(compare_with_own_teacher(ctx, stage, held_out, params.eval_split, n_boot=params.n_boot))
-    return metrics
+    return evaluate_against_burn_in(ctx, teacher.module, start, held_out, split=params.eval_split,
+                                    n_boot=params.n_boot, title="Mean Teacher (consistency)",
+                                    class_names=data.class_names)
 
 
 __all__ = ["MeanTeacherParams", "consistency_loss", "noisy_pair", "run"]

@@ -27,13 +27,24 @@ from torch import Tensor
 from cxrdistill.atomic import write_json_atomic
 from cxrdistill.data.dataset import CXRDataset
 from cxrdistill.data.study import StudyData
-from cxrdistill.data.views import project_boxes, random_affine, warp_images
+from cxrdistill.data.views import ViewConfig, project_boxes, random_view
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.loop import FitResult
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.errors import CheckpointError, ConfigError
 from cxrdistill.eval.runs import evaluate_detections, predict_detections
-from cxrdistill.methods.kit import Augment, Stage, detection_headline, evaluate_stage, labeled_loader, step_generator
+from cxrdistill.methods.kit import (
+    Augment,
+    SemiBatch,
+    Stage,
+    TrainSets,
+    detection_headline,
+    evaluate_stage,
+    labeled_loader,
+    semi_losses,
+    split_train,
+    step_generator,
+)
 from cxrdistill.models.detector import DetectorOutput, RetinaNet
 from cxrdistill.pseudo.collapse import CollapseReport, check_collapse, guard
 from cxrdistill.pseudo.generate import stored_pseudo_labels
@@ -95,31 +106,6 @@ class OfflineParams(BaseModel):
 # ------------------------------------------------------------------------------------ data
 
 
-@dataclass
-class TrainSets:
-    """The training images: one dataset and the indices of its labeled / unlabeled images."""
-
-    dataset: CXRDataset
-    labeled: list[int]
-    unlabeled: list[int]
-
-    @property
-    def unlabeled_ids(self) -> list[int]:
-        return [self.dataset.images[i].id for i in self.unlabeled]
-
-
-def split_train(data: StudyData, split: str = "train", unlabeled: Sequence[str] = ("image", "none")) -> TrainSets:
-    """Labeled (supervision "box") and unlabeled (``unlabeled`` supervisions; "image" images count
-    as unlabeled, their image-level labels are not used) training images."""
-    dataset = data.dataset(split, supervision=("box", *unlabeled))
-    labeled = [i for i, im in enumerate(dataset.images) if im.supervision == "box"]
-    rest = [i for i, im in enumerate(dataset.images) if im.supervision != "box"]
-    if not labeled:
-        raise ConfigError(f"split {split!r} has no image with boxes: the teacher needs labeled images "
-                          "(set data.boxed_fraction, or use a manifest with supervision 'box')")
-    return TrainSets(dataset, labeled, rest)
-
-
 def truth_of(dataset: CXRDataset, indices: Sequence[int] | None = None) -> list[Detections]:
     """The manifest's boxes (cache pixels) and labels of ``dataset``'s images (or ``indices``)."""
     out = []
@@ -140,13 +126,6 @@ def output_rows(out: DetectorOutput, rows: Tensor) -> DetectorOutput:
     """The head outputs of the images ``rows`` (bool mask or indices) of a batch."""
     return replace(out, cls_logits=out.cls_logits[rows], box_deltas=out.box_deltas[rows],
                    fpn_features=[f[rows] for f in out.fpn_features], backbone_feature=out.backbone_feature[rows])
-
-
-def random_view(images: Tensor, flip_p: float, translate: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """A randomly flipped and shifted view of ``images (B, 1, H, W)`` and its matrices ``(B, 3, 3)``."""
-    matrices = random_affine(images.shape[0], image_size=tuple(images.shape[-2:]), flip_p=flip_p,
-                             translate=translate, generator=generator).to(images.device)
-    return warp_images(images, matrices), matrices
 
 
 def project_detections(dets: Detections, matrix: Tensor, image_size: tuple[int, int]) -> Detections:
@@ -293,6 +272,10 @@ class StudentSchedule:
     unsup_weight: float = 1.0
     topk_candidates: int = 1000
 
+    def view(self) -> ViewConfig:
+        """The students' view: random horizontal flip and shift."""
+        return ViewConfig(flip_p=self.flip_p, translate=self.translate)
+
 
 def distill_detector(ctx: RunContext, stage: str, student: RetinaNet, sets: TrainSets,
                      pseudo: dict[int, Detections], thresholds: Tensor, schedule: StudentSchedule,
@@ -312,33 +295,32 @@ def distill_detector(ctx: RunContext, stage: str, student: RetinaNet, sets: Trai
     totals = CountTotals()
 
     def step(batch: dict[str, Any], t: int) -> dict[str, Tensor]:
-        view, matrices = random_view(batch["image"], schedule.flip_p, schedule.translate, step_generator(seed, t))
-        size = tuple(view.shape[-2:])
-        labeled = batch["has_boxes"].to(view.device)
-        ids = batch["image_id"].tolist()
-        out = student(view)
-        losses: dict[str, Tensor] = {}
-        if labeled.any():
-            gt = [project_detections({"boxes": batch["boxes"][i], "labels": batch["labels"][i]}, matrices[i], size)
-                  for i in range(len(ids)) if labeled[i]]
-            sup = student.loss(output_rows(out, labeled), gt)
-            losses.update(sup_cls=sup["cls"], sup_box=sup["box"])
-        rows = [i for i in range(len(ids)) if not labeled[i]]
-        if rows:
-            unlabeled = ~labeled
-            teacher = filter_detections([_on(pseudo, ids[i], view.device) for i in rows], thresholds)
-            teacher = [project_detections(d, matrices[i], size) for d, i in zip(teacher, rows)]
+        # one view of the whole batch (the rows share the student's forward pass); parts by mask
+        view = random_view(batch["image"], schedule.view(), step_generator(seed, t), batch["boxes"], batch["labels"])
+        size = tuple(view.images.shape[-2:])
+        semi = SemiBatch.split(batch)
+        out = student(view.images)
+        sup = unsup = None
+        if len(semi.labeled):
+            targets = view.targets
+            sup = student.loss(output_rows(out, semi.labeled.rows.to(view.images.device)),
+                               [targets[i] for i in semi.labeled.index])
+        if len(semi.unlabeled):
+            rows, unlabeled = semi.unlabeled.index, semi.unlabeled.rows.to(view.images.device)
+            teacher = filter_detections([_on(pseudo, i, view.images.device) for i in semi.unlabeled.image_ids],
+                                        thresholds)
+            teacher = [project_detections(d, view.matrices[i], size) for d, i in zip(teacher, rows)]
             current = None
             if refiner.needs_student:
                 current = student.decode(output_rows(out, unlabeled), score_thresh=0.05,
                                          topk_candidates=schedule.topk_candidates)
-            refined, counts = refiner(teacher, current, [ids[i] for i in rows])
+            refined, counts = refiner(teacher, current, semi.unlabeled.image_ids)
             for name, per_class in counts.items():
                 trainer.log_counts(f"pseudo/{name}", per_class)
             totals.add(counts)
             unsup = student.loss(output_rows(out, unlabeled), detections_to_targets(refined, soft=False))
-            w = schedule.unsup_weight
-            losses.update(unsup_cls=w * unsup["cls"], unsup_box=w * unsup["box"])
+        losses = semi_losses(sup or {}, unsup, schedule.unsup_weight)
+        if unsup is not None:
             losses["log_pseudo_boxes_per_image"] = torch.tensor(sum(len(r["labels"]) for r in refined) / len(rows))
         return losses
 
@@ -386,6 +368,6 @@ def describe_delta(title: str, out: dict[str, float], metric: str = "mAP@0.5") -
 
 __all__ = [
     "CountTotals", "Detections", "OfflineParams", "describe_delta", "evaluate_teacher", "PlainPseudoLabels", "PseudoRefiner", "StudentSchedule", "TrainSets", "batch_split",
-    "class_counts", "distill_detector", "evaluate_vision", "output_rows", "project_detections", "random_view",
+    "class_counts", "distill_detector", "evaluate_vision", "output_rows", "project_detections",
     "select_pseudo_labels", "split_train", "stored_detections", "truth_of",
 ]

@@ -52,7 +52,7 @@ from torch import Tensor
 from cxrdistill.config import RunConfig
 from cxrdistill.data.dataset import CXRDataset
 from cxrdistill.data.study import StudyData
-from cxrdistill.data.views import intensity_jitter
+from cxrdistill.data.views import intensity_jitter, random_view
 from cxrdistill.engine.checkpoint import load_module_weights
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.ema import EMATeacher
@@ -67,7 +67,6 @@ from cxrdistill.eval.detection import (
 )
 from cxrdistill.eval.runs import evaluate_detector, ground_truth_of, write_metrics
 from cxrdistill.methods.kit import (
-    augment_batch,
     boxed_indices,
     build_detector,
     headline,
@@ -247,10 +246,11 @@ def omni_supervised(cfg: RunConfig, params: OXnetParams, ctx: RunContext, train:
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         generator = step_generator(cfg.train.seed, step, stream=1)
-        images, targets = augment_batch(batch["image"], batch["boxes"], batch["labels"], view, generator)
+        seen = random_view(batch["image"], view, generator, batch["boxes"], batch["labels"])
+        images = seen.images
         out = student(intensity_jitter(images, params.student_intensity, generator))
         has_boxes = batch["has_boxes"].to(images.device)
-        losses: dict[str, Tensor] = dict(student.loss(out, targets, weights=has_boxes.to(images.dtype)))
+        losses: dict[str, Tensor] = dict(student.loss(out, seen.targets, weights=has_boxes.to(images.dtype)))
         if branch is not None:
             losses |= global_losses(branch, out, batch["image_labels"], batch["has_image_labels"], params)
         chosen = ~has_boxes

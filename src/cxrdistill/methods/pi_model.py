@@ -21,20 +21,23 @@ from torch import Tensor
 
 from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
+from cxrdistill.data.views import random_view
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer, ramp_up
 from cxrdistill.eval.runs import evaluate_classifier
-from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, semi_sets
+from cxrdistill.methods.consistency import (
+    ConsistencyParams,
+    consistency_loss,
+    consistency_setup,
+    semi_sets,
+    step_losses,
+)
 from cxrdistill.methods.kit import (
-    augment_batch,
     build_classifier_model,
     evaluate_final,
-    labeled_loader,
     step_generator,
-    view_config,
 )
 from cxrdistill.methods.registry import register_method
-from cxrdistill.models.classifier import masked_bce_with_logits
 
 
 class PiModelParams(ConsistencyParams):
@@ -50,27 +53,19 @@ class PiModelParams(ConsistencyParams):
 def run(cfg: RunConfig, params: PiModelParams, ctx: RunContext) -> dict[str, float]:
     """Supervised BCE + ramped Π-model consistency between two augmented passes."""
     data = StudyData.from_config(cfg.data)
-    train, labeled, unlabeled = semi_sets(data, params.train_split)
     model = build_classifier_model(cfg.model, data.num_classes)
     t = cfg.train
-    loader, sampler = labeled_loader(train, labeled, unlabeled, t.batch_size, t.unlabeled_batch_size or t.batch_size,
-                                     t.seed, ctx)
-    view = view_config(params.augment)
-    weight_at = params.weight_schedule(len(labeled), len(unlabeled), t.max_steps)
+    _, loader, sampler, view, weight_at = consistency_setup(ctx, data, params)
     model.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         x = batch["image"]
-        first, _ = augment_batch(x, batch["boxes"], batch["labels"], view, step_generator(t.seed, step, 0))
-        second, _ = augment_batch(x, batch["boxes"], batch["labels"], view, step_generator(t.seed, step, 1))
+        first = random_view(x, view, step_generator(t.seed, step, 0)).images
+        second = random_view(x, view, step_generator(t.seed, step, 1)).images
         logits = model(torch.cat([first, second]))
         z, z_tilde = logits.split(len(x))
-        mask = batch["has_image_labels"].to(x.dtype)[:, None].expand_as(batch["image_labels"])
-        weight = weight_at(step)
-        return {"bce": masked_bce_with_logits(z, batch["image_labels"], mask),
-                "consistency": weight * consistency_loss(torch.sigmoid(z), torch.sigmoid(z_tilde),
-                                                         detach=params.detach),
-                "log_w": torch.tensor(weight)}
+        consistency = consistency_loss(torch.sigmoid(z), torch.sigmoid(z_tilde), detach=params.detach)
+        return step_losses(z, batch, consistency, weight_at(step))
 
     ctx.trainer("pi_model").fit(step_fn, {"model": model}, build_optimizer(model.parameters(), t), loader,
                                 t.max_steps, sampler=sampler)

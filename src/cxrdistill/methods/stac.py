@@ -26,23 +26,23 @@ from cxrdistill.data.study import StudyData
 from cxrdistill.data.views import ViewConfig
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer
-from cxrdistill.errors import ConfigError
 from cxrdistill.eval.runs import evaluate_detections, predict_detections
 from cxrdistill.methods.kit import (
     Augment,
-    augment_batch,
-    boxed_indices,
+    SemiBatch,
     build_detector,
     evaluate_final,
     evaluate_stage,
-    labeled_loader,
+    semi_loader,
+    semi_losses,
+    split_train,
     step_generator,
     supervised_stage,
     teacher_comparison,
     view_config,
     write_teacher_comparison,
 )
-from cxrdistill.methods.offline import TrainSets, select_pseudo_labels, stored_detections
+from cxrdistill.methods.offline import select_pseudo_labels, stored_detections
 from cxrdistill.methods.registry import register_method
 from cxrdistill.pseudo.selection import PseudoSelection
 from cxrdistill.pseudo.thresholds import detections_to_targets, filter_detections
@@ -86,12 +86,8 @@ def pseudo_targets(records: dict[Any, dict[str, Tensor]], image_ids: list[int],
 def run(cfg: RunConfig, params: StacParams, ctx: RunContext) -> dict[str, float]:
     """Teacher on D_B → stored pseudo-boxes (τ) → student on D_B + strongly augmented unlabeled images."""
     data = StudyData.from_config(cfg.data)
-    train = data.dataset(params.train_split, supervision=["box", *params.unlabeled_supervision])
-    boxed = boxed_indices(train)
+    sets = split_train(data, params.train_split, params.unlabeled_supervision, need_unlabeled="stac")
     t = cfg.train
-    unlabeled_rows = [i for i, im in enumerate(train.images) if im.supervision != "box"]
-    if not unlabeled_rows:
-        raise ConfigError("stac: no unlabeled training image; lower data.boxed_fraction")
 
     # 1. teacher: the shared supervised stage, scored on the test images
     stage = supervised_stage(ctx, data, steps=params.teacher_steps, augment=params.augment, split=params.train_split)
@@ -101,34 +97,29 @@ def run(cfg: RunConfig, params: StacParams, ctx: RunContext) -> dict[str, float]
     evaluate_stage(ctx, stage, held_out, split=params.eval_split, n_boot=params.n_boot,
                    topk_candidates=params.topk_candidates, out_dirs=[teacher_dir])
     # 2. offline pseudo-labels, 3. their selection (τ or pseudo.selection) and the collapse guard
-    sets = TrainSets(train, boxed, unlabeled_rows)
     records = stored_detections(ctx, teacher, sets, 0, fresh=stage.fresh, root="pseudo")
     selection, collapse = select_pseudo_labels(ctx, teacher, sets, data, records, params.threshold, params.pseudo)
     # 4. student
     student = build_detector(cfg.model, data.num_classes, t.seed + 1)
-    loader, sampler = labeled_loader(train, boxed, unlabeled_rows, t.batch_size, t.unlabeled_batch_size or t.batch_size,
-                                     t.seed, ctx)
+    loader, sampler = semi_loader(ctx, sets, t.seed)
     weak = view_config(params.augment)
     strong = ViewConfig.martins_silva() if params.strong_augment else weak
     trainer = ctx.trainer("student")
     student.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        is_l = batch["has_boxes"]
-        n_l = int(is_l.sum())
-        images, targets = augment_batch(batch["image"][:n_l], batch["boxes"][:n_l], batch["labels"][:n_l], weak,
-                                        step_generator(t.seed, step))
-        sup = student.loss(student(images), targets)
-        ids = batch["image_id"][n_l:].tolist()
-        pseudo = pseudo_targets(records, ids, selection.thresholds)
-        u_images, u_targets = augment_batch(batch["image"][n_l:], [p["boxes"].to(images.device) for p in pseudo],
-                                            [p["labels"].to(images.device) for p in pseudo], strong,
-                                            step_generator(t.seed, step, stream=1))
-        unsup = student.loss(student(u_images), u_targets)
+        semi = SemiBatch.split(batch)
+        labeled, unlabeled = semi.labeled, semi.unlabeled
+        labeled.weak = labeled.view(weak, step_generator(t.seed, step))
+        sup = student.loss(student(labeled.weak.images), labeled.weak.targets)
+        pseudo = pseudo_targets(records, unlabeled.image_ids, selection.thresholds)
+        device = labeled.weak.images.device
+        unlabeled.strong = unlabeled.view(strong, step_generator(t.seed, step, stream=1),
+                                          [p["boxes"].to(device) for p in pseudo], [p["labels"].to(device) for p in pseudo])
+        unsup = student.loss(student(unlabeled.strong.images), unlabeled.strong.targets)
         trainer.log_counts("pseudo_boxes", {data.class_names[c]: int(sum((p["labels"] == c).sum() for p in pseudo))
                                             for c in range(data.num_classes)})
-        return {"sup_cls": sup["cls"], "sup_box": sup["box"],
-                "unsup_cls": params.unsup_weight * unsup["cls"], "unsup_box": params.unsup_weight * unsup["box"]}
+        return semi_losses(sup, unsup, params.unsup_weight)
 
     trainer.fit(step_fn, {"student": student}, build_optimizer(student.parameters(), t), loader, t.max_steps,
                 sampler=sampler)

@@ -7,7 +7,9 @@ network, schedule and evaluation as the recipes that also use the rest of the ar
 - ``supervised_multitask``: RetinaNet on D_B plus an image-level head (global average pool of the
   backbone's last map → linear) trained with BCE on every image with image labels
   (D_B ∪ D_W). The detector loss only sees D_B; D_W shapes the shared backbone.
-- ``supervised_heatmap``: the FPN probability-map network on D_B (pixel BCE on box masks).
+- ``supervised_heatmap``: the FPN probability-map network on R ∪ N (pixel BCE on the box masks of D_B
+  and the all-zero maps of the absent classes of D_W): the shared heat-map stage, which is AALS's
+  pre-training at the same key (``augment: aals`` matches AALS's default ``pretrain_augment``).
 - ``supervised_classifier``: the image classifier on D_B ∪ D_W image labels (masked BCE).
 - ``supervised_report``: a TF-IDF report classifier on the reports of D_B ∪ D_W, scored on the
   test reports (how much a report alone tells).
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 
 from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
+from cxrdistill.data.views import random_view
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.eval.runs import (
@@ -42,30 +45,20 @@ from cxrdistill.eval.runs import (
     predict_detections,
     predict_image_scores,
 )
-from cxrdistill.methods.kit import (  # noqa: F401  (re-exported for callers of the old names)
+from cxrdistill.methods.kit import (
     Augment,
-    augment_batch,
     boxed_indices,
-    build_classifier_model,
     build_detector,
-    build_heatmap_model,
     evaluate_final,
     evaluate_stage,
-    fit_on,
-    headline,
-    image_labeled,
     labeled_loader,
-    print_metrics,
     step_generator,
     supervised_stage,
-    train_classifier,
-    train_detector,
     view_config,
 )
 from cxrdistill.methods.registry import register_method
 from cxrdistill.models.classifier import masked_bce_with_logits
 from cxrdistill.models.detector import RetinaNet
-from cxrdistill.models.heatmap import boxes_to_masks, pixel_bce_loss
 
 
 class SupervisedParams(BaseModel):
@@ -160,9 +153,8 @@ def run_multitask(cfg: RunConfig, params: SupervisedParams, ctx: RunContext) -> 
     model.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        images, targets = augment_batch(batch["image"], batch["boxes"], batch["labels"], view,
-                                        step_generator(cfg.train.seed, step))
-        return multitask_losses(model, images, targets, batch["has_boxes"], batch["image_labels"],
+        seen = random_view(batch["image"], view, step_generator(cfg.train.seed, step), batch["boxes"], batch["labels"])
+        return multitask_losses(model, seen.images, seen.targets, batch["has_boxes"], batch["image_labels"],
                                 batch["has_image_labels"], params.image_loss_weight)
 
     ctx.trainer("multitask").fit(step_fn, {"model": model}, build_optimizer(model.parameters(), cfg.train),
@@ -186,23 +178,10 @@ def run_multitask(cfg: RunConfig, params: SupervisedParams, ctx: RunContext) -> 
 
 @register_method("supervised_heatmap", SupervisedParams)
 def run_heatmap(cfg: RunConfig, params: SupervisedParams, ctx: RunContext) -> dict[str, float]:
-    """The FPN probability map trained with pixel BCE on the box masks of D_B."""
+    """The FPN probability map trained with pixel BCE on R ∪ N: box masks of D_B, all-zero maps of the
+    absent classes of D_W (the shared heat-map stage: AALS's pre-training at the same key)."""
     data = StudyData.from_config(cfg.data)
-    model = build_heatmap_model(cfg.model, data.num_classes)
-    train = data.dataset(params.train_split)
-    loader, sampler = labeled_loader(train, boxed_indices(train), [], cfg.train.batch_size, 0, cfg.train.seed, ctx)
-    view = view_config(params.augment)
-    model.train()
-
-    def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        images, targets = augment_batch(batch["image"], batch["boxes"], batch["labels"], view,
-                                        step_generator(cfg.train.seed, step))
-        masks = boxes_to_masks([t["boxes"] for t in targets], [t["labels"] for t in targets], data.num_classes,
-                               images.shape[-2], images.shape[-1], model.output_stride)
-        return {"pixel_bce": pixel_bce_loss(model(images), masks.to(images))}
-
-    ctx.trainer("heatmap").fit(step_fn, {"model": model}, build_optimizer(model.parameters(), cfg.train), loader,
-                               cfg.train.max_steps, sampler=sampler)
+    model = supervised_stage(ctx, data, kind="heatmap", augment=params.augment, split=params.train_split).model
     held_out = data.dataset(params.eval_split)
     return evaluate_final(ctx, lambda: evaluate_heatmap(model, held_out, ctx.run_dir.eval, split=params.eval_split,
                                                         n_boot=params.n_boot), "supervised heat map",

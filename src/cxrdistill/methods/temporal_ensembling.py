@@ -22,20 +22,17 @@ from torch import Tensor
 
 from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
+from cxrdistill.data.views import random_view
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.eval.runs import evaluate_classifier
-from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, semi_sets
+from cxrdistill.methods.consistency import ConsistencyParams, consistency_loss, consistency_setup, step_losses
 from cxrdistill.methods.kit import (
-    augment_batch,
     build_classifier_model,
     evaluate_final,
-    labeled_loader,
     step_generator,
-    view_config,
 )
 from cxrdistill.methods.registry import register_method
-from cxrdistill.models.classifier import masked_bce_with_logits
 
 
 class TemporalEnsemblingParams(ConsistencyParams):
@@ -85,27 +82,20 @@ class EnsembleTargets:
 def run(cfg: RunConfig, params: TemporalEnsemblingParams, ctx: RunContext) -> dict[str, float]:
     """Supervised BCE + ramped consistency with each image's temporal ensemble."""
     data = StudyData.from_config(cfg.data)
-    train, labeled, unlabeled = semi_sets(data, params.train_split)
     model = build_classifier_model(cfg.model, data.num_classes)
-    ensemble = EnsembleTargets([im.id for im in train.images], data.num_classes, params.alpha)
+    sets, loader, sampler, view, weight_at = consistency_setup(ctx, data, params)
+    ensemble = EnsembleTargets([im.id for im in sets.dataset.images], data.num_classes, params.alpha)
     t = cfg.train
-    loader, sampler = labeled_loader(train, labeled, unlabeled, t.batch_size, t.unlabeled_batch_size or t.batch_size,
-                                     t.seed, ctx)
-    view = view_config(params.augment)
-    weight_at = params.weight_schedule(len(labeled), len(unlabeled), t.max_steps)
     model.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         x, ids = batch["image"], batch["image_id"].cpu()
-        images, _ = augment_batch(x, batch["boxes"], batch["labels"], view, step_generator(t.seed, step))
+        images = random_view(x, view, step_generator(t.seed, step)).images
         z = model(images)
         probs = torch.sigmoid(z)
         target, has = ensemble.targets(ids)
-        mask = batch["has_image_labels"].to(x.dtype)[:, None].expand_as(batch["image_labels"])
-        weight = weight_at(step)
-        losses = {"bce": masked_bce_with_logits(z, batch["image_labels"], mask),
-                  "consistency": weight * consistency_loss(probs, target.to(probs), has.to(probs.device)),
-                  "log_w": torch.tensor(weight)}
+        losses = step_losses(z, batch, consistency_loss(probs, target.to(probs), has.to(probs.device)),
+                             weight_at(step))
         ensemble.update(ids, probs)
         return losses
 

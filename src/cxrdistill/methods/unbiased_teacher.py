@@ -8,9 +8,9 @@ this recipe must say ``method.name: unbiased_teacher`` (docs/fidelity.md, "Renam
 
 1. **Burn-in**: the shared supervised stage on D_B (`kit.supervised_stage`)      stage ``supervised``
 2. **Mean teacher**: the teacher is the EMA of the student (`engine.ema.EMATeacher`, decay 0.999).
-   Every step, each unlabeled image gets a weak and a strong view (`data.views.make_views`);
+   Every step, each unlabeled image gets a weak and a strong view (`data.views.random_view`);
    the teacher detects on the weak view, the boxes scoring ≥ τ are **projected into the strong
-   view** (`project_boxes` through the recorded ``weak_to_strong`` matrix) and the student learns
+   view** (`project_boxes` through the recorded ``weak.into(strong)`` matrix) and the student learns
    them on the strong view: L = L_s + λ_u · L_u                                   stage ``mean_teacher``
 
 ``soft_teacher: true`` (Soft Teacher's "soft teacher" mechanism): an anchor the pseudo-boxes leave
@@ -40,26 +40,22 @@ from torch import Tensor
 
 from cxrdistill.config import RunConfig
 from cxrdistill.data.study import StudyData
-from cxrdistill.data.views import ViewConfig, make_views, project_boxes
+from cxrdistill.data.views import View, ViewConfig, project_boxes
 from cxrdistill.engine.context import RunContext
 from cxrdistill.engine.ema import EMATeacher
 from cxrdistill.engine.optim import build_optimizer
-from cxrdistill.errors import ConfigError
-from cxrdistill.eval.runs import evaluate_detector
 from cxrdistill.methods.kit import (
     Augment,
-    augment_batch,
-    boxed_indices,
-    build_detector,
-    compare_with_own_teacher,
-    evaluate_final,
-    evaluate_stage,
-    labeled_loader,
+    SemiBatch,
+    burn_in,
+    evaluate_against_burn_in,
+    semi_loader,
+    semi_losses,
+    split_train,
     step_generator,
-    supervised_stage,
     view_config,
 )
-from cxrdistill.methods.offline import TrainSets, select_pseudo_labels, stored_detections
+from cxrdistill.methods.offline import select_pseudo_labels, stored_detections
 from cxrdistill.methods.registry import register_method
 from cxrdistill.models.detector import DetectorOutput, RetinaNet
 from cxrdistill.models.losses import sigmoid_focal_loss
@@ -101,7 +97,7 @@ class UnbiasedTeacherParams(BaseModel):
 
 
 @torch.no_grad()
-def teacher_targets_in_strong_view(teacher: RetinaNet | EMATeacher, views: dict[str, Any],
+def teacher_targets_in_strong_view(teacher: RetinaNet | EMATeacher, weak: View, strong: View,
                                    threshold: float | Tensor) -> list[dict[str, Tensor]]:
     """The teacher's boxes (score ≥ τ) on the weak view, projected into the strong view.
 
@@ -109,10 +105,10 @@ def teacher_targets_in_strong_view(teacher: RetinaNet | EMATeacher, views: dict[
     that leaves the strong view (less than half visible) is dropped with its label.
     """
     module = teacher.module if isinstance(teacher, EMATeacher) else teacher
-    dets = filter_detections(module.predict(views["weak"]), threshold)
-    size = (int(views["strong"].shape[-2]), int(views["strong"].shape[-1]))
+    dets = filter_detections(module.predict(weak.images), threshold)
+    size = (int(strong.images.shape[-2]), int(strong.images.shape[-1]))
     out = []
-    for det, matrix in zip(dets, views["weak_to_strong"]):
+    for det, matrix in zip(dets, weak.into(strong)):
         boxes, keep = project_boxes(det["boxes"], matrix, size)
         out.append({"boxes": boxes, "labels": det["labels"][keep], "scores": det["scores"][keep]})
     return out
@@ -186,50 +182,40 @@ def box_jitter_uncertainty(module: RetinaNet, teacher_out: DetectorOutput, boxes
 
 def _run(cfg: RunConfig, params: UnbiasedTeacherParams, ctx: RunContext, title: str) -> dict[str, float]:
     data = StudyData.from_config(cfg.data)
-    train = data.dataset(params.train_split, supervision=["box", *params.unlabeled_supervision])
-    boxed = boxed_indices(train)
-    unlabeled = [i for i, im in enumerate(train.images) if im.supervision != "box"]
-    if not unlabeled:
-        raise ConfigError(f"{title}: no unlabeled training image; lower data.boxed_fraction")
+    sets = split_train(data, params.train_split, params.unlabeled_supervision, need_unlabeled=title)
     t = cfg.train
-    burn_in = params.burn_in_steps if params.burn_in_steps is not None else t.max_steps // 2
     held_out = data.dataset(params.eval_split)
+    start = burn_in(ctx, data, params.burn_in_steps, params.augment, params.train_split, held_out,
+                    eval_split=params.eval_split, n_boot=params.n_boot)
+    student = start.student
     thresholds: float | Tensor = params.threshold
-    stage = None
-    if burn_in > 0:  # the shared supervised stage (the supervised_detector checkpoint at these steps)
-        stage = supervised_stage(ctx, data, steps=burn_in, augment=params.augment, split=params.train_split)
-        student = stage.model
-        evaluate_stage(ctx, stage, held_out, split=params.eval_split, n_boot=params.n_boot, topk_candidates=1000,
-                       out_dirs=[ctx.run_dir.path / "eval_teacher"])  # its own teacher: the burned-in model
-        sets = TrainSets(train, boxed, unlabeled)
-        dets = stored_detections(ctx, student, sets, 0, fresh=stage.fresh, root="pseudo/burn_in")
+    if start.stage is not None:  # τ, or per-class thresholds chosen once with the burned-in model
+        dets = stored_detections(ctx, student, sets, 0, fresh=start.stage.fresh, root="pseudo/burn_in")
         thresholds = select_pseudo_labels(ctx, student, sets, data, dets, params.threshold, params.pseudo,
                                           name="burn-in model")[0].thresholds
-    else:
-        student = build_detector(cfg.model, data.num_classes, t.seed)
     student.train()
     teacher = EMATeacher(student, decay=params.ema_decay)  # from the burned-in student
-    loader, sampler = labeled_loader(train, boxed, unlabeled, t.batch_size, t.unlabeled_batch_size or t.batch_size,
-                                     t.seed + 1, ctx)
+    loader, sampler = semi_loader(ctx, sets, t.seed + 1)
     weak_view = view_config(params.augment)
     trainer = ctx.trainer("mean_teacher")  # the stage keeps its name: earlier runs resume
     student.train()
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        n_l = int(batch["has_boxes"].sum())
-        images, targets = augment_batch(batch["image"][:n_l], batch["boxes"][:n_l], batch["labels"][:n_l], weak_view,
-                                        step_generator(t.seed, step))
-        sup = student.loss(student(images), targets)
-        views = make_views(batch["image"][n_l:], None, ViewConfig.weak(), ViewConfig.martins_silva(),
-                           step_generator(t.seed, step, stream=1))
-        pseudo = teacher_targets_in_strong_view(teacher, views, thresholds)
-        out = student(views["strong"])
+        semi = SemiBatch.split(batch)
+        labeled, unlabeled = semi.labeled, semi.unlabeled
+        labeled.weak = labeled.view(weak_view, step_generator(t.seed, step))
+        sup = student.loss(student(labeled.weak.images), labeled.weak.targets)
+        generator = step_generator(t.seed, step, stream=1)  # the weak view, then the strong one
+        unlabeled.weak = unlabeled.view(ViewConfig.weak(), generator)
+        unlabeled.strong = unlabeled.view(ViewConfig.martins_silva(), generator)
+        pseudo = teacher_targets_in_strong_view(teacher, unlabeled.weak, unlabeled.strong, thresholds)
+        out = student(unlabeled.strong.images)
         hard = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo]
         unsup = student.loss(out, hard)
         teacher_out = None
         if params.soft_teacher or params.box_jitter:
             with torch.no_grad():
-                teacher_out = teacher(views["strong"])
+                teacher_out = teacher(unlabeled.strong.images)
         if params.soft_teacher:
             probs = torch.sigmoid(teacher_out.cls_logits.float())
             unsup["cls"] = soft_teacher_cls_loss(student, out, hard, 1 - probs.amax(-1))
@@ -244,17 +230,13 @@ def _run(cfg: RunConfig, params: UnbiasedTeacherParams, ctx: RunContext, title: 
             trainer.log_metrics({"jitter_kept_fraction": sum(len(r["labels"]) for r in reg) / max(n_all, 1)})
         trainer.log_counts("pseudo_boxes", {data.class_names[c]: int(sum((p["labels"] == c).sum() for p in pseudo))
                                             for c in range(data.num_classes)})
-        return {"sup_cls": sup["cls"], "sup_box": sup["box"],
-                "unsup_cls": params.unsup_weight * unsup["cls"], "unsup_box": params.unsup_weight * unsup["box"]}
+        return semi_losses(sup, unsup, params.unsup_weight)
 
     trainer.fit(step_fn, {"student": student, "teacher": teacher}, build_optimizer(student.parameters(), t), loader,
-                max(t.max_steps - burn_in, 1), sampler=sampler, on_step_end=lambda _: teacher.update(student))
-    metrics = evaluate_final(ctx, lambda: evaluate_detector(teacher.module, held_out, ctx.run_dir.eval,
-                                                            split=params.eval_split, n_boot=params.n_boot), title,
-                             teacher.module, data.class_names)
-    if stage is not None:  # the final (EMA) model − the burned-in model it started from, same test images
-        metrics.update(compare_with_own_teacher(ctx, stage, held_out, params.eval_split, n_boot=params.n_boot))
-    return metrics
+                max(t.max_steps - start.steps, 1), sampler=sampler, on_step_end=lambda _: teacher.update(student))
+    # the final (EMA) model − the burned-in model it started from, on the same test images
+    return evaluate_against_burn_in(ctx, teacher.module, start, held_out, split=params.eval_split,
+                                    n_boot=params.n_boot, title=title, class_names=data.class_names)
 
 
 @register_method("unbiased_teacher", UnbiasedTeacherParams)
