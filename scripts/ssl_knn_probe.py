@@ -31,7 +31,7 @@ def main() -> None:
     for name, field in ProbeSetting.__dataclass_fields__.items():
         kind = type(field.default)
         if kind is tuple:
-            ap.add_argument("--" + name.replace("_", "-"), type=float, nargs=2, default=field.default)
+            ap.add_argument("--" + name.replace("_", "-"), type=float, nargs="+", default=field.default)
         elif kind is bool:
             ap.add_argument("--" + name.replace("_", "-"), type=lambda s: s.lower() in ("1", "true", "yes"),
                             default=field.default)
@@ -40,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     values = {k: getattr(args, k) for k in ProbeSetting.__dataclass_fields__}
-    values["crop_scale"] = tuple(values["crop_scale"])
+    values["crop_scale"], values["splits"] = tuple(values["crop_scale"]), tuple(values["splits"])
     setting = ProbeSetting(**values)
     world = load_world_tensors(args.cache, setting, seed=args.world_seed)
     gains = []

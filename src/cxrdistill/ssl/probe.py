@@ -32,6 +32,8 @@ class ProbeSetting:
 
     n_images: int = 400
     image_size: int = 32
+    splits: tuple[float, ...] = (0.7, 0.15, 0.15)
+    """train / val / test fractions of the world: pretraining reads train + val, kNN queries are test."""
     width: int = 8
     algorithm: str = "moco_v2"
     steps: int = 150
@@ -68,7 +70,8 @@ def load_world_tensors(cache: Path, setting: ProbeSetting, seed: int = 0) -> Wor
     from cxrdistill.data.manifest import load_manifest
     from cxrdistill.data.study import synthetic_world
 
-    path = synthetic_world({"n_images": setting.n_images, "image_size": setting.image_size, "seed": seed},
+    path = synthetic_world({"n_images": setting.n_images, "image_size": setting.image_size, "seed": seed,
+                            "splits": list(setting.splits)},
                            Path(cache))
     manifest = load_manifest(path)
     images, labels, split = [], [], []
