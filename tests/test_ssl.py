@@ -180,6 +180,8 @@ def _pretrain(out, *extra):
 @pytest.mark.parametrize("algorithm", ["moco_v2", "byol"])
 def test_resume_after_a_crash_is_exact(tmp_path, monkeypatch, algorithm):
     steps = ["train.max_steps=6", "train.checkpoint_every=3", f"method.params.algorithm={algorithm}"]
+    if algorithm == "moco_v2":  # with shuffle-BN: its permutations come from (seed, step) too
+        steps.append("method.params.shuffle_bn_groups=2")
     _pretrain(tmp_path / "straight", *steps)
 
     import cxrdistill.ssl.recipe as recipe
@@ -223,6 +225,23 @@ def test_output_loads_with_model_pretrained_run_dir_and_excludes_test(tmp_path):
     saved = load_file(out / "model.safetensors")
     assert torch.equal(model.backbone.body.conv1.weight, saved["conv1.weight"])
     assert math.isfinite(info["knn_acc"]) and math.isfinite(info["knn_acc_init"])
+    # the monitor's number is the kNN of the saved backbone's features, recomputed here by hand
+    from torch.utils.data import DataLoader, Subset
+
+    from cxrdistill.config import load_config
+    from cxrdistill.data.dataset import collate
+    from cxrdistill.data.study import StudyData
+    from cxrdistill.ssl.models import Embedder
+    from cxrdistill.ssl.monitor import embed_all
+
+    dataset = StudyData.from_config(load_config(out / "config.yaml", []).data).dataset(info["splits"])
+    labeled = [i for i, im in enumerate(dataset.images) if im.supervision in ("box", "image")]
+    assert len(labeled) == info["n_knn_images"] > 5
+    backbone = ResNetBackbone(18, 1, base_width=4)
+    backbone.body.load_state_dict(saved)
+    feats, labels = embed_all(Embedder(backbone), DataLoader(Subset(dataset, labeled), batch_size=32,
+                                                             collate_fn=collate), torch.device("cpu"))
+    assert knn_balanced_accuracy(feats, labels, k=5) == pytest.approx(info["knn_acc"], abs=1e-12)
 
 
 def test_pretrain_refuses_other_recipes(tmp_path):

@@ -58,6 +58,34 @@ def _gather(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def split_forward(encoder: nn.Module, x: Tensor, groups: int) -> Tensor:
+    """``encoder`` on ``groups`` consecutive sub-batches of ``x (B, ...)``, outputs concatenated.
+
+    Emulates ``groups`` GPUs on one process: each sub-batch gets its own BatchNorm statistics.
+    """
+    if groups <= 1:
+        return encoder(x)
+    return torch.cat([encoder(part) for part in torch.tensor_split(x, min(groups, x.shape[0]))])
+
+
+def shuffle_batch(x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """``(x[perm], inverse)`` for a random permutation of the batch; ``y[inverse]`` undoes it exactly."""
+    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    return x[perm], torch.argsort(perm)
+
+
+def shuffled_split_forward(encoder: nn.Module, x: Tensor, groups: int,
+                           generator: torch.Generator | None = None) -> Tensor:
+    """MoCo's shuffle-BN for the key encoder, emulated on one process: shuffle the batch, run
+    :func:`split_forward` on ``groups`` sub-batches, unshuffle, so a key's BatchNorm statistics come
+    from other images than its query's (no intra-batch leak through BN). ``(B, ...)`` -> ``(B, D)``
+    in the input order; the identity reordering when ``groups <= 1``."""
+    if groups <= 1:
+        return encoder(x)
+    shuffled, inverse = shuffle_batch(x, generator)
+    return split_forward(encoder, shuffled, groups)[inverse]
+
+
 class MoCo(nn.Module):
     """MoCo v2: query encoder (embedder + MLP head), momentum key encoder, queue of ``queue_size`` keys.
 
@@ -65,11 +93,20 @@ class MoCo(nn.Module):
     the other's key and the queue), then the keys of ``v2`` are enqueued. ``q (B, D)`` are the
     normalised query projections of ``v1`` (for the collapse check). Call :meth:`update_key_encoder`
     after each optimizer step.
+
+    ``shuffle_bn_groups`` > 1 emulates MoCo's shuffle-BN on one process (per DDP rank): queries
+    are encoded in that many consecutive sub-batches, keys in as many sub-batches of a shuffled
+    batch (``generator`` of :meth:`forward` draws the permutation), so BatchNorm cannot pair a
+    query with its key through shared batch statistics.
     """
 
     def __init__(self, backbone: nn.Module, dim: int = 128, hidden: int = 512, queue_size: int = 4096,
-                 momentum: float = 0.999, temperature: float = 0.2, symmetric: bool = True) -> None:
+                 momentum: float = 0.999, temperature: float = 0.2, symmetric: bool = True,
+                 shuffle_bn_groups: int = 1) -> None:
         super().__init__()
+        if shuffle_bn_groups < 1:
+            raise ValueError(f"shuffle_bn_groups must be >= 1, got {shuffle_bn_groups}")
+        self.shuffle_bn_groups = shuffle_bn_groups
         embed = Embedder(backbone)
         self.encoder_q = nn.Sequential(embed, mlp(embed.dim, hidden, dim, batch_norm=False))
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
@@ -100,17 +137,22 @@ class MoCo(nn.Module):
         self.queue[:, idx] = keys.T
         self.queue_ptr.fill_((ptr + keys.shape[0]) % size)
 
-    def forward(self, v1: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
-        q1 = F.normalize(self.encoder_q(v1), dim=1)
-        with torch.no_grad():
-            k2 = F.normalize(self.encoder_k(v2), dim=1)
+    def _query(self, x: Tensor) -> Tensor:
+        return F.normalize(split_forward(self.encoder_q, x, self.shuffle_bn_groups), dim=1)
+
+    @torch.no_grad()
+    def _key(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        return F.normalize(shuffled_split_forward(self.encoder_k, x, self.shuffle_bn_groups, generator), dim=1)
+
+    def forward(self, v1: Tensor, v2: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        q1 = self._query(v1)
+        k2 = self._key(v2, generator)
         queue = self.queue.clone().detach()
         loss = info_nce(q1, k2, queue, self.temperature)
         keys = k2
         if self.symmetric:
-            q2 = F.normalize(self.encoder_q(v2), dim=1)
-            with torch.no_grad():
-                k1 = F.normalize(self.encoder_k(v1), dim=1)
+            q2 = self._query(v2)
+            k1 = self._key(v1, generator)
             loss = 0.5 * (loss + info_nce(q2, k1, queue, self.temperature))
             keys = torch.cat([k1, k2])
         self.enqueue(keys)

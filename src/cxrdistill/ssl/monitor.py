@@ -37,6 +37,26 @@ def knn_balanced_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float
     return sum(scores) / len(scores) if scores else math.nan
 
 
+def knn_votes(memory: Tensor, memory_labels: Tensor, queries: Tensor, k: int) -> Tensor:
+    """Fraction of each query's ``k`` nearest memory images (cosine) that carry each class.
+
+    ``memory (M, F)``, ``memory_labels (M, C)`` multi-hot, ``queries (Q, F)`` -> ``(Q, C)`` in [0, 1].
+    """
+    k = min(k, memory.shape[0])
+    sim = F.normalize(queries.double(), dim=1) @ F.normalize(memory.double(), dim=1).T
+    neighbours = sim.topk(k, dim=1).indices  # (Q, k)
+    return memory_labels.double()[neighbours].mean(dim=1)
+
+
+def knn_auroc(memory: Tensor, memory_labels: Tensor, queries: Tensor, query_labels: Tensor, k: int) -> list[float]:
+    """Per-class AUROC ``[C]`` of the :func:`knn_votes` of held-out ``queries`` against their
+    ``query_labels (Q, C)``; NaN for a class whose queries are all positive or all negative."""
+    from cxrdistill.eval.classification import auroc
+
+    votes = knn_votes(memory, memory_labels, queries, k)
+    return [float(v) for v in auroc(query_labels.numpy() > 0.5, votes.numpy())]
+
+
 @torch.no_grad()
 def embed_all(embedder: nn.Module, loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(features (N, F), labels (N, C))`` of every image of ``loader`` (eval mode, no gradient)."""

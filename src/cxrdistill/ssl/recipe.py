@@ -30,7 +30,7 @@ from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.engine.sampler import RatioBatchSampler
 from cxrdistill.errors import ConfigError
 from cxrdistill.methods.registry import register_method
-from cxrdistill.ssl.augment import CXRAugment, two_views
+from cxrdistill.ssl.augment import CXRAugment, step_generator, two_views
 from cxrdistill.ssl.models import BYOL, MoCo
 from cxrdistill.ssl.monitor import embed_all, feature_std, is_collapsed, knn_balanced_accuracy
 
@@ -52,6 +52,8 @@ class PretrainParams(BaseModel):
     momentum: float | None = Field(None, ge=0, le=1)
     """EMA of the key / target encoder (None: 0.999 for MoCo, 0.99 base for BYOL)."""
     temperature: float = Field(0.2, gt=0)
+    shuffle_bn_groups: int = Field(1, ge=1)
+    """MoCo only: > 1 emulates shuffle-BN on each process with that many sub-batches (1: off)."""
     crop_scale: tuple[float, float] = (0.6, 1.0)
     rotate_deg: float = Field(10.0, ge=0)
     flip_p: float = Field(0.5, ge=0, le=1)
@@ -111,7 +113,8 @@ def run_pretrain(cfg: RunConfig, params: PretrainParams, ctx: RunContext) -> dic
     load_initial_weights(backbone, cfg.model.pretrained)
     if params.algorithm == "moco_v2":
         model: MoCo | BYOL = MoCo(backbone, params.dim, params.hidden, params.queue_size,
-                                  0.999 if params.momentum is None else params.momentum, params.temperature)
+                                  0.999 if params.momentum is None else params.momentum, params.temperature,
+                                  shuffle_bn_groups=params.shuffle_bn_groups)
     else:
         model = BYOL(backbone, params.dim, params.hidden, 0.99 if params.momentum is None else params.momentum)
     aug = CXRAugment(params.crop_scale, params.rotate_deg, params.flip_p, params.brightness, params.contrast)
@@ -128,7 +131,10 @@ def run_pretrain(cfg: RunConfig, params: PretrainParams, ctx: RunContext) -> dic
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         v1, v2 = two_views(batch["image"], aug, train.seed, step)
-        loss, z = model(v1, v2)
+        if isinstance(model, MoCo):  # the shuffle-BN permutation, from (seed, step) like the views
+            loss, z = model(v1, v2, generator=step_generator(train.seed, step, 3 + ctx.rank))
+        else:
+            loss, z = model(v1, v2)
         now = time.perf_counter()
         rate = batch["image"].shape[0] * ctx.world_size / max(now - clock["t"], 1e-9)
         clock["t"] = now
