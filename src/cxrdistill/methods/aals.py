@@ -68,6 +68,7 @@ from cxrdistill.errors import ConfigError
 from cxrdistill.eval.classification import auroc, bootstrap_indices
 from cxrdistill.eval.froc import ModifiedFroc
 from cxrdistill.eval.runs import evaluate_heatmap, write_metrics
+from cxrdistill.methods.init_from import init_checkpoint
 from cxrdistill.methods.kit import headline, labeled_loader
 from cxrdistill.methods.registry import register_method
 from cxrdistill.models.factory import build_model, export_model
@@ -384,8 +385,9 @@ def pretrain(cfg: RunConfig, params: AalsParams, ctx: RunContext, sets: Training
              val_set: CXRDataset | None = None) -> None:
     """Stage 1: supervised pre-training on R ∪ N (Eq. 1), or the weights of ``pretrained_checkpoint``;
     with ``select_best`` the student of the best validation AUROC."""
-    if params.pretrained_checkpoint is not None:
-        load_module_weights(params.pretrained_checkpoint, student, "student")
+    if params.pretrained_checkpoint is not None or cfg.init_from is not None:  # init_from: a study row's
+        load_module_weights(params.pretrained_checkpoint or init_checkpoint(cfg.init_from, "pretrain")[0],
+                            student, "student")
         return
     loader, sampler = labeled_loader(sets.dataset, sets.supervised, [], cfg.train.batch_size, 0, cfg.train.seed, ctx)
     optimizer = build_optimizer(student.parameters(), cfg.train)
