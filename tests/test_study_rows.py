@@ -121,10 +121,21 @@ def test_packaged_old_style_study_keeps_its_cells(tmp_path):
 
 
 def test_several_metrics_give_one_table_each_from_the_run_files(tmp_path):
-    spec = make_study(_study(tmp_path / "s", metrics=["mAP@0.5", "mAP@0.25", "froc"], baseline="sup",
-                             recipes={"sup": {"config": DET}, "sup_lr": {"config": DET, "overrides": ["train.lr=0.01"]}}))
+    from typer.testing import CliRunner
+
+    from cxrdistill.cli import app
+
+    raw = _study(tmp_path / "s", metrics=["mAP@0.5", "mAP@0.25", "froc"], baseline="sup",
+                 recipes={"sup": {"config": DET}, "sup_lr": {"config": DET, "overrides": ["train.lr=0.01"]}})
+    spec = make_study(raw)
     result = run_study(spec, console=Console(quiet=True), keep_going=False, report=True)
     table = json.loads((tmp_path / "s" / "table.json").read_text())
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump(raw))
+    (tmp_path / "s" / "table.json").unlink()
+    out = CliRunner().invoke(app, ["compare", "--study", str(study_file), "--table-only"])
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "s" / "table.json").read_text()) == table  # rebuilt from the cells alone
     assert table["metric"] == "mAP@0.5" and list(table["tables"]) == ["mAP@0.5", "mAP@0.25", "froc"]
     for metric, sub in table["tables"].items():
         assert sub["metric"] == metric

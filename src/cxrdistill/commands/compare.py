@@ -21,6 +21,8 @@ def compare(
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: run every N-th cell from the K-th, so N "
                                         "runners (K = 0..N-1) share the study, e.g. one per core or GPU."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder of the study's data source "
+                                             "(replaces its data.root, e.g. where the data set lives on this machine)."),
 ) -> None:
     """Run the missing cells of a study (finished ones are skipped), then print and save one table."""
     from cxrdistill.study.runner import job_commands, parse_shard, run_study, study_cells
@@ -36,6 +38,10 @@ def compare(
         from cxrdistill.resources import resolve_config_path
 
         spec = load_study(resolve_config_path(study, "studies"), overrides or [])
+        if data_root is not None:
+            if spec.data is None:
+                raise typer.BadParameter("the study has no data source", param_hint="--data-root")
+            spec.data.root = data_root
         if print_jobs:
             from cxrdistill.study.data import prepare_data
             from cxrdistill.study.runner import ready
