@@ -321,14 +321,14 @@ def format_markdown(table: dict[str, Any]) -> str:
              head, sep]
     for row in table["rows"]:
         lines.append(f"| {row['label']} | " + " | ".join(format_mean(row["fractions"][f]) for f in fr) + " |")
-    if not any("vs_baseline" in row["fractions"][f] for row in table["rows"] for f in fr):
-        return "\n".join(lines)  # a metric the paired bootstrap cannot score (or no pair finished)
-    lines += ["", f"Δ {table['metric']} vs {table['baseline']} [95% CI], paired bootstrap over test images "
-                  f"({table['n_boot']} replicates, difference averaged over seeds; * p_boot < 0.05)", "", head, sep]
-    for row in table["rows"]:
-        if row["recipe"] == table["baseline"]:
-            continue
-        lines.append(f"| {row['label']} | " + " | ".join(format_delta(row["fractions"][f]) or "—" for f in fr) + " |")
+    if pairable(table["metric"]):  # other metrics have no paired bootstrap: seed statistics only
+        lines += ["", f"Δ {table['metric']} vs {table['baseline']} [95% CI], paired bootstrap over test images "
+                      f"({table['n_boot']} replicates, difference averaged over seeds; * p_boot < 0.05)", "", head, sep]
+        for row in table["rows"]:
+            if row["recipe"] == table["baseline"]:
+                continue
+            lines.append(f"| {row['label']} | " + " | ".join(format_delta(row["fractions"][f]) or "—" for f in fr)
+                         + " |")
     own = [row for row in table["rows"] if any("vs_teacher" in row["fractions"][f] for f in fr)]
     if own:
         lines += ["", f"Δ {table['metric']} vs own teacher (student − the recipe's own supervised teacher, same test "
