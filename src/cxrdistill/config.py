@@ -26,6 +26,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
 )
 
 from cxrdistill.errors import ConfigError
@@ -176,6 +177,17 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: MethodConfig
     output_dir: Path = Path("runs/default")
+    init_from: Path | None = None
+    """A finished run directory whose supervised stage this run starts from instead of training
+    its own (`methods.kit.supervised_stage`; a study row's ``init_from``). Left out of dumps when
+    unset, so configs and run fingerprints of runs without it are as before."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_init(self, handler: Any) -> Any:
+        out = handler(self)
+        if isinstance(out, dict) and out.get("init_from") is None:
+            out.pop("init_from", None)
+        return out
 
 
 # --------------------------------------------------------------------------- loading

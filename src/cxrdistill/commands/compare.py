@@ -1,4 +1,4 @@
-"""`cxrdistill compare --study configs/studies/X.yaml`: run a study matrix and print its table."""
+"""`cxrdistill compare --study configs/studies/X.yaml`: run a study matrix and print its tables."""
 
 from __future__ import annotations
 
@@ -12,15 +12,17 @@ from cxrdistill.errors import CxrDistillError
 
 
 def compare(
-    study: Path = typer.Option(..., "--study", "-s", help="Study YAML (recipes × fractions × seeds)."),
+    study: Path = typer.Option(..., "--study", "-s", help="Study YAML (rows × labeled fractions × seeds)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Overrides for every cell, e.g. train.max_steps=50"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Study directory (default: the study's output_dir)."),
-    print_jobs: bool = typer.Option(False, "--print-jobs", help="Print one `cxrdistill train` command per missing cell and exit."),
+    print_jobs: bool = typer.Option(False, "--print-jobs", help="Print one `cxrdistill train` command per missing cell that can start now, and exit."),
     table_only: bool = typer.Option(False, "--table-only", help="Run nothing: rebuild the table from the finished cells."),
     isolate: bool = typer.Option(False, "--isolate", help="Run each cell in its own subprocess."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: run every N-th cell from the K-th, so N "
                                         "runners (K = 0..N-1) share the study, e.g. one per core or GPU."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder of the study's data source "
+                                             "(replaces its data.root, e.g. where the data set lives on this machine)."),
 ) -> None:
     """Run the missing cells of a study (finished ones are skipped), then print and save one table."""
     from cxrdistill.study.runner import job_commands, parse_shard, run_study, study_cells
@@ -36,9 +38,21 @@ def compare(
         from cxrdistill.resources import resolve_config_path
 
         spec = load_study(resolve_config_path(study, "studies"), overrides or [])
+        if data_root is not None:
+            if spec.data is None:
+                raise typer.BadParameter("the study has no data source", param_hint="--data-root")
+            spec.data.root = data_root
         if print_jobs:
+            from cxrdistill.study.data import prepare_data
+            from cxrdistill.study.runner import ready
+
+            prepare_data(spec, Path(output_dir or spec.output_dir))
             for line in job_commands(spec, output_dir):
                 typer.echo(line)
+            waiting = [c for c in study_cells(spec, output_dir) if not c.done and not ready(c)]
+            if waiting:  # on stderr: stdout stays one command per line
+                typer.echo(f"# {len(waiting)} more cell(s) start from a cell above (init_from): "
+                           "print the jobs again when those finished", err=True)
             return
         if table_only:
             root = Path(output_dir or spec.output_dir)

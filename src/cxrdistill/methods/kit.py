@@ -44,6 +44,7 @@ from cxrdistill.engine.loop import FitResult
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.engine.sampler import RatioBatchSampler
 from cxrdistill.errors import ConfigError
+from cxrdistill.methods.init_from import init_checkpoint
 from cxrdistill.models.classifier import ImageClassifier, masked_bce_with_logits
 from cxrdistill.models.detector import RetinaNet
 from cxrdistill.models.factory import build_model, export_model
@@ -310,7 +311,7 @@ class Stage:
 
     model: nn.Module
     key: str
-    source: Literal["trained", "run_dir", "store"]
+    source: Literal["trained", "run_dir", "store", "init_from"]
     fresh: bool
     steps: int
 
@@ -361,6 +362,7 @@ def supervised_stage(ctx: RunContext, data: StudyData, *,
     initialisation (``train.seed``), :func:`fit_on` with ``augment`` for ``steps`` optimizer steps
     (None: ``train.max_steps``). Looked up in the stage store first; trained (resumably, as stage
     ``stage`` of this run folder) and stored otherwise.
+    With ``init_from`` in the config: that run's stage ``stage``, loaded (`methods.init_from`).
     """
     cfg = ctx.cfg
     steps = cfg.train.max_steps if steps is None else int(steps)
@@ -382,6 +384,13 @@ def supervised_stage(ctx: RunContext, data: StudyData, *,
     stage_dir = ctx.run_dir.stage_dir(stage)
     marker = stage_dir / "stage_key.json"
     previous = json.loads(marker.read_text(encoding="utf-8")).get("key") if marker.is_file() else None
+    if cfg.init_from is not None:  # a study row's `init_from`: that run's stage (methods/init_from.py)
+        path, key = init_checkpoint(cfg.init_from, stage)
+        load_module_weights(path, model)  # type: ignore[operator]
+        if ctx.fabric.is_global_zero:
+            write_json_atomic(marker, {"key": key, "source": "init_from", "init_from": str(path), **payload})
+        ctx.fabric.barrier()
+        return Stage(model.to(ctx.device).eval(), key, "init_from", fresh=previous != key, steps=steps)
     root = stage_store_root()
     entry = root / kind / key if root is not None else None
     stored = entry is not None and (entry / "model.pt").is_file() and (entry / "key.json").is_file()

@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cxrdistill.atomic import write_text_atomic  # noqa: E402
 from cxrdistill.errors import CxrDistillError  # noqa: E402
 from cxrdistill.study.spec import Cell, StudySpec, fraction_tag  # noqa: E402
 from cxrdistill.study.table import format_delta, format_markdown, format_mean  # noqa: E402
@@ -147,7 +148,7 @@ def build_study_report(spec: StudySpec, cells: Sequence[Cell], table: dict[str, 
 
     out_dir = Path(out_dir)
     links = []
-    order = [spec.baseline_name, *[r for r in spec.recipes if r != spec.baseline_name]]
+    order = [spec.baseline_name, *[r for r in spec.rows if r != spec.baseline_name]]
     seed = spec.seeds[0]
     for fraction in spec.fractions:
         dirs = [c.run_dir for r in order for c in cells
@@ -167,11 +168,11 @@ def build_study_report(spec: StudySpec, cells: Sequence[Cell], table: dict[str, 
     deltas = delta_plot(table, spec.fractions)
     body = [
         f"<h1>Study {html.escape(spec.name)}</h1>",
-        (f"<p>{len(cells)} cells: {len(spec.recipes)} recipes × {len(spec.fractions)} fractions × "
+        (f"<p>{len(cells)} cells: {len(spec.rows)} rows × {len(spec.fractions)} fractions × "
          f"{len(spec.seeds)} seeds ({sum(c.done for c in cells)} finished). "
          f"Baseline: {html.escape(spec.baseline_name)}.</p>"),
         f'<img alt="metric vs fraction" src="data:image/png;base64,{curve}">',
-        _html_table(table),
+        *[_html_table(sub) for sub in (table.get("tables") or {table['metric']: table}).values()],
         collapse_notes(cells),
         *([f'<img alt="difference vs baseline" src="data:image/png;base64,{base64.b64encode(deltas).decode()}">']
           if deltas else []),
@@ -182,14 +183,14 @@ def build_study_report(spec: StudySpec, cells: Sequence[Cell], table: dict[str, 
     body.append('<p>For a supplement: <a href="table.csv">table.csv</a>, <a href="table.tex">table.tex</a>, '
                 '<a href="fraction_curve.svg">fraction_curve.svg</a></p>')
     path = out_dir / "report.html"
-    path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>"
+    write_text_atomic(path, "<!doctype html><html><head><meta charset='utf-8'><title>"
                     f"{html.escape(spec.name)}</title><style>body{{font-family:system-ui,sans-serif;margin:24px}}"
                     "pre{background:#f7f7f7;padding:8px;font-size:12px}"
                     "table{border-collapse:collapse;margin:16px 0;font-size:13px}"
                     "td,th{border:1px solid #ddd;padding:4px 8px;text-align:right;vertical-align:top}"
                     "td:first-child{text-align:left}caption{text-align:left;padding:4px 0;color:#555}"
                     ".up{color:#1a7f37;font-weight:600}.down{color:#c62828;font-weight:600}</style></head><body>"
-                    + "\n".join(body) + "</body></html>\n", encoding="utf-8")
+                    + "\n".join(body) + "</body></html>\n")
     return path
 
 
@@ -206,11 +207,10 @@ def _write_supplement(table: dict[str, Any], spec: StudySpec, out_dir: Path) -> 
             for row in table["rows"]]
     buf = io.StringIO()
     csv.writer(buf).writerows([header, *rows])
-    (out_dir / "table.csv").write_text(buf.getvalue(), encoding="utf-8")
-    (out_dir / "table.tex").write_text(_latex(header, rows, f"{spec.name}: {table['metric']}, mean ± 95% CI over "
-                                              f"seeds; Δ vs {table['baseline']} (paired bootstrap)"), encoding="utf-8")
-    fig = fraction_curve(table, spec.fractions, fmt="svg")
-    (out_dir / "fraction_curve.svg").write_bytes(fig)
+    write_text_atomic(out_dir / "table.csv", buf.getvalue())
+    write_text_atomic(out_dir / "table.tex", _latex(header, rows, f"{spec.name}: {table['metric']}, mean ± 95% CI "
+                                                    f"over seeds; Δ vs {table['baseline']} (paired bootstrap)"))
+    write_text_atomic(out_dir / "fraction_curve.svg", fraction_curve(table, spec.fractions, fmt="svg").decode())
 
 
 __all__ = ["build_study_report", "collapse_notes", "delta_plot", "fraction_curve"]

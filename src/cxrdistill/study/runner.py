@@ -1,4 +1,4 @@
-"""Run the cells of a study that are missing, skip the finished ones, then build the table.
+"""Run the cells of a study that are missing, skip the finished ones, then build the tables.
 
 A cell is finished when its ``final_metrics.json`` exists (`cxrdistill train` writes it last).
 An interrupted cell is simply run again: the engine resumes it from its stage checkpoints, and
@@ -43,22 +43,55 @@ class StudyResult:
 
 
 def study_cells(spec: StudySpec, out_dir: Path | None = None) -> list[Cell]:
-    """Every cell of the matrix, seed-major: a partly run study has every recipe at the first seeds."""
+    """Every cell of the matrix, seed-major: a partly run study has every row at the first seeds.
+    Within a (seed, fraction) block a row with ``init_from`` comes after the row it starts from."""
+    from cxrdistill.study.data import prepared_manifest
+
     root = Path(out_dir or spec.output_dir)
+    manifest = prepared_manifest(spec, root)
+    rows = _dependency_order(spec)
     cells = []
     for seed in spec.seeds:
         for fraction in spec.fractions:
-            for recipe, entry in spec.recipes.items():
-                overrides = (*spec.overrides, *entry.overrides, f"{spec.fraction_key}={fraction:g}",
-                             *(f"{key}={seed}" for key in spec.seed_keys))
-                run_dir = root / recipe / fraction_tag(fraction) / f"seed{seed}"
-                cells.append(Cell(recipe, fraction, seed, spec.config_path(recipe), overrides, run_dir))
+            tail = Path(fraction_tag(fraction)) / f"seed{seed}"
+            for name in rows:
+                row = spec.rows[name]
+                after = root / row.init_from / tail if row.init_from is not None else None
+                overrides = (*((f"data.manifest={manifest}",) if manifest is not None else ()),
+                             *spec.overrides, *row.overrides, f"{spec.fraction_key}={fraction:g}",
+                             *(f"{key}={seed}" for key in spec.seed_keys),
+                             *((f"init_from={after}",) if after is not None else ()))
+                cells.append(Cell(name, fraction, seed, spec.config_path(name), overrides, root / name / tail, after))
     return cells
 
 
+def _dependency_order(spec: StudySpec) -> list[str]:
+    """The rows in file order, except that a row comes after the row its ``init_from`` names."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        source = spec.rows[name].init_from
+        if source is not None:
+            visit(source)
+        order.append(name)
+
+    for name in spec.rows:
+        visit(name)
+    return order
+
+
+def ready(cell: Cell) -> bool:
+    """Whether the cell can start: it has no ``init_from`` cell, or that cell is finished."""
+    return cell.after is None or (cell.after / "final_metrics.json").is_file()
+
+
 def job_commands(spec: StudySpec, out_dir: Path | None = None, program: str = "cxrdistill") -> list[str]:
-    """One shell command per missing cell (for a job array); finished cells are left out."""
-    return [shlex.join([program, *cell.train_args()]) for cell in study_cells(spec, out_dir) if not cell.done]
+    """One shell command per missing cell that can start now (for a job array); finished cells are
+    left out, and so are cells whose ``init_from`` cell is not finished yet (print again after it)."""
+    return [shlex.join([program, *cell.train_args()]) for cell in study_cells(spec, out_dir)
+            if not cell.done and ready(cell)]
 
 
 def run_cell(cell: Cell, *, isolate: bool = False, console: Console | None = None) -> None:
@@ -89,21 +122,28 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
     """This runner's share of the matrix: N runners with K = 0..N-1 share it without overlap, and a
-    restarted runner gets the same cells back. Within each (seed, fraction) block the recipes are
+    restarted runner gets the same cells back. Within each (seed, fraction) block the rows are
     dealt round-robin, starting one runner further at every block, so a slow recipe is spread
-    over all runners instead of always landing on the same one."""
+    over all runners instead of always landing on the same one. A cell with ``init_from`` goes to
+    the runner of the cell it starts from (which comes before it in ``cells``)."""
     if shard is None:
         return cells
     k, n = shard
     block_of: dict[tuple[int, float], int] = {}
     position: dict[tuple[int, float], int] = {}
+    runner_of: dict[Path, int] = {}
     out = []
     for cell in cells:
-        key = (cell.seed, cell.fraction)
-        block = block_of.setdefault(key, len(block_of))
-        i = position.get(key, 0)
-        position[key] = i + 1
-        if (i + block) % n == k:
+        if cell.after is not None and cell.after in runner_of:
+            runner = runner_of[cell.after]
+        else:
+            key = (cell.seed, cell.fraction)
+            block = block_of.setdefault(key, len(block_of))
+            i = position.get(key, 0)
+            position[key] = i + 1
+            runner = (i + block) % n
+        runner_of[cell.run_dir] = runner
+        if runner == k:
             out.append(cell)
     return out
 
@@ -118,12 +158,14 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
     cells (`shard_cells`), so N processes can work on one study side by side; the table covers
     every finished cell. Returns a :class:`StudyResult`.
     """
+    from cxrdistill.study.data import prepare_data
     from cxrdistill.study.table import build_table, print_table, write_table
 
     console = console or Console()
     root = Path(out_dir or spec.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    prepare_data(spec, root, console)
     cells = study_cells(spec, root)
     result = StudyResult(spec, cells)
     mine = shard_cells(cells, shard)
@@ -134,6 +176,12 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
                   f"{len(todo)} to run → {root}", highlight=False)
     for n, cell in enumerate(todo, 1):
         console.print(f"[{n}/{len(todo)}] {cell.recipe} fraction={cell.fraction:g} seed={cell.seed}", highlight=False)
+        if not ready(cell):
+            result.failed[cell] = f"its init_from cell {cell.after} is not finished"
+            console.print(f"[red]skipped:[/] {cell.run_dir}: {result.failed[cell]}", highlight=False)
+            if not keep_going:
+                raise CxrDistillError(f"{cell.run_dir}: {result.failed[cell]}")
+            continue
         try:
             run_cell(cell, isolate=isolate, console=console)
             result.ran.append(cell)
@@ -154,5 +202,5 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
     return result
 
 
-__all__ = ["Cell", "StudyResult", "fraction_tag", "job_commands", "parse_shard", "run_cell", "run_study",
+__all__ = ["Cell", "StudyResult", "fraction_tag", "job_commands", "parse_shard", "ready", "run_cell", "run_study",
            "shard_cells", "study_cells"]

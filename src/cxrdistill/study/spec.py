@@ -1,43 +1,98 @@
-"""A study: recipes × labeled fractions × seeds on one data set, as a YAML file or built in Python.
+"""A study: recipe rows × labeled fractions × seeds on one data set, as a YAML file or built in Python.
 
     name: detection_cpu
     output_dir: runs/studies/detection_cpu
-    fractions: [0.1, 0.2, 0.4]          # written to `fraction_key` of every cell
+    labeled_fraction: [0.1, 0.2, 0.4]   # written to `fraction_key` of every cell (old name: `fractions`)
     seeds: [0, 1, 2]                    # written to every key of `seed_keys`
-    overrides: [train.max_steps=200]    # applied to every cell (before the recipe's own)
-    baseline: supervised                # paired comparisons are against this recipe
-    metric: mAP@0.5                     # a key of each cell's final_metrics.json
+    overrides: [train.max_steps=200]    # applied to every cell (before the row's own)
+    baseline: supervised                # paired comparisons are against this row
+    metrics: [mAP@0.5, mAP@0.25]        # one table per metric (or `metric: mAP@0.5`)
+    data: {source: tbx11k, root: ../shared/data/tbx11k-800}   # optional: a prepared data set
     recipes:
       supervised: {config: configs/supervised_detector.yaml}
       stac: {config: configs/stac.yaml, overrides: [method.params.threshold=0.9]}
+      sweep:                            # one row per grid point: sweep.threshold=0.5, sweep.threshold=0.7
+        config: configs/stac.yaml
+        grid: {method.params.threshold: [0.5, 0.7]}
+      student:                          # starts from the same fraction/seed cell of row `supervised`
+        config: configs/oxnet.yaml
+        init_from: supervised
 
-Each cell is a normal run directory ``output_dir/<recipe>/f<fraction>/seed<seed>`` whose config is
-the recipe's base config plus, in this order, the study's `overrides`, the recipe's `overrides`,
-``<fraction_key>=<fraction>`` and ``<seed key>=<seed>``. Relative config paths are read from the
-working directory, else next to the study file.
+**Rows.** A recipe without `grid` is one row named like the recipe. A recipe with ``grid`` (a mapping
+key → values: their product; or a list of mappings: those points) is one row per point, named
+``<recipe>.<leaf>=<value>...`` (the leaf is the key's last part) and labelled ``label`` formatted
+with the leaves (``"AALS t={t}"``), else ``<label> (leaf=value, ...)``. A study-level ``grid``
+multiplies every recipe's rows the same way. The fraction axis is not a grid key: it is
+``labeled_fraction`` (``fraction_key``, default ``data.boxed_fraction``: the patients that keep their
+annotations: boxes for detection, image labels for classification recipes).
+
+**Cells.** Each cell is a normal run directory ``output_dir/<row>/f<fraction>/seed<seed>`` whose
+config is the row's base config plus, in this order, ``data.manifest=<prepared>`` (with ``data``),
+the study's `overrides`, the recipe's `overrides`, the grid point's ``key=value``,
+``<fraction_key>=<fraction>``, ``<seed key>=<seed>`` and, for a row with ``init_from``,
+``init_from=<that row's cell at the same fraction and seed>`` (the run whose supervised stage this
+cell starts from, see `methods.kit.supervised_stage`; it runs first). Relative config paths are
+read from the working directory, else next to the study file.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cxrdistill.errors import ConfigError
 
+Grid = dict[str, list[Any]] | list[dict[str, Any]]
+
 
 class RecipeEntry(BaseModel):
-    """One row of the study: a run config and the overrides that make it this recipe."""
+    """One recipe of the study: a run config, the overrides that make it this recipe, and
+    optionally a grid (several rows) or the row whose supervised stage it starts from."""
 
     model_config = ConfigDict(extra="forbid")
 
     config: Path
     overrides: list[str] = Field(default_factory=list)
     label: str | None = None
-    """Name shown in the table (default: the recipe's key)."""
+    """Name shown in the table (default: the recipe's key); with a grid, may hold ``{leaf}`` fields."""
+    grid: Grid | None = None
+    """Rows of this recipe: a mapping ``key: [values]`` (their product) or a list of ``{key: value}`` points."""
+    init_from: str | None = None
+    """A row (or a recipe; with grids: the row whose point agrees with this one) whose cell at the same
+    fraction and seed this recipe's cells start from (``init_from=<run dir>`` in their config)."""
+
+
+class DataSource(BaseModel):
+    """A public data set prepared once per study: ``source`` names a `data.sources` adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    root: Path
+    """The data set's folder (relative: to the working directory, else to the study file)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword options of the adapter."""
+    on_error: Literal["strict", "lenient"] = "strict"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: a recipe at one grid point."""
+
+    name: str
+    recipe: str
+    label: str
+    overrides: tuple[str, ...]
+    """The recipe's overrides, then the grid point's ``key=value``."""
+    point: tuple[tuple[str, Any], ...] = ()
+    init_from: str | None = None
+    """The row whose cells this row's cells start from."""
 
 
 class StudySpec(BaseModel):
@@ -49,16 +104,25 @@ class StudySpec(BaseModel):
     output_dir: Path
     recipes: dict[str, RecipeEntry]
     fractions: list[float] = Field(min_length=1)
+    """The labeled fractions (written ``labeled_fraction`` in a study file; ``fractions`` still reads)."""
+    axis: str | None = None
+    """Name of the fraction axis in tables (``labeled_fraction`` when the file says so; default:
+    the last part of `fraction_key`, as studies written before `labeled_fraction` showed it)."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     overrides: list[str] = Field(default_factory=list)
     fraction_key: str = "data.boxed_fraction"
     seed_keys: list[str] = Field(default_factory=lambda: ["train.seed", "data.split_seed"])
     """Every seed sets these keys: by default a seed draws both the labeled subset and the initialisation."""
+    grid: Grid | None = None
+    """Multiplies every recipe's rows (see the module docstring)."""
+    data: DataSource | None = None
     baseline: str | None = None
-    """Recipe the others are compared with (default: the first recipe)."""
+    """Row the others are compared with (default: the first row)."""
     metric: str = "mAP@0.5"
     """Headline metric: a key of final_metrics.json. ``mAP``/``mAP@<iou>`` pairs on predictions.json,
     ``macro_AUROC`` on image_scores.json."""
+    metrics: list[str] = Field(default_factory=list)
+    """Every metric that gets its own table (the first is the headline; default: ``[metric]``)."""
     ci: Literal["t", "bootstrap"] = "t"
     """Interval over seeds: Student-t (mean ± t·s/√n) or a percentile bootstrap of the seed mean."""
     n_boot: int = Field(1000, ge=10)
@@ -66,33 +130,161 @@ class StudySpec(BaseModel):
     source: Path | None = Field(None, exclude=True)
     """The YAML file this spec was read from (relative config paths may be relative to it)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _labeled_fraction(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "labeled_fraction" in raw:
+            if "fractions" in raw:
+                raise ValueError("give labeled_fraction or fractions (its old name), not both")
+            raw = {**raw, "fractions": raw["labeled_fraction"], "axis": raw.get("axis") or "labeled_fraction"}
+            raw.pop("labeled_fraction")
+        if isinstance(raw, dict) and raw.get("metrics") and "metric" not in raw:
+            raw = {**raw, "metric": raw["metrics"][0]}
+        return raw
+
     @model_validator(mode="after")
     def _check(self) -> StudySpec:
         if not self.recipes:
             raise ValueError("recipes: give at least one recipe")
-        if self.baseline is not None and self.baseline not in self.recipes:
-            raise ValueError(f"baseline {self.baseline!r} is not one of the recipes ({', '.join(self.recipes)})")
         if len(set(self.fractions)) != len(self.fractions) or len(set(self.seeds)) != len(self.seeds):
             raise ValueError("fractions and seeds must not repeat")
         for name in self.recipes:
-            if not name or "/" in name or name.startswith("."):
-                raise ValueError(f"recipe name {name!r} must be a plain folder name")
+            if not name or "/" in name or name.startswith(".") or "." in name:
+                raise ValueError(f"recipe name {name!r} must be a plain folder name (no '/' or '.')")
+        if not self.metrics:
+            self.metrics = [self.metric]
+        elif self.metric not in self.metrics:
+            self.metrics = [self.metric, *self.metrics]
+        rows = _expand_rows(self)  # raises ValueError on a bad grid or init_from
+        if self.baseline is not None and self.baseline not in rows:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the rows ({', '.join(rows)})")
         return self
 
     @property
+    def rows(self) -> dict[str, Row]:
+        """The table's rows by name, in file order (a recipe's grid points in order)."""
+        return _expand_rows(self)
+
+    @property
     def baseline_name(self) -> str:
-        return self.baseline or next(iter(self.recipes))
+        return self.baseline or next(iter(self.rows))
 
-    def label(self, recipe: str) -> str:
-        return self.recipes[recipe].label or recipe
+    @property
+    def axis_name(self) -> str:
+        """How tables name the fraction axis."""
+        return self.axis or self.fraction_key.split(".")[-1]
 
-    def config_path(self, recipe: str) -> Path:
-        """The recipe's base config: as written, from the working directory, else next to the study file."""
-        path = self.recipes[recipe].config
+    def label(self, row: str) -> str:
+        return self.rows[row].label
+
+    def config_path(self, row: str) -> Path:
+        """The row's base config: as written, from the working directory, else next to the study file."""
+        path = self.recipes[self.rows[row].recipe].config
         if path.is_absolute() or path.exists() or self.source is None:
             return path
         beside = self.source.parent / path
         return beside if beside.exists() else path
+
+    def data_root(self) -> Path | None:
+        """The data source's folder, resolved like config paths."""
+        if self.data is None:
+            return None
+        root = self.data.root
+        if root.is_absolute() or root.exists() or self.source is None:
+            return root
+        beside = self.source.parent / root
+        return beside if beside.exists() else root
+
+
+def _points(grid: Grid | None, where: str) -> list[tuple[tuple[str, Any], ...]]:
+    """The grid's points as ``((key, value), ...)`` tuples (one empty point without a grid)."""
+    if grid is None:
+        return [()]
+    if isinstance(grid, dict):
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{where}grid.{key}: give a non-empty list of values")
+        keys = list(grid)
+        points = [tuple(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    else:
+        if not grid:
+            raise ValueError(f"{where}grid: give at least one point")
+        points = [tuple(point.items()) for point in grid]
+    for point in points:
+        for key, value in point:
+            if "=" in key or not key.strip():
+                raise ValueError(f"{where}grid: {key!r} is not a config key")
+            if isinstance(value, (dict, list)) or "/" in _text(value):
+                raise ValueError(f"{where}grid.{key}: {value!r} must be a plain value (it names a folder)")
+    return points
+
+
+def _text(value: Any) -> str:
+    """A grid value as written in a folder name and an override (YAML/JSON scalars)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value)
+
+
+def _expand_rows(spec: StudySpec) -> dict[str, Row]:
+    study_points = _points(spec.grid, "")
+    rows: dict[str, Row] = {}
+    for recipe, entry in spec.recipes.items():
+        for recipe_point in _points(entry.grid, f"recipes.{recipe}."):
+            for study_point in study_points:
+                point = recipe_point + study_point
+                keys = [k for k, _ in point]
+                if len(set(keys)) != len(keys):
+                    raise ValueError(f"recipes.{recipe}: grid key repeated by the study grid ({keys})")
+                if spec.fraction_key in keys:
+                    raise ValueError(f"grid: {spec.fraction_key} is the fraction axis: use labeled_fraction")
+                leaves = {k.split(".")[-1]: v for k, v in point}
+                if len(leaves) != len(point):
+                    raise ValueError(f"recipes.{recipe}: two grid keys end in the same name ({keys})")
+                name = ".".join([recipe, *(f"{leaf}={_text(v)}" for leaf, v in leaves.items())])
+                label = entry.label or recipe
+                if point:
+                    if "{" in label:
+                        try:
+                            label = label.format(**{k: _text(v) for k, v in leaves.items()})
+                        except (KeyError, IndexError, ValueError) as err:
+                            raise ValueError(f"recipes.{recipe}.label: {label!r} does not format ({err})") from None
+                    else:
+                        label = f"{label} ({', '.join(f'{k}={_text(v)}' for k, v in leaves.items())})"
+                overrides = (*entry.overrides, *(f"{k}={_text(v)}" for k, v in point))
+                if name in rows:
+                    raise ValueError(f"recipes.{recipe}: row {name!r} appears twice")
+                rows[name] = Row(name, recipe, label, overrides, point, entry.init_from)
+    resolved = {}
+    for name, row in rows.items():
+        resolved[name] = row if row.init_from is None else \
+            Row(row.name, row.recipe, row.label, row.overrides, row.point, _init_row(row, rows))
+    for name in resolved:  # no cycle: following init_from ends at a row without one
+        seen, at = {name}, resolved[name].init_from
+        while at is not None:
+            if at in seen:
+                raise ValueError(f"recipes: init_from makes a cycle through {at!r}")
+            seen.add(at)
+            at = resolved[at].init_from
+    return resolved
+
+
+def _init_row(row: Row, rows: dict[str, Row]) -> str:
+    """The row ``row.init_from`` names: a row, or the row of that recipe whose point agrees with ``row``'s."""
+    target = row.init_from
+    assert target is not None
+    if target in rows and target != row.name:
+        return target
+    mine = dict(row.point)
+    candidates = [r.name for r in rows.values() if r.recipe == target and r.name != row.name
+                  and all(k in mine and mine[k] == v for k, v in r.point)]
+    if len(candidates) != 1:
+        raise ValueError(f"recipes.{row.recipe}.init_from: {target!r} names "
+                         + ("no row" if not candidates else f"{len(candidates)} rows ({', '.join(candidates)})")
+                         + f" for row {row.name!r}; name a row or a recipe whose grid keys this row shares")
+    return candidates[0]
 
 
 def load_study(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
@@ -121,11 +313,9 @@ def make_study(raw: dict, source: str = "study") -> StudySpec:
         raise ConfigError(f"{source}: invalid study:\n  " + "\n  ".join(lines)) from None
 
 
-
-
 @dataclass(frozen=True)
 class Cell:
-    """One run of the study: a recipe at a labeled fraction and a seed."""
+    """One run of the study: a row (``recipe``: the row's name) at a labeled fraction and a seed."""
 
     recipe: str
     fraction: float
@@ -133,6 +323,8 @@ class Cell:
     config: Path
     overrides: tuple[str, ...]
     run_dir: Path
+    after: Path | None = None
+    """The run directory this cell starts from (its row's ``init_from``): it must be finished first."""
 
     @property
     def done(self) -> bool:
@@ -148,4 +340,4 @@ def fraction_tag(fraction: float) -> str:
     return f"f{fraction:g}"
 
 
-__all__ = ["Cell", "RecipeEntry", "StudySpec", "fraction_tag", "load_study", "make_study"]
+__all__ = ["Cell", "DataSource", "RecipeEntry", "Row", "StudySpec", "fraction_tag", "load_study", "make_study"]

@@ -1,7 +1,7 @@
-"""The study table: recipes × labeled fractions, mean over seeds with a CI, and the paired
-difference from the baseline recipe.
+"""The study tables: rows × labeled fractions, mean over seeds with a CI, and the paired
+difference from the baseline row; one table per metric of the study's ``metrics``.
 
-Numbers, per (recipe, fraction):
+Numbers, per (row, fraction):
 
 - **mean and 95% CI over seeds** of the headline metric read from each cell's
   ``final_metrics.json``. ``ci="t"``: ``mean ± t(0.975, n-1) · s / √n`` (Student t; needs n ≥ 2).
@@ -17,7 +17,14 @@ Numbers, per (recipe, fraction):
   resampled image sets; the replicate difference is averaged over the seeds both have, so Δ is
   the seed-mean difference and its CI / ``p_boot`` reflect the finite test set (the seed spread
   is in the first interval). ``mAP``/``mAP@t`` use each cell's ``eval/predictions.json``;
-  ``macro_AUROC`` uses ``eval/image_scores.json`` (else the max box score).
+  ``macro_AUROC`` uses ``eval/image_scores.json`` (else the max box score). Other metrics (a
+  recipe's own keys, e.g. AALS's ``mFROC`` or ``student/AUROC``) get the seed statistics only.
+
+A row whose finished cells lack a metric shows it as missing (``—``, ``"missing"`` in the JSON);
+a metric no finished cell has is an error (a typo in the study file).
+
+``table.json`` is the headline metric's table; with several metrics it also holds ``tables``:
+every metric's table (the same layout), and ``table.md`` has one section per metric.
 """
 
 from __future__ import annotations
@@ -68,18 +75,36 @@ def seed_interval(values: Sequence[float], method: str = "t", n_boot: int = 1000
     raise CxrDistillError(f"unknown CI method {method!r}: use 't' or 'bootstrap'")
 
 
+class MissingMetric(CxrDistillError):
+    """A finished cell has no value of the metric asked for."""
+
+
+def pairable(metric: str) -> bool:
+    """Whether the paired bootstrap over test images can score ``metric`` from a run's eval files."""
+    if metric in ("mAP", "macro_AUROC"):
+        return True
+    if not metric.startswith("mAP@"):
+        return False
+    try:
+        float(metric.split("@", 1)[1])
+    except ValueError:
+        return False
+    return True
+
+
 def read_metric(cell: Cell, metric: str) -> float | None:
-    """The cell's value of ``metric`` from final_metrics.json (None when the cell is not finished)."""
+    """The cell's value of ``metric`` from final_metrics.json (None when the cell is not finished;
+    `MissingMetric` when it is finished but has no such metric)."""
     path = cell.run_dir / "final_metrics.json"
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text(encoding="utf-8"))
     if metric not in metrics:
         # a recipe that reports other IoUs (OXnet) is scored on its predictions, like the paired test
-        value = metric_from_predictions(cell.run_dir, metric)
+        value = metric_from_predictions(cell.run_dir, metric) if pairable(metric) else None
         if value is None:
-            raise CxrDistillError(f"{path}: has no metric {metric!r} (has: {', '.join(metrics)}) and the run has "
-                                  "no eval/predictions.json to compute it from; set the study's metric")
+            raise MissingMetric(f"{path}: has no metric {metric!r} (has: {', '.join(metrics)}) and the run has "
+                                "no eval/predictions.json to compute it from; set the study's metric")
         return value
     value = metrics[metric]
     return math.nan if value is None else float(value)
@@ -182,36 +207,68 @@ def paired_over_seeds(pairs: Sequence[tuple[Path, Path]], metric: str, n_boot: i
 
 
 def build_table(spec: StudySpec, cells: Sequence[Cell]) -> dict[str, Any]:
-    """The study table as a JSON-ready dict (see the module docstring for the statistics)."""
+    """The study's tables as a JSON-ready dict: the headline metric's table, and with several
+    metrics every metric's table under ``tables`` (see the module docstring for the statistics)."""
+    replicates: dict = {}  # bootstrap replicates per (run, metric), computed once
+    tables = {metric: metric_table(spec, cells, metric, replicates) for metric in spec.metrics}
+    table = dict(tables[spec.metric])
+    if len(tables) > 1:
+        table["tables"] = tables
+    return table
+
+
+def metric_table(spec: StudySpec, cells: Sequence[Cell], metric: str, replicates: dict | None = None) -> dict[str, Any]:
+    """One metric's table: per row and fraction the seed mean and CI, Δ vs the baseline row and vs
+    the row's own teacher (paired bootstrap, for `pairable` metrics)."""
     by_key = {(c.recipe, c.fraction, c.seed): c for c in cells}
     base = spec.baseline_name
     rows = []
-    replicates: dict = {}  # the baseline's bootstrap replicates, computed once per cell
-    for recipe in spec.recipes:
+    replicates = {} if replicates is None else replicates
+    paired = pairable(metric)
+    missing: list[MissingMetric] = []
+    found = 0
+    for recipe in spec.rows:
         row: dict[str, Any] = {"recipe": recipe, "label": spec.label(recipe), "fractions": {}}
         for fraction in spec.fractions:
-            values = {s: read_metric(by_key[(recipe, fraction, s)], spec.metric) for s in spec.seeds}
-            done = {s: v for s, v in values.items() if v is not None}
+            values, lacking = {}, []
+            for s in spec.seeds:
+                try:
+                    value = read_metric(by_key[(recipe, fraction, s)], metric)
+                except MissingMetric as err:
+                    missing.append(err)
+                    lacking.append(s)
+                    continue
+                if value is not None:
+                    values[s] = value
+            found += len(values)
+            done = values
             mean, low, high = seed_interval(list(done.values()), spec.ci, spec.n_boot)
             entry: dict[str, Any] = {"n_seeds": len(done), "values": done, "mean": _j(mean), "ci": [_j(low), _j(high)],
                                      "run_dirs": {s: str(by_key[(recipe, fraction, s)].run_dir) for s in done}}
-            if recipe != base:
+            if lacking:
+                entry["missing"] = lacking
+            if recipe != base and paired:
                 pairs = [(by_key[(base, fraction, s)].run_dir, by_key[(recipe, fraction, s)].run_dir)
                          for s in done if by_key[(base, fraction, s)].done]
                 if pairs:
-                    cmp = paired_over_seeds(pairs, spec.metric, spec.n_boot, cache=replicates)
+                    cmp = paired_over_seeds(pairs, metric, spec.n_boot, cache=replicates)
                     entry["vs_baseline"] = {**cmp.to_dict(), "seeds": len(pairs)}
             own = [(by_key[(recipe, fraction, s)].run_dir,) * 2 for s in done
-                   if (by_key[(recipe, fraction, s)].run_dir / "teacher_comparison.json").is_file()]
+                   if (by_key[(recipe, fraction, s)].run_dir / "teacher_comparison.json").is_file()] if paired else []
             if own:  # a distillation recipe: student − its own teacher, on the same test images
-                cmp = paired_over_seeds(own, spec.metric, spec.n_boot, cache=replicates,
+                cmp = paired_over_seeds(own, metric, spec.n_boot, cache=replicates,
                                         eval_names=(TEACHER_EVAL, "eval"))
                 entry["vs_teacher"] = {**cmp.to_dict(), "seeds": len(own)}
             row["fractions"][fraction_tag(fraction)] = entry
         rows.append(row)
-    return {"study": spec.name, "metric": spec.metric, "baseline": base, "ci": spec.ci, "n_boot": spec.n_boot,
-            "fractions": [fraction_tag(f) for f in spec.fractions], "fraction_key": spec.fraction_key,
-            "seeds": list(spec.seeds), "rows": rows}
+    if missing and not found:
+        raise missing[0]
+    out = {"study": spec.name, "metric": metric, "baseline": base, "ci": spec.ci, "n_boot": spec.n_boot,
+           "fractions": [fraction_tag(f) for f in spec.fractions], "fraction_key": spec.fraction_key,
+           "seeds": list(spec.seeds), "rows": rows}
+    if spec.axis is not None:
+        out["axis"] = spec.axis
+    return out
 
 
 TEACHER_EVAL = "eval_teacher"
@@ -246,22 +303,32 @@ def format_delta(entry: dict[str, Any], against: str = "vs_baseline") -> str:
     return f"Δ {cmp['diff']:+.3f}{star}{ci}{ptxt}"
 
 
+def axis_name(table: dict[str, Any]) -> str:
+    """The fraction axis as tables name it (``labeled_fraction``, or the old ``boxed_fraction``)."""
+    return table.get("axis") or table["fraction_key"].split(".")[-1]
+
+
 def format_markdown(table: dict[str, Any]) -> str:
-    """Two Markdown tables: mean ± CI half-width over seeds, and Δ vs the baseline (paired bootstrap)."""
+    """Per metric: mean ± CI half-width over seeds, Δ vs the baseline (paired bootstrap) and Δ vs own
+    teacher; with several metrics one ``## metric`` section each."""
+    if "tables" in table:
+        return "\n\n".join(f"## {metric}\n\n{format_markdown(sub)}" for metric, sub in table["tables"].items())
     fr = table["fractions"]
-    head = "| recipe | " + " | ".join(f"{table['fraction_key'].split('.')[-1]} {f[1:]}" for f in fr) + " |"
+    head = "| recipe | " + " | ".join(f"{axis_name(table)} {f[1:]}" for f in fr) + " |"
     sep = "|---|" + "---|" * len(fr)
     lines = [f"{table['metric']} on the test split: mean ± 95% CI half-width over seeds "
              f"({'Student t' if table['ci'] == 't' else 'bootstrap over seeds'}; seeds {table['seeds']})", "",
              head, sep]
     for row in table["rows"]:
         lines.append(f"| {row['label']} | " + " | ".join(format_mean(row["fractions"][f]) for f in fr) + " |")
-    lines += ["", f"Δ {table['metric']} vs {table['baseline']} [95% CI], paired bootstrap over test images "
-                  f"({table['n_boot']} replicates, difference averaged over seeds; * p_boot < 0.05)", "", head, sep]
-    for row in table["rows"]:
-        if row["recipe"] == table["baseline"]:
-            continue
-        lines.append(f"| {row['label']} | " + " | ".join(format_delta(row["fractions"][f]) or "—" for f in fr) + " |")
+    if pairable(table["metric"]):  # other metrics have no paired bootstrap: seed statistics only
+        lines += ["", f"Δ {table['metric']} vs {table['baseline']} [95% CI], paired bootstrap over test images "
+                      f"({table['n_boot']} replicates, difference averaged over seeds; * p_boot < 0.05)", "", head, sep]
+        for row in table["rows"]:
+            if row["recipe"] == table["baseline"]:
+                continue
+            lines.append(f"| {row['label']} | " + " | ".join(format_delta(row["fractions"][f]) or "—" for f in fr)
+                         + " |")
     own = [row for row in table["rows"] if any("vs_teacher" in row["fractions"][f] for f in fr)]
     if own:
         lines += ["", f"Δ {table['metric']} vs own teacher (student − the recipe's own supervised teacher, same test "
@@ -273,12 +340,16 @@ def format_markdown(table: dict[str, Any]) -> str:
 
 
 def print_table(table: dict[str, Any], console: Console) -> None:
-    """The table on the console: one row per recipe, mean ± CI and Δ vs baseline per fraction."""
+    """The table(s) on the console: one row per study row, mean ± CI and Δ vs baseline per fraction."""
+    if "tables" in table:
+        for sub in table["tables"].values():
+            print_table(sub, console)
+        return
     out = Table(title=f"{table['study']}: {table['metric']} (mean ± 95% CI over seeds; Δ vs {table['baseline']}, "
                       f"paired bootstrap over test images; 'teacher Δ': vs own teacher; * p<0.05)")
     out.add_column("recipe")
     for f in table["fractions"]:
-        out.add_column(f"{table['fraction_key'].split('.')[-1]} {f[1:]}", justify="right")
+        out.add_column(f"{axis_name(table)} {f[1:]}", justify="right")
     for row in table["rows"]:
         cells = []
         for f in table["fractions"]:
@@ -293,12 +364,15 @@ def print_table(table: dict[str, Any], console: Console) -> None:
 
 def write_table(table: dict[str, Any], out_dir: Path) -> Path:
     """Write ``table.json`` and ``table.md`` into ``out_dir``; returns the Markdown path."""
+    from cxrdistill.atomic import write_text_atomic
+
     out_dir = Path(out_dir)
-    (out_dir / "table.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out_dir / "table.json", json.dumps(table, indent=2) + "\n")
     path = out_dir / "table.md"
-    path.write_text(format_markdown(table) + "\n", encoding="utf-8")
+    write_text_atomic(path, format_markdown(table) + "\n")
     return path
 
 
-__all__ = ["build_table", "format_delta", "format_markdown", "format_mean", "paired_over_seeds", "print_table", "read_metric", "seed_interval",
+__all__ = ["MissingMetric", "axis_name", "build_table", "format_delta", "format_markdown", "format_mean",
+           "metric_table", "pairable", "paired_over_seeds", "print_table", "read_metric", "seed_interval",
            "write_table"]

@@ -1,0 +1,268 @@
+"""What a study file can say beyond recipes × fractions × seeds: grids over any config keys,
+the `labeled_fraction` axis (old `fractions:` files keep their cells), several metrics, a data
+source, and `init_from` (a row's cells start from another row's cell of the same fraction and seed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from rich.console import Console
+
+from cxrdistill.errors import ConfigError, CxrDistillError
+from cxrdistill.study import load_study, make_study, run_study, study_cells
+from cxrdistill.study.runner import job_commands, ready, shard_cells
+from cxrdistill.study.table import build_table, format_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+DET = str(ROOT / "configs/supervised_detector.yaml")
+TINY = ["data.synthetic={n_images: 40, image_size: 32, seed: 3}", "data.image_size=32", "train.max_steps=2",
+        "train.batch_size=2", "train.progress=false", "train.tensorboard=false", "model.options.fpn_channels=8",
+        "model.options.head_convs=1", "method.params.n_boot=10"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CXRDISTILL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _study(out: Path, **extra) -> dict:
+    return {"name": "tiny", "output_dir": str(out), "labeled_fraction": [0.3], "seeds": [0], "n_boot": 20,
+            "overrides": TINY, **extra}
+
+
+# ----------------------------------------------------------------------------- rows and cells
+
+
+def test_a_recipe_grid_is_one_row_per_point_with_its_overrides_and_folder(tmp_path):
+    spec = make_study(_study(tmp_path, recipes={
+        "sup": {"config": DET},
+        "sweep": {"config": DET, "label": "lr {lr}", "overrides": ["train.warmup_steps=1"],
+                  "grid": {"train.lr": [0.001, 0.002], "method.params.augment": ["flip", "none"]}},
+        "points": {"config": DET, "grid": [{"data.weak_fraction": 0.2, "train.lr": 0.003},
+                                           {"data.weak_fraction": 0.5, "train.lr": 0.003}]}}))
+    assert list(spec.rows) == ["sup", "sweep.lr=0.001.augment=flip", "sweep.lr=0.001.augment=none",
+                               "sweep.lr=0.002.augment=flip", "sweep.lr=0.002.augment=none",
+                               "points.weak_fraction=0.2.lr=0.003", "points.weak_fraction=0.5.lr=0.003"]
+    assert spec.label("sweep.lr=0.002.augment=none") == "lr 0.002"
+    assert spec.label("points.weak_fraction=0.5.lr=0.003") == "points (weak_fraction=0.5, lr=0.003)"
+    cells = {c.recipe: c for c in study_cells(spec, tmp_path)}
+    cell = cells["sweep.lr=0.002.augment=none"]
+    assert cell.run_dir == tmp_path / "sweep.lr=0.002.augment=none" / "f0.3" / "seed0"
+    assert cell.overrides[-6:] == ("train.warmup_steps=1", "train.lr=0.002", "method.params.augment=none",
+                                   "data.boxed_fraction=0.3", "train.seed=0", "data.split_seed=0")
+    from cxrdistill.methods.registry import load_run_config
+
+    for c in cells.values():  # every generated cell is a valid run config with its point's values
+        cfg = load_run_config(c.config, list(c.overrides))
+        assert cfg.data.boxed_fraction == 0.3
+    cfg = load_run_config(cell.config, list(cell.overrides))
+    assert cfg.train.lr == 0.002 and cfg.method.params["augment"] == "none"
+    assert load_run_config(cells["points.weak_fraction=0.5.lr=0.003"].config,
+                           list(cells["points.weak_fraction=0.5.lr=0.003"].overrides)).data.weak_fraction == 0.5
+
+
+def test_a_study_grid_multiplies_every_recipe(tmp_path):
+    spec = make_study(_study(tmp_path, grid={"train.lr": [0.001, 0.002]},
+                             recipes={"a": {"config": DET}, "b": {"config": DET, "grid": {"train.warmup_steps": [0, 5]}}}))
+    assert list(spec.rows) == ["a.lr=0.001", "a.lr=0.002", "b.warmup_steps=0.lr=0.001", "b.warmup_steps=0.lr=0.002",
+                               "b.warmup_steps=5.lr=0.001", "b.warmup_steps=5.lr=0.002"]
+    assert len(study_cells(spec, tmp_path)) == 6
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"grid": {"data.boxed_fraction": [0.1, 0.2]}}, "labeled_fraction"),
+    ({"recipes": {"a": {"config": DET, "grid": {"train.lr": []}}}}, "non-empty list"),
+    ({"recipes": {"a": {"config": DET, "grid": {"train.lr": [{"x": 1}]}}}}, "plain value"),
+    ({"recipes": {"a": {"config": DET, "grid": {"train.seed": [1], "data.seed": [2]}}}}, "same name"),
+    ({"recipes": {"a": {"config": DET, "init_from": "nope"}}}, "names no row"),
+    ({"recipes": {"a": {"config": DET, "init_from": "b"}, "b": {"config": DET, "init_from": "a"}}}, "cycle"),
+    ({"recipes": {"a": {"config": DET}}, "baseline": "a.x=1"}, "baseline"),
+    ({"recipes": {"a.b": {"config": DET}}}, "plain folder name"),
+    ({"recipes": {"a": {"config": DET}}, "fractions": [0.3]}, "not both"),
+])
+def test_bad_grids_rows_and_axes_are_refused_with_the_reason(tmp_path, bad, message):
+    raw = {**_study(tmp_path, recipes={"a": {"config": DET}}), **bad}
+    with pytest.raises(ConfigError, match=message):
+        make_study(raw)
+
+
+def test_labeled_fraction_and_the_old_fractions_give_the_same_cells(tmp_path):
+    recipes = {"a": {"config": DET}, "b": {"config": DET, "overrides": ["train.lr=0.002"]}}
+    new = make_study({**_study(tmp_path, recipes=recipes), "labeled_fraction": [0.1, 0.2]})
+    old = {**_study(tmp_path, recipes=recipes), "fractions": [0.1, 0.2]}
+    old.pop("labeled_fraction")
+    old = make_study(old)
+    assert study_cells(new, tmp_path) == study_cells(old, tmp_path)
+    assert new.axis_name == "labeled_fraction" and old.axis_name == "boxed_fraction"
+
+
+def test_packaged_old_style_study_keeps_its_cells(tmp_path):
+    """detection_cpu.yaml (a `fractions:` file) gives the cells the code before grids gave: the same
+    folders and the same overrides (the formula of that code, written out here)."""
+    spec = load_study(ROOT / "src/cxrdistill/configs/studies/detection_cpu.yaml")
+    raw = yaml.safe_load((ROOT / "src/cxrdistill/configs/studies/detection_cpu.yaml").read_text())
+    expected = []
+    for seed in raw["seeds"]:
+        for fraction in raw["fractions"]:
+            for recipe, entry in raw["recipes"].items():
+                overrides = (*raw["overrides"], *(entry.get("overrides") or []), f"data.boxed_fraction={fraction:g}",
+                             f"train.seed={seed}", f"data.split_seed={seed}")
+                expected.append((recipe, tmp_path / recipe / f"f{fraction:g}" / f"seed{seed}", overrides))
+    assert [(c.recipe, c.run_dir, c.overrides) for c in study_cells(spec, tmp_path)] == expected
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_several_metrics_give_one_table_each_from_the_run_files(tmp_path):
+    from typer.testing import CliRunner
+
+    from cxrdistill.cli import app
+
+    raw = _study(tmp_path / "s", metrics=["mAP@0.5", "mAP@0.25", "froc"], baseline="sup",
+                 recipes={"sup": {"config": DET}, "sup_lr": {"config": DET, "overrides": ["train.lr=0.01"]}})
+    spec = make_study(raw)
+    result = run_study(spec, console=Console(quiet=True), keep_going=False, report=True)
+    table = json.loads((tmp_path / "s" / "table.json").read_text())
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump(raw))
+    (tmp_path / "s" / "table.json").unlink()
+    out = CliRunner().invoke(app, ["compare", "--study", str(study_file), "--table-only"])
+    assert out.exit_code == 0, out.output
+    assert json.loads((tmp_path / "s" / "table.json").read_text()) == table  # rebuilt from the cells alone
+    assert table["metric"] == "mAP@0.5" and list(table["tables"]) == ["mAP@0.5", "mAP@0.25", "froc"]
+    for metric, sub in table["tables"].items():
+        assert sub["metric"] == metric
+        for row in sub["rows"]:
+            cell = next(c for c in result.cells if c.recipe == row["recipe"])
+            assert row["fractions"]["f0.3"]["mean"] == pytest.approx(
+                json.loads((cell.run_dir / "final_metrics.json").read_text())[metric])
+    # mAP tables carry the paired comparison; froc (no paired bootstrap for it) only the seed statistics
+    assert "vs_baseline" in table["tables"]["mAP@0.25"]["rows"][1]["fractions"]["f0.3"]
+    assert "vs_baseline" not in table["tables"]["froc"]["rows"][1]["fractions"]["f0.3"]
+    text = (tmp_path / "s" / "table.md").read_text()
+    assert text.count("\n## ") + text.startswith("## ") == 3 and "labeled_fraction 0.3" in text
+    assert "## froc" in text and "froc on the test split" in text
+    assert result.report_path.read_text().count("<caption>") == 3
+    # a metric no cell has is a typo: refused with the keys the runs do have
+    typo = make_study({**_study(tmp_path / "s", recipes={"sup": {"config": DET}}), "metrics": ["mAP@0.5", "mAp"]})
+    with pytest.raises(CxrDistillError, match="has no metric 'mAp'"):
+        build_table(typo, study_cells(typo))
+
+
+def test_a_single_metric_table_is_the_old_layout():
+    table = {"study": "x", "metric": "m", "baseline": "a", "ci": "t", "n_boot": 10, "fractions": ["f0.1"],
+             "fraction_key": "data.boxed_fraction", "seeds": [0],
+             "rows": [{"recipe": "a", "label": "A", "fractions": {"f0.1": {"n_seeds": 1, "values": {0: 0.5},
+                                                                         "mean": 0.5, "ci": [None, None]}}}]}
+    text = format_markdown(table)
+    assert "| recipe | boxed_fraction 0.1 |" in text and "| A | 0.500 (n=1) |" in text and "##" not in text
+    assert "| recipe | labeled_fraction 0.1 |" in format_markdown({**table, "axis": "labeled_fraction"})
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+def test_init_from_cells_start_from_the_same_cell_of_the_named_row(tmp_path, monkeypatch):
+    """Row `b` trains 0 steps of its own: with `init_from: a` its supervised stage is a's (read from
+    a's run folder, the stage store is off), so its metrics are a's; `c` without it differs."""
+    monkeypatch.setenv("CXRDISTILL_STAGE_STORE", "off")
+    spec = make_study(_study(tmp_path / "s", seeds=[0, 1], recipes={
+        "b": {"config": DET, "overrides": ["train.max_steps=0"], "init_from": "a"},
+        "a": {"config": DET, "overrides": ["train.max_steps=3"]},
+        "c": {"config": DET, "overrides": ["train.max_steps=0"]}}))
+    cells = study_cells(spec)
+    assert [c.recipe for c in cells] == ["a", "b", "c", "a", "b", "c"]  # a row runs after its source
+    b0 = cells[1]
+    assert b0.after == cells[0].run_dir and b0.overrides[-1] == f"init_from={cells[0].run_dir}"
+    assert not ready(b0) and all("init_from=" not in line for line in job_commands(spec))
+    for k in range(2):  # a dependent cell is in its source's shard
+        mine = shard_cells(cells, (k, 2))
+        assert all(c.after is None or c.after in {m.run_dir for m in mine} for c in mine)
+    result = run_study(spec, console=Console(quiet=True), keep_going=False, report=False)
+    assert not result.failed
+    metrics = {(c.recipe, c.seed): json.loads((c.run_dir / "final_metrics.json").read_text()) for c in result.cells}
+    for seed in (0, 1):
+        assert metrics[("b", seed)]["mAP@0.5"] == metrics[("a", seed)]["mAP@0.5"]
+        marker = json.loads((tmp_path / "s/b/f0.3" / f"seed{seed}" / "checkpoints/supervised/stage_key.json").read_text())
+        assert marker["source"] == "init_from"
+        assert marker["init_from"] == str(tmp_path / "s/a/f0.3" / f"seed{seed}" / "checkpoints/supervised/last.pt")
+    a, b, c = (torch.load(tmp_path / f"s/{r}/f0.3/seed0/model.pt", weights_only=True)["state_dict"] for r in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # b exported a's trained weights
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the control (0 steps, no init_from) is another model
+    cfg = yaml.safe_load((tmp_path / "s/b/f0.3/seed0/config.yaml").read_text())
+    assert cfg["init_from"] == str(tmp_path / "s/a/f0.3/seed0")
+    assert "init_from" not in yaml.safe_load((tmp_path / "s/a/f0.3/seed0/config.yaml").read_text())
+
+
+def test_init_from_a_grid_recipe_picks_the_row_with_the_same_point(tmp_path):
+    spec = make_study(_study(tmp_path, recipes={
+        "base": {"config": DET, "grid": {"train.lr": [0.001, 0.002]}},
+        "ft": {"config": DET, "init_from": "base", "grid": [{"train.lr": 0.002, "data.weak_fraction": 0.5},
+                                                             {"train.lr": 0.001, "data.weak_fraction": 0.5}]}}))
+    assert spec.rows["ft.lr=0.002.weak_fraction=0.5"].init_from == "base.lr=0.002"
+    assert spec.rows["ft.lr=0.001.weak_fraction=0.5"].init_from == "base.lr=0.001"
+    from cxrdistill.methods.init_from import init_checkpoint
+
+    with pytest.raises(ConfigError, match="no finished stage 'supervised'"):
+        init_checkpoint(tmp_path / "nothing", "supervised")
+
+
+# ----------------------------------------------------------------------------- data source
+
+
+def _tbx_folder(root: Path) -> None:
+    """A tiny TBX11K folder in the official (VOC) layout: 6 TB images with boxes, 2 healthy."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(8):
+        sub = "tb" if i < 6 else "health"
+        path = root / "imgs" / sub / f"{sub}{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(path)
+        lines.append(f"{sub}/{path.name}")
+        if sub == "tb":
+            xml = root / "annotations" / "xml" / f"{path.stem}.xml"
+            xml.parent.mkdir(parents=True, exist_ok=True)
+            xml.write_text(f"<annotation><size><width>64</width><height>64</height></size><object><name>"
+                           f"ActiveTuberculosis</name><bndbox><xmin>4</xmin><ymin>4</ymin><xmax>{20 + i}</xmax>"
+                           "<ymax>30</ymax></bndbox></object></annotation>")
+    (root / "lists").mkdir()
+    (root / "lists" / "TBX11K_train.txt").write_text("\n".join(lines[:5] + lines[6:7]) + "\n")
+    (root / "lists" / "TBX11K_val.txt").write_text("\n".join([lines[5], lines[7]]) + "\n")
+
+
+def test_a_data_source_is_prepared_once_and_every_cell_reads_it(tmp_path):
+    from cxrdistill.data.study import StudyData
+    from cxrdistill.methods.registry import load_run_config
+    from cxrdistill.study.data import prepare_data
+
+    _tbx_folder(tmp_path / "tbx")
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({**_study(tmp_path / "s", recipes={"sup": {"config": DET}}),
+                                          "data": {"source": "tbx11k", "root": "tbx"}}))
+    spec = load_study(study_file)  # the root is found next to the study file
+    path = prepare_data(spec, tmp_path / "s")
+    assert path == (tmp_path / "s" / "data" / "tbx11k.json").resolve()
+    cell = study_cells(spec, tmp_path / "s")[0]
+    assert cell.overrides[0] == f"data.manifest={path}"
+    cfg = load_run_config(cell.config, list(cell.overrides))
+    data = StudyData.from_config(cfg.data)
+    assert len(data.dataset("train")) == 6 and len(data.dataset("val")) == 2  # images read where they are
+    assert sum(im.supervision == "box" for im in data.dataset("train").images) < 6  # re-split at 0.3
+    stamp = path.stat().st_mtime_ns
+    assert prepare_data(spec, tmp_path / "s") == path and path.stat().st_mtime_ns == stamp  # not rebuilt
+    changed = make_study({**_study(tmp_path / "s", recipes={"sup": {"config": DET}}),
+                          "data": {"source": "tbx11k", "root": str(tmp_path / "tbx"), "options": {"layout": "voc"}}})
+    with pytest.raises(ConfigError, match="delete the file"):
+        prepare_data(changed, tmp_path / "s")
+    missing = make_study({**_study(tmp_path / "t", recipes={"sup": {"config": DET}}),
+                          "data": {"source": "tbx11k", "root": str(tmp_path / "nope")}})
+    with pytest.raises(ConfigError, match="is not a folder"):
+        prepare_data(missing, tmp_path / "t")
