@@ -2,7 +2,7 @@
 
 Each `method.name` of the registry is trained through `cxrdistill.run.run_training` (what
 `cxrdistill train` calls) from its packaged config plus the overrides of ``tiny_recipes.py``: a
-synthetic world of 32 images at 32 px, 4 steps a stage, width-4 models. The run must finish and
+synthetic world of 24 images at 32 px, 4 steps a stage, width-4 models. The run must finish and
 leave what a study reads: ``final_metrics.json`` with the recipe's headline metrics (finite, in
 [0, 1]), the ``run.json`` fingerprint of its ``config.yaml``, and for a distillation recipe
 ``teacher_comparison.json`` (student − own teacher, with a bootstrap CI).

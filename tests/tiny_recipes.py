@@ -1,7 +1,7 @@
 """Tiny configs of every registered recipe: its packaged config plus overrides that shrink it to seconds.
 
 A recipe runs from ``src/cxrdistill/configs/<recipe>.yaml`` (the file users start from; see
-``PACKAGED``) with the overrides of :func:`tiny_overrides`: a synthetic world of 32 images at 32 px,
+``PACKAGED``) with the overrides of :func:`tiny_overrides`: a synthetic world of 24 images at 32 px,
 4 optimizer steps a stage (checkpoint every 2), a width-4 backbone, a small bootstrap. The method
 parameters of the packaged file stay, except the few in ``RECIPES`` that make a stage long or empty.
 
@@ -25,7 +25,7 @@ STEPS = 4          # optimizer steps of every stage
 CHECKPOINT = 2     # checkpoint every 2 steps: a kill in step 3 resumes from step 2
 MAX_STAGE_STEPS = 16  # the smoke test's bound on any stage (epoch-based stages round up)
 IMAGE_SIZE = 32
-WORLD = {"n_images": 32, "image_size": IMAGE_SIZE, "seed": 2, "splits": [0.6, 0.1, 0.3]}
+WORLD = {"n_images": 24, "image_size": IMAGE_SIZE, "seed": 2, "splits": [0.6, 0.1, 0.3]}
 N_BOOT = 10        # bootstrap replicates of every CI (teacher_student_cls needs >= 10)
 
 DETECTOR = {"kind": "detector", "base_width": 4,
