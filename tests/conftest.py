@@ -7,8 +7,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 # synthetic worlds and image caches of tests never touch the user's ~/.cache, and xdist workers
-# never share one (each worker imports this file once)
+# never share one: a worker inherits the controller's CXRDISTILL_CACHE through the environment, so
+# each one works in its own sub-folder (two processes building one image cache at the same time race:
+# the later build deletes the data file the earlier one is about to map)
 os.environ.setdefault("CXRDISTILL_CACHE", tempfile.mkdtemp(prefix="cxrdistill-test-cache-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["CXRDISTILL_CACHE"] = os.path.join(os.environ["CXRDISTILL_CACHE"], os.environ["PYTEST_XDIST_WORKER"])
+    os.makedirs(os.environ["CXRDISTILL_CACHE"], exist_ok=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
