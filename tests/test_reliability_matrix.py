@@ -1,7 +1,7 @@
 """Crash matrix (issue #21): every registered recipe, SIGKILLed in each of its stages, resumes exactly.
 
-For each recipe (tiny config from ``crash_matrix_recipes.py``: 4 steps a stage, a checkpoint every
-2) a forked child runs ``run_training`` and kills itself with a real ``SIGKILL`` at one point:
+For each recipe (its packaged config made tiny by ``tiny_recipes.py``: 4 steps a stage, a checkpoint
+every 2) a forked child runs ``run_training`` and kills itself with a real ``SIGKILL`` at one point:
 
 - ``<stage>@mid``: inside the optimizer step after the stage's first checkpoint (step 3: resumes
   from the step-2 checkpoint), or inside its last step when it is that short;
@@ -26,53 +26,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from crash_matrix_recipes import CHECKPOINT, RECIPES, recipe_config  # noqa: E402
+from tiny_recipes import CHECKPOINT, RECIPES, shared_run, stage_store_off, train  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def matrix_root(tmp_path_factory):
-    from cxrdistill.data.synthetic import make_world
-
-    root = tmp_path_factory.mktemp("matrix")
+@pytest.fixture(scope="module", autouse=True)
+def _no_stage_store():
     # Every run trains its own supervised stage: a stage read back from the shared stage store
     # (methods/kit.py) would never reach the kill point. Store reuse is tested in test_shared_stage.
-    previous = os.environ.get("CXRDISTILL_STAGE_STORE")
-    os.environ["CXRDISTILL_STAGE_STORE"] = "off"
-    make_world(root / "world", n_images=24, image_size=32, seed=2, splits=(0.6, 0.1, 0.3))
-    yield root
-    if previous is None:
-        os.environ.pop("CXRDISTILL_STAGE_STORE", None)
-    else:
-        os.environ["CXRDISTILL_STAGE_STORE"] = previous
-
-
-def _config(root: Path, recipe: str, out: Path) -> Path:
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(recipe_config(recipe, str(root / "world" / "manifest.json"),
-                                                 str(root / "cache"), str(out))))
-    return path
-
-
-def _train(config: Path) -> None:
-    from rich.console import Console
-
-    from cxrdistill.run import run_training
-
-    run_training(config, [], console=Console(file=open(os.devnull, "w")))
-
-
-_REFERENCE: dict[str, Path] = {}
-
-
-def _reference(root: Path, recipe: str) -> Path:
-    if recipe not in _REFERENCE:
-        out = root / f"{recipe}__reference"
-        _train(_config(root, recipe, out))
-        _REFERENCE[recipe] = out
-    return _REFERENCE[recipe]
+    with stage_store_off():
+        yield
 
 
 def _stages(run: Path) -> list[str]:
@@ -85,7 +49,7 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _child(config: str, point: str) -> None:
+def _child(recipe: str, out: str, point: str) -> None:
     """Install one kill point and train; the process dies there (never returns normally)."""
     from cxrdistill.engine.loop import Trainer
     from cxrdistill.pseudo.store import PseudoLabelWriter
@@ -116,7 +80,7 @@ def _child(config: str, point: str) -> None:
             return real_step(self, *args, **kwargs)
 
         Trainer._optimizer_step = optimizer_step
-    _train(Path(config))
+    train(recipe, Path(out))
     os._exit(3)  # the kill point was never reached
 
 
@@ -176,23 +140,22 @@ def test_every_registered_recipe_is_in_the_matrix():
 
 
 @pytest.mark.parametrize("recipe,point", CASES)
-def test_killed_in_a_stage_and_rerun_gives_bit_identical_weights(matrix_root, tmp_path, recipe, point):
-    reference = _reference(matrix_root, recipe)
+def test_killed_in_a_stage_and_rerun_gives_bit_identical_weights(tiny_runs_root, tmp_path, recipe, point):
+    reference = shared_run(tiny_runs_root, recipe)  # the uninterrupted run (also the recipe's smoke test)
     assert _stages(reference) == STAGES[recipe]
     if point.endswith("@mid"):
         stage = point[: -len("@mid")]
         steps = json.loads((reference / "checkpoints" / stage / "done.json").read_text())["max_steps"]
         point = f"{stage}@{min(CHECKPOINT + 1, steps)}"
     out = tmp_path / "run"
-    config = _config(matrix_root, recipe, out)
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(str(config), point))
+    proc = multiprocessing.get_context("fork").Process(target=_child, args=(recipe, str(out), point))
     proc.start()
     proc.join(120)
     assert proc.exitcode == -signal.SIGKILL, f"the child did not die at {point} (exit code {proc.exitcode})"
     if point == "pseudo":
         assert any(p.name.startswith("chunk_") for p in (out / "pseudo").rglob("*")), "no chunk on disk at the kill"
         assert not any(p.name == "COMPLETE.json" for p in (out / "pseudo").rglob("*"))
-    _train(config)
+    train(recipe, out)
     assert _differing(_weights(reference), _weights(out)) == []
     metrics = json.loads((out / "final_metrics.json").read_text())
     assert metrics.keys() == json.loads((reference / "final_metrics.json").read_text()).keys()

@@ -1,0 +1,111 @@
+"""Every registered recipe runs end to end, tiny (issue 18, item 7).
+
+Each `method.name` of the registry is trained through `cxrdistill.run.run_training` (what
+`cxrdistill train` calls) from its packaged config plus the overrides of ``tiny_recipes.py``: a
+synthetic world of 24 images at 32 px, 4 steps a stage, width-4 models. The run must finish and
+leave what a study reads: ``final_metrics.json`` with the recipe's headline metrics (finite, in
+[0, 1]), the ``run.json`` fingerprint of its ``config.yaml``, and for a distillation recipe
+``teacher_comparison.json`` (student − own teacher, with a bootstrap CI).
+
+The run is the crash matrix's uninterrupted reference run (``tiny_recipes.shared_run``): trained
+once per session, whichever of the two test modules asks first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_recipes import IMAGE_SIZE, MAX_STAGE_STEPS, N_BOOT, RECIPES, packaged_config, shared_run  # noqa: E402
+
+
+def _registered() -> list[str]:
+    """Every recipe of the package (test modules may register toy recipes too: those are left out)."""
+    from cxrdistill.methods.registry import _REGISTRY, available_methods
+
+    available_methods()  # imports every recipe module
+    return sorted(m for m, spec in _REGISTRY.items() if spec.run.__module__.startswith("cxrdistill.methods."))
+
+
+REGISTERED = _registered()
+
+DETECTION = ("mAP", "mAP@0.5", "froc", "macro_AUROC")
+AUROC = ("macro_AUROC", "macro_AUROC_ci_low", "macro_AUROC_ci_high")
+# recipe -> its headline metrics in final_metrics.json (probabilities, mAP, FROC: all in [0, 1])
+HEADLINE: dict[str, tuple[str, ...]] = {
+    "supervised_detector": DETECTION, "supervised_multitask": DETECTION,
+    "supervised_heatmap": ("mAP@0.5", "froc", "modified_froc", "macro_AUROC"),
+    "supervised_classifier": AUROC, "supervised_report": AUROC,
+    "mean_teacher": DETECTION, "unbiased_teacher": DETECTION, "soft_teacher": DETECTION, "stac": DETECTION,
+    "tsd": ("mAP@0.25", "mAP@0.5", "mAP@0.75", "teacher/mAP@0.5", "student/mAP@0.5"),
+    "ceird": ("mAP@0.25", "mAP@0.5", "mAP@0.75", "teacher/mAP@0.5", "report_gen2/AUROC"),
+    "oxnet": (*DETECTION, "base/mAP@0.5", "teacher/mAP@0.5", "student/mAP@0.5"),
+    "aals": ("AUROC", "AUROC_lo", "AUROC_hi", "mFROC", "mAP@0.5", "pretrain/AUROC", "teacher/AUROC"),
+    "cam": ("mAP@0.5", "froc", "macro_AUROC"),
+    "pi_model": AUROC, "temporal_ensembling": AUROC,
+    "teacher_student_cls": (*AUROC, "teacher_auroc", "student1_auroc", "student2_auroc"),
+}
+# recipes that compare the final model with their own teacher on the same test images
+TEACHER_COMPARISON = {"tsd", "ceird", "stac", "mean_teacher", "unbiased_teacher", "soft_teacher"}
+# metrics that are legitimately NaN on a tiny test split (no truth box in that size range)
+MAY_BE_NAN = ("AP_small", "AP_medium", "AP_large")
+
+
+def test_the_registry_lists_the_known_recipes_and_every_one_has_a_tiny_config():
+    known = {"supervised_detector", "supervised_multitask", "supervised_heatmap", "supervised_classifier",
+             "supervised_report", "mean_teacher", "unbiased_teacher", "soft_teacher", "stac", "tsd", "ceird",
+             "oxnet", "aals", "cam", "pi_model", "temporal_ensembling", "teacher_student_cls"}
+    assert known <= set(REGISTERED)
+    missing = sorted(set(REGISTERED) - set(RECIPES))
+    assert not missing, f"add a tiny config to tests/tiny_recipes.py for: {missing}"
+    assert not sorted(set(REGISTERED) - set(HEADLINE)), "add the recipe's headline metrics to HEADLINE"
+    for name in REGISTERED:
+        assert packaged_config(name).is_file(), f"{name}: no packaged config {packaged_config(name)}"
+
+
+@pytest.mark.parametrize("recipe", REGISTERED)
+def test_recipe_runs_end_to_end_and_writes_its_final_metrics(tiny_runs_root, recipe):
+    from cxrdistill.config import load_config
+    from cxrdistill.engine.run_dir import run_fingerprint
+
+    run = shared_run(tiny_runs_root, recipe)
+
+    # the run was tiny: every stage that took optimizer steps took a handful
+    for done in sorted((run / "checkpoints").glob("*/done.json")):
+        steps = json.loads(done.read_text())["max_steps"]
+        assert 0 < steps <= MAX_STAGE_STEPS, f"{done.parent.name}: {steps} steps (not tiny)"
+
+    # config.yaml names what the run read; run.json is its fingerprint (what resume compares)
+    cfg = load_config(run / "config.yaml")
+    assert cfg.method.name == recipe and cfg.data.image_size == IMAGE_SIZE
+    assert cfg.method.params["n_boot"] == N_BOOT
+    fingerprint = json.loads((run / "run.json").read_text())
+    assert fingerprint == json.loads(json.dumps(run_fingerprint(cfg)))
+
+    metrics = json.loads((run / "final_metrics.json").read_text())
+    assert isinstance(metrics, dict) and metrics
+    for key, value in metrics.items():
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}: {value!r}"
+        assert math.isfinite(value) or key.endswith(MAY_BE_NAN), f"{key}: {value}"
+    for key in HEADLINE[recipe]:
+        assert key in metrics, f"headline metric {key} missing from final_metrics.json: {sorted(metrics)}"
+        assert math.isfinite(metrics[key]) and 0.0 <= metrics[key] <= 1.0, f"{key}: {metrics[key]}"
+    for low, high in [(k, k.replace("_ci_low", "_ci_high")) for k in metrics if k.endswith("_ci_low")]:
+        assert metrics[low] <= metrics[high], f"{low} > {high}"
+
+    comparison = run / "teacher_comparison.json"
+    assert comparison.is_file() == (recipe in TEACHER_COMPARISON)
+    if recipe in TEACHER_COMPARISON:
+        saved = json.loads(comparison.read_text())
+        assert saved["teacher_source"] == "trained"  # the stage store is off: its own teacher stage
+        for iou in ("0.25", "0.5", "0.75"):
+            delta, low, high = (saved[f"delta_teacher/mAP@{iou}{s}"] for s in ("", "_ci_low", "_ci_high"))
+            assert all(math.isfinite(v) for v in (delta, low, high)) and low <= high
+            # the student and teacher mAP it was taken from; final_metrics.json carries the same Δ
+            assert -1.0 <= delta <= 1.0 and metrics[f"delta_teacher/mAP@{iou}"] == pytest.approx(delta)
+            assert 0.0 <= saved[f"teacher/mAP@{iou}"] <= 1.0
