@@ -31,8 +31,8 @@ intermediate and final student with the generation-0 teacher by a paired bootstr
 ``eval/table.{json,md}``, the teacher's ``eval_teacher/`` and the final student's ``eval/``
 (``metrics.json``, ``image_scores.json``), and ``teacher_comparison.json`` (student − own teacher).
 
-Stage lengths are epochs of that stage's training set (paper: 25 / 10 / 15); ``train.max_steps``
-is not used by this recipe. Optimizer and schedule come from ``train`` (paper: Adam, lr 1e-4,
+Stage lengths are epochs of that stage's training set (paper: 25 / 10 / 15), or ``teacher_steps``
+optimizer steps for the teacher; ``train.max_steps`` is not used by this recipe. Optimizer and schedule come from ``train`` (paper: Adam, lr 1e-4,
 ×0.9 per epoch: ``schedule: exp``, ``exp_gamma: 0.9``, one decay per epoch of each stage).
 """
 
@@ -98,6 +98,9 @@ class Params(BaseModel):
     generations: int = Field(1, ge=1)
     """Teacher → student rounds; the paper runs one."""
     teacher_epochs: float = Field(25.0, gt=0)
+    teacher_steps: int | None = Field(None, ge=1)
+    """The teacher's optimizer steps instead of ``teacher_epochs`` (e.g. the ``train.max_steps`` of the
+    ``supervised_classifier`` baseline whose checkpoint it should share at every labeled fraction)."""
     pseudo_epochs: float = Field(10.0, gt=0)
     finetune_epochs: float = Field(15.0, gt=0)
     augment: Literal["martins_silva", "flip", "none"] = "martins_silva"
@@ -136,7 +139,8 @@ def run_on_data(cfg: RunConfig, params: Params, ctx: RunContext, data: StudyData
 
     # 1) the teacher θ^t on D: the shared supervised classifier stage
     stage = supervised_stage(_epoch_ctx(ctx, len(labeled_set)), data, kind="classifier",
-                             steps=_steps(ctx, params.teacher_epochs, len(labeled_set)), augment=augment,
+                             steps=params.teacher_steps or _steps(ctx, params.teacher_epochs, len(labeled_set)),
+                             augment=augment,
                              split=params.train_split, stage=TEACHER_STAGE,
                              head=None if params.task == "multi_label" else task)
     teacher, fresh_teacher = stage.model, stage.fresh
