@@ -57,8 +57,10 @@ def run_fraction(args: argparse.Namespace, fraction: float) -> dict:
     from cxrdistill.methods.teacher_student_cls import run_on_data
 
     out = Path(args.out) / f"lambda_{fraction:g}"
+    data = open_data(args, fraction)
+    manifest = data.manifest.save(out / "manifest.json")  # the teacher's stage key hashes this split
     cfg = validate_config({
-        "data": {"image_size": args.image_size},
+        "data": {"image_size": args.image_size, "manifest": str(manifest)},
         "model": {"kind": "classifier", "options": {"arch": args.arch, "tiny": args.tiny}},
         "train": {"batch_size": args.batch_size, "optimizer": "adam", "lr": args.lr, "weight_decay": 0.0,
                   "seed": args.seed, "progress": False, "tensorboard": False, "checkpoint_every": 100},
@@ -74,7 +76,7 @@ def run_fraction(args: argparse.Namespace, fraction: float) -> dict:
     ctx = RunContext.create(cfg, run_dir)
     run_dir.write_config(cfg)
     seed_everything(cfg.train.seed, verbose=False)
-    run_on_data(cfg, params, ctx, open_data(args, fraction))
+    run_on_data(cfg, params, ctx, data)
     return json.loads((run_dir.eval / "table.json").read_text())
 
 

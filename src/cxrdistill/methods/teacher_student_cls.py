@@ -130,8 +130,12 @@ def run(cfg: RunConfig, params: Params, ctx: RunContext) -> dict[str, float]:
 
 
 def run_on_data(cfg: RunConfig, params: Params, ctx: RunContext, data: StudyData) -> dict[str, float]:
-    """Sec. III-A on already opened ``data``."""
+    """Sec. III-A on already opened ``data`` (``cfg.data.manifest`` must name its manifest file: the
+    teacher's stage key hashes it)."""
     _check(params)
+    if cfg.data.manifest is None:
+        raise ConfigError("data.manifest: run_on_data needs the file of the opened data's manifest (the shared "
+                          "teacher stage is keyed by its content); save the manifest and set data.manifest")
     task = ClassificationTask(data.class_names, params.task, params.normal_class)
     labeled, unlabeled, held_out = _split_sets(data, params)
     labeled_set = TargetDataset.labeled(labeled, task)
