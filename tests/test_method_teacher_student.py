@@ -232,6 +232,12 @@ def test_cli_train_runs_the_recipe_and_rejects_a_fully_labeled_split(semi_manife
     finals = np.load(tmp_path / "run" / "eval" / "student1_finetune" / "scores.npz")
     assert len(rows) == finals["scores"].size
     assert rows[0]["score"] == pytest.approx(float(finals["scores"][0, 0]), abs=1e-6)
+    # eval/metrics.json and the own teacher's eval_teacher/ in the layout `cxrdistill report` and studies read
+    final = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["classification"]
+    assert final["macro_AUROC"] == pytest.approx(metrics["macro_AUROC"])
+    teacher = json.loads((tmp_path / "run" / "eval_teacher" / "metrics.json").read_text())["classification"]
+    assert teacher["macro_AUROC"] == pytest.approx(metrics["teacher_auroc"])
+    assert (tmp_path / "run" / "eval_teacher" / "image_scores.json").is_file()
 
     m = load_manifest(semi_manifest)
     labeled_only = m.with_images([im for im in m.images if im.supervision != "none"]).save(
@@ -239,6 +245,11 @@ def test_cli_train_runs_the_recipe_and_rejects_a_fully_labeled_split(semi_manife
     raw = _cfg(labeled_only, tmp_path / "run2")
     with pytest.raises(ConfigError, match="no unlabeled image"):
         _run(raw)
+    # what the shared teacher stage cannot do is refused, not ignored
+    with pytest.raises(ConfigError, match="intensity"):
+        _run(_cfg(semi_manifest, tmp_path / "run3", intensity=0.1))
+    with pytest.raises(ConfigError, match="labeled_supervision"):
+        _run(_cfg(semi_manifest, tmp_path / "run4", labeled_supervision=["box"]))
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def write_image_scores(result: dict[str, Any], dataset: CXRDataset, task: Classi
     category_of = dict(zip(dataset.manifest.class_names, dataset.manifest.category_ids))
     columns = [k for k, name in enumerate(task.output_names) if name in category_of]
     write_json_atomic(out_dir / "metrics.json", {"stage": result["stage"], "split": split, "tta": tta,
-                                                 **result["summary"], "classification": result["summary"]}, indent=2)
+                                                 "classification": result["summary"]}, indent=2)
     if columns:
         rows = image_score_rows(result["image_ids"], np.asarray(result["scores"])[:, columns],
                                 [category_of[task.output_names[k]] for k in columns])
