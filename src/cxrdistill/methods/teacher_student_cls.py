@@ -142,10 +142,9 @@ def run_on_data(cfg: RunConfig, params: Params, ctx: RunContext, data: StudyData
     augment = AUGMENT[params.augment]
 
     # 1) the teacher θ^t on D: the shared supervised classifier stage
-    stage = supervised_stage(_epoch_ctx(ctx, len(labeled_set)), data, kind="classifier",
-                             steps=params.teacher_steps or _steps(ctx, params.teacher_epochs, len(labeled_set)),
-                             augment=augment,
-                             split=params.train_split, stage=TEACHER_STAGE,
+    teacher_steps = params.teacher_steps or _steps(ctx, params.teacher_epochs, len(labeled_set))
+    stage = supervised_stage(_epoch_ctx(ctx, len(labeled_set)), data, kind="classifier", steps=teacher_steps,
+                             augment=augment, split=params.train_split, stage=TEACHER_STAGE,
                              head=None if params.task == "multi_label" else task)
     teacher, fresh_teacher = stage.model, stage.fresh
     results = {"teacher": _evaluate(ctx, TEACHER_STAGE, teacher, held_out, task, params, reuse=not stage.fresh)}
