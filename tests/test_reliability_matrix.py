@@ -123,7 +123,7 @@ STAGES = {
     "ceird": ["supervised", "vision_gen1", "vision_gen2"], "oxnet": ["supervised", "oxnet"],
     "aals": ["supervised", "semi"], "cam": ["classifier"], "pi_model": ["pi_model"],
     "temporal_ensembling": ["temporal_ensembling"],
-    "teacher_student_cls": ["teacher", "student1_pseudo", "student1_finetune", "student2_pseudo",
+    "teacher_student_cls": ["classifier", "student1_pseudo", "student1_finetune", "student2_pseudo",
                             "student2_finetune"],
 }
 PSEUDO = {"stac", "tsd", "ceird", "teacher_student_cls"}

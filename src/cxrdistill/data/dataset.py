@@ -98,7 +98,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack images and per-image vectors; keep boxes/labels as per-image lists.
 
     Output: image (B,1,S,S), image_labels (B,C), has_boxes (B,) bool, has_image_labels (B,) bool,
-    image_id (B,) int64, boxes list[(N_i,4)], labels list[(N_i,)], report list[str].
+    image_id (B,) int64, boxes list[(N_i,4)], labels list[(N_i,)], report list[str]; and, when the
+    samples have them, truth_* and a task's target (B,K) / mask (B,K) (`data.target_dataset`).
     """
     out: dict[str, Any] = {
         "image": torch.stack([s["image"] for s in samples]),
@@ -113,8 +114,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("truth_boxes", "truth_labels"):
         if key in samples[0]:
             out[key] = [s[key] for s in samples]
-    if "truth_image_labels" in samples[0]:
-        out["truth_image_labels"] = torch.stack([s["truth_image_labels"] for s in samples])
+    for key in ("truth_image_labels", "target", "mask"):  # target / mask: `data.target_dataset`
+        if key in samples[0]:
+            out[key] = torch.stack([s[key] for s in samples])
     return out
 
 

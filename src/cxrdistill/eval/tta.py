@@ -6,14 +6,25 @@ prediction for each crop. The final prediction for the given image is the averag
 crop predictions." Their images were 256 px, so a crop covers 224 / 256 = 0.875 of each side
 (`DEFAULT_CROP_FRACTION`). The model must accept the smaller crop (any network ending in global
 pooling does).
+
+:func:`predict_with_tta` applies it (or not) to one batch; :func:`predict_dataset` to every image of
+a dataset, in dataset order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sized
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+Predict = Callable[[Tensor], Tensor]
+"""``predict(images (B, C, h, w)) -> (B, K)`` per-image outputs, e.g. class probabilities."""
+
+
+class ImageDataset(Sized, Protocol):
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 DEFAULT_CROP_FRACTION = 224 / 256
 
@@ -56,4 +67,31 @@ def ten_crop_predict(predict: Callable[[Tensor], Tensor], images: Tensor,
     return out.reshape(n_views, batch, *out.shape[1:]).mean(dim=0)
 
 
-__all__ = ["DEFAULT_CROP_FRACTION", "crop_size_for", "ten_crop", "ten_crop_predict"]
+def predict_with_tta(predict: Predict, images: Tensor, *, tta: bool,
+                     crop_fraction: float = DEFAULT_CROP_FRACTION) -> Tensor:
+    """``predict(images)`` ``(B, K)``, or with ``tta`` its mean over the ten crops (:func:`ten_crop_predict`)."""
+    return ten_crop_predict(predict, images, crop_fraction) if tta else predict(images)
+
+
+@torch.no_grad()
+def predict_dataset(predict: Predict, dataset: ImageDataset, *, tta: bool, num_outputs: int,
+                    crop_fraction: float = DEFAULT_CROP_FRACTION, batch_size: int = 32,
+                    device: torch.device | None = None) -> tuple[list[int], Tensor]:
+    """Image ids and outputs ``(N, K)`` float32 on CPU of ``predict`` over ``dataset`` (samples with
+    ``image (1, S, S)`` and ``image_id``), batch by batch, optionally with ten-crop TTA.
+
+    ``predict`` runs as given: put the model in evaluation mode first.
+    """
+    ids: list[int] = []
+    out: list[Tensor] = []
+    for start in range(0, len(dataset), batch_size):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        images = torch.stack([s["image"] for s in samples])
+        images = images.to(device) if device is not None else images
+        out.append(predict_with_tta(predict, images, tta=tta, crop_fraction=crop_fraction).float().cpu())
+        ids += [int(s["image_id"]) for s in samples]
+    return ids, torch.cat(out) if out else torch.zeros(0, num_outputs)
+
+
+__all__ = ["DEFAULT_CROP_FRACTION", "Predict", "crop_size_for", "predict_dataset", "predict_with_tta", "ten_crop",
+           "ten_crop_predict"]

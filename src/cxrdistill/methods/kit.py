@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -329,7 +329,7 @@ def stage_store_root() -> Path | None:
 
 
 def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: str,
-              stage: str = SUPERVISED_STAGE) -> tuple[str, dict[str, Any]]:
+              stage: str = SUPERVISED_STAGE, head: str | None = None) -> tuple[str, dict[str, Any]]:
     """The hash of everything that determines a supervised stage's weights, and what was hashed
     (the stage name too: it seeds the loader)."""
     cfg = ctx.cfg
@@ -339,6 +339,8 @@ def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: s
         "batch_size", "lr", "weight_decay", "optimizer", "momentum", "warmup_steps", "schedule", "min_lr_ratio",
         "step_milestones", "step_gamma", "precision", "accumulate", "grad_clip", "seed", "nan_policy",
         "rollback_lr_factor", "max_rollbacks"})
+    if cfg.train.schedule == "exp":  # the per-epoch decay (other schedules ignore both)
+        train.update(exp_gamma=cfg.train.exp_gamma, steps_per_epoch=cfg.train.steps_per_epoch)
     payload = {
         "version": STAGE_VERSION, "kind": kind, "stage": stage, "steps": int(steps), "augment": augment,
         "split": split,
@@ -347,26 +349,41 @@ def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: s
                  "weak_fraction": data.weak_fraction, "split_seed": data.split_seed, "on_error": data.on_error},
         "model": cfg.model.model_dump(mode="json"), "train": train, "world_size": ctx.world_size,
     }
+    if head is not None:  # a classifier trained for another task than the classes' multi-label BCE
+        payload["head"] = head
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16], payload
+
+
+class ClassifierHead(Protocol):
+    """A classifier stage's task when it is not multi-label BCE on the classes (`data.targets`)."""
+
+    @property
+    def name(self) -> str: ...  # part of the stage key
+
+    @property
+    def num_outputs(self) -> int: ...
+
+    def stage_losses(self, model: nn.Module) -> Losses: ...
 
 
 def supervised_stage(ctx: RunContext, data: StudyData, *,
                      kind: Literal["detector", "classifier", "heatmap"] = "detector",
                      steps: int | None = None, augment: Augment = "flip", split: str = "train",
-                     stage: str = SUPERVISED_STAGE) -> Stage:
+                     stage: str = SUPERVISED_STAGE, head: ClassifierHead | None = None) -> Stage:
     """The supervised model of ``data``'s labeled training images, trained once per key.
 
     Detector: the box images (supervision "box"); classifier: images with image labels; heatmap:
     R ∪ N (box images, and image-level images with an absent class: :func:`heatmap_losses`). Seeded
     initialisation (``train.seed``), :func:`fit_on` with ``augment`` for ``steps`` optimizer steps
     (None: ``train.max_steps``). Looked up in the stage store first; trained (resumably, as stage
-    ``stage`` of this run folder) and stored otherwise.
+    ``stage`` of this run folder) and stored otherwise. ``head`` (classifier only): its outputs and
+    loss instead of multi-label BCE on the classes, its name in the key.
     With ``init_from`` in the config: that run's stage ``stage``, loaded (`methods.init_from`).
     """
     cfg = ctx.cfg
     steps = cfg.train.max_steps if steps is None else int(steps)
-    key, payload = stage_key(ctx, kind, steps, augment, split, stage)
+    key, payload = stage_key(ctx, kind, steps, augment, split, stage, None if head is None else head.name)
     if kind == "detector":
         model: nn.Module = build_detector(cfg.model, data.num_classes, cfg.train.seed)
         dataset = data.dataset(split, supervision="box")
@@ -378,9 +395,11 @@ def supervised_stage(ctx: RunContext, data: StudyData, *,
         if not indices:
             raise ConfigError(f"split {split!r} has no image with boxes or image-level negatives (R ∪ N is empty)")
     else:
-        model = build_classifier_model(cfg.model, data.num_classes, cfg.train.seed)
+        model = build_classifier_model(cfg.model, data.num_classes if head is None else head.num_outputs,
+                                       cfg.train.seed)
         dataset = data.dataset(split, supervision=("box", "image"))
-        indices, losses = image_labeled(dataset), classifier_losses(model)  # type: ignore[arg-type]
+        losses = classifier_losses(model) if head is None else head.stage_losses(model)  # type: ignore[arg-type]
+        indices = image_labeled(dataset)
     stage_dir = ctx.run_dir.stage_dir(stage)
     marker = stage_dir / "stage_key.json"
     previous = json.loads(marker.read_text(encoding="utf-8")).get("key") if marker.is_file() else None
@@ -596,7 +615,7 @@ def evaluate_final(ctx: RunContext, evaluate: Callable[[], dict[str, Any]], titl
 
 
 __all__ = [
-    "Augment", "BurnIn", "DETECTION_KEYS", "Part", "TrainSets", "SUPERVISED_STAGE", "STAGE_STORE_ENV", "STAGE_VERSION", "SemiBatch", "Stage",
+    "Augment", "BurnIn", "ClassifierHead", "DETECTION_KEYS", "Part", "TrainSets", "SUPERVISED_STAGE", "STAGE_STORE_ENV", "STAGE_VERSION", "SemiBatch", "Stage",
     "boxed_indices", "build_classifier_model", "burn_in", "evaluate_against_burn_in", "build_detector", "build_heatmap_model", "classifier_losses",
     "detection_headline", "detector_losses", "evaluate_final", "heatmap_losses", "evaluate_stage", "fit_on", "headline",
     "image_labeled", "labeled_loader", "print_metrics", "stage_key", "stage_store_root", "step_generator",

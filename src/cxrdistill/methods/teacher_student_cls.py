@@ -1,89 +1,82 @@
 """Teacher–student semi-supervised classification (Martins & Silva, "On Teacher-Student
 Semi-Supervised Learning for Chest X-ray Image Classification"), with generations.
 
-The labeled set D is the training split's images with image-level labels (supervision "box" or
-"image"); the unlabeled set U is the training split's images with supervision "none" (choose the
-fraction with `data.boxed_fraction` / `make_semi_split`). Sec. III-A, one generation:
+Sec. III-A. The training split's images with image labels (supervision "box" or "image") are the
+labeled set D (N_l = λN; choose λ with ``data.boxed_fraction``), those with supervision "none" the
+unlabeled set U (N_u = (1 − λ)N). One generation g:
 
-1. Train the teacher on D with cross-entropy                                 stage ``teacher``
-2. Classify U with the teacher (ten-crop TTA optional), pseudo-label store   ``pseudo/generation_<g-1>``
-3. Keep the top κ·N_u predictions, per class in D's proportions (`pseudo.top_kappa`, κ = 0.75)
-4. Train the student on the kept pseudo-labels of U only ("intermediate")   stage ``student<g>_pseudo``
-5. Fine-tune the student on D                                                stage ``student<g>_finetune``
+1) Train the teacher θ^t on D with cross-entropy. It is the **shared supervised classifier stage**
+   (`methods.kit.supervised_stage`, stage ``classifier``): the same function, seeded initialisation,
+   augmentation and schedule as the ``supervised_classifier`` baseline, so with task
+   ``multi_label`` and the same schedule the baseline of that data *is* this teacher (one
+   checkpoint in the stage store, trained once). Other tasks train that stage with their own head.
+2) Classify U with θ^t (ten-crop TTA optional), producing the labels L; stored once per
+   generation in ``pseudo/generation_<g-1>``.
+3) Filter L (Sec. III-B): keep the best K = κ·N_u predictions, per class in D's class proportions
+   (`pseudo.top_kappa.class_balanced_top_kappa`, κ = 0.75).
+4) Train the student θ^s on U's kept pseudo-labels only ("intermediate")      stage ``student<g>_pseudo``
+5) Fine-tune the student on D                                                  stage ``student<g>_finetune``
 
-With `generations > 1` the student becomes the next teacher (the teacher–student chain of Shaw
-et al., the paper's future work); each generation's pseudo-labels are stored once and read back
-on a rerun. Every student starts from the teacher's initial weights ("all models starting from
-the same pre-trained model", Fig. 3), unless `student_init="teacher"`.
+Steps 4) and 5) run through the shared supervised loop (`methods.kit.fit_on`). With
+``generations > 1`` the student becomes the next teacher (the teacher–student chain of Shaw et al.,
+the paper's future work). Every student starts from the teacher's initial weights ("all models
+starting from the same pre-trained model", Fig. 3), unless ``student_init="teacher"``.
 
-Tasks — how an image's multi-hot `image_labels (C,)` becomes a target:
+Targets: `data.targets` (tasks ``multi_label`` / ``single_label`` / ``any_finding``) and
+`data.target_dataset` (D and the kept pseudo-labels). Evaluation: AUROC per output (one-vs-rest
+for the softmax tasks), macro mean, seeded bootstrap CI, on ``eval_split`` after every stage
+(`eval.task_scores`, ten-crop TTA of `eval.tta`, Sec. IV-C); Table I (`eval.table_i`) compares each
+intermediate and final student with the generation-0 teacher by a paired bootstrap. The run writes
+``eval/<stage>/{metrics.json, scores.npz}``, ``eval/pseudo_gen<g>.json`` (what the filter kept),
+``eval/table.{json,md}``, the teacher's ``eval_teacher/`` and the final student's ``eval/``
+(``metrics.json``, ``image_scores.json``), and ``teacher_comparison.json`` (student − own teacher).
 
-- ``multi_label``: C independent sigmoid outputs, binary cross-entropy; the top-κ filter runs per
-  class (binary {absent, present} in D's prevalence) and a pseudo-label supervises only its kept
-  entries (the paper's "multi-label framework" future work, needed for 14-class CXR data).
-- ``single_label``: one softmax class per image, as in the paper. The class is the first present
-  class (argmax of the multi-hot: ties go to the lower class index); with `normal_class` an image
-  with no finding gets an extra last class "(no finding)" (without it, such an image is an error).
-- ``any_finding``: two softmax classes, "(no finding)" and "abnormal" (any class present) — the
-  paper's effusion-vs-no-pathology setting applied to "any finding".
-
-Evaluation: AUROC per output column (one-vs-rest for the softmax tasks) and its macro mean, with
-a seeded image bootstrap CI, on `eval_split` after every stage; each generation's intermediate and
-final student are compared with the generation-0 teacher by a paired bootstrap. The run writes
-``eval/<stage>/metrics.json`` and ``scores.npz``, ``eval/pseudo_gen<g>.json`` (what the filter
-kept) and ``eval/table.{json,md}`` (the layout of the paper's Table I).
-
-Stage lengths are epochs of that stage's training set (paper: 25 / 10 / 15); `train.max_steps`
-is not used by this recipe. Optimizer and schedule come from `train` (paper: Adam, lr 1e-4,
-×0.9 per epoch: `schedule: exp`, `exp_gamma: 0.9`, one decay per epoch of each stage).
+Stage lengths are epochs of that stage's training set (paper: 25 / 10 / 15), or ``teacher_steps``
+optimizer steps for the teacher; ``train.max_steps`` is not used by this recipe. Optimizer and schedule come from ``train`` (paper: Adam, lr 1e-4,
+×0.9 per epoch: ``schedule: exp``, ``exp_gamma: 0.9``, one decay per epoch of each stage).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch import Tensor, nn
 
-from cxrdistill.atomic import write_json_atomic
+from cxrdistill.atomic import write_json_atomic, write_text_atomic
 from cxrdistill.config import RunConfig
 from cxrdistill.data.dataset import CXRDataset
 from cxrdistill.data.study import StudyData
-from cxrdistill.data.views import (
-    ViewConfig,
-    intensity_jitter,
-    random_affine,
-    warp_images,
-)
+from cxrdistill.data.target_dataset import TargetDataset, selection_report
+from cxrdistill.data.targets import ClassificationTask, Task
 from cxrdistill.engine.context import RunContext
-from cxrdistill.engine.loop import Trainer
-from cxrdistill.engine.optim import build_optimizer, with_epoch_length
-from cxrdistill.engine.sampler import RatioBatchSampler
+from cxrdistill.engine.optim import with_epoch_length
 from cxrdistill.errors import ConfigError, CxrDistillError
-from cxrdistill.eval.classification import bootstrap_auroc, classification_summary
-from cxrdistill.eval.compare import compare_auroc
-from cxrdistill.eval.runs import image_score_rows
-from cxrdistill.eval.tta import DEFAULT_CROP_FRACTION, ten_crop_predict
-from cxrdistill.methods.kit import step_generator
+from cxrdistill.eval.table_i import format_table_markdown, print_table, table_metrics, table_one
+from cxrdistill.eval.task_scores import score_task, write_image_scores
+from cxrdistill.eval.tta import DEFAULT_CROP_FRACTION, predict_with_tta
+from cxrdistill.methods.kit import (
+    Augment,
+    Stage,
+    build_classifier_model,
+    fit_on,
+    headline,
+    print_metrics,
+    supervised_stage,
+    write_teacher_comparison,
+)
 from cxrdistill.methods.registry import register_method
-from cxrdistill.models.classifier import ImageClassifier, masked_bce_with_logits
-from cxrdistill.models.factory import build_model, export_model
+from cxrdistill.models.factory import export_model
 from cxrdistill.pseudo.generate import stored_pseudo_labels
 from cxrdistill.pseudo.store import PseudoLabelStore
-from cxrdistill.pseudo.top_kappa import TopKappaSelection, class_balanced_top_kappa
+from cxrdistill.pseudo.top_kappa import class_balanced_top_kappa
 
-Task = Literal["multi_label", "single_label", "any_finding"]
-NORMAL = "(no finding)"
-ABNORMAL = "abnormal"
+TEACHER_STAGE = "classifier"
+"""The teacher's stage: the ``supervised_classifier`` baseline's, so that both are one checkpoint."""
+AUGMENT: dict[str, Augment] = {"martins_silva": "strong", "flip": "flip", "none": "none"}
 
 
 class Params(BaseModel):
@@ -92,7 +85,7 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: Task = "single_label"
-    """How image labels become targets (module docstring). The paper: single label (Effusion vs none)."""
+    """How image labels become targets (`data.targets`). The paper: single label (Effusion vs none)."""
     normal_class: bool = True
     """single_label: add a "(no finding)" class for images without any class."""
     kappa: float = Field(0.75, ge=0.0, le=1.0)
@@ -105,12 +98,16 @@ class Params(BaseModel):
     generations: int = Field(1, ge=1)
     """Teacher → student rounds; the paper runs one."""
     teacher_epochs: float = Field(25.0, gt=0)
+    teacher_steps: int | None = Field(None, ge=1)
+    """The teacher's optimizer steps instead of ``teacher_epochs`` (e.g. the ``train.max_steps`` of the
+    ``supervised_classifier`` baseline whose checkpoint it should share at every labeled fraction)."""
     pseudo_epochs: float = Field(10.0, gt=0)
     finetune_epochs: float = Field(15.0, gt=0)
     augment: Literal["martins_silva", "flip", "none"] = "martins_silva"
-    """Training augmentation: the paper's list (flip, ±25°, 15 % shift, ×0.9–1.1, perspective 0.2)."""
+    """Training augmentation of every stage (the shared views of `methods.kit.view_config`): the
+    paper's list (flip, ±25°, 15 % shift, ×0.9–1.1, perspective 0.2), flips only, or none."""
     intensity: float = Field(0.0, ge=0.0, le=1.0)
-    """Extra intensity jitter (`data.views.intensity_jitter`); the paper lists none."""
+    """Extra intensity jitter: not offered by the shared supervised stage's views; must stay 0."""
     pseudo_tta: bool = False
     """Ten-crop TTA when pseudo-labelling U (the paper states TTA for validation and test only)."""
     eval_tta: bool = True
@@ -119,13 +116,11 @@ class Params(BaseModel):
     """Side of a TTA crop relative to the image (paper: 224 / 256)."""
     student_init: Literal["initial", "teacher"] = "initial"
     labeled_supervision: list[Literal["box", "image"]] = Field(default_factory=lambda: ["box", "image"])
+    """Images of D: every image with image labels (the shared supervised stage's labeled set)."""
     train_split: str = "train"
     eval_split: str = "test"
     n_boot: int = Field(1000, ge=10)
     predict_batch_size: int = Field(32, gt=0)
-
-
-# ============================================================================ the recipe
 
 
 @register_method("teacher_student_cls", Params)
@@ -135,168 +130,64 @@ def run(cfg: RunConfig, params: Params, ctx: RunContext) -> dict[str, float]:
 
 
 def run_on_data(cfg: RunConfig, params: Params, ctx: RunContext, data: StudyData) -> dict[str, float]:
-    """Sec. III-A on already opened `data` (the study script passes its own)."""
+    """Sec. III-A on already opened ``data`` (``cfg.data.manifest`` must name its manifest file: the
+    teacher's stage key hashes it)."""
+    _check(params)
+    if cfg.data.manifest is None:
+        raise ConfigError("data.manifest: run_on_data needs the file of the opened data's manifest (the shared "
+                          "teacher stage is keyed by its content); save the manifest and set data.manifest")
     task = ClassificationTask(data.class_names, params.task, params.normal_class)
     labeled, unlabeled, held_out = _split_sets(data, params)
     labeled_set = TargetDataset.labeled(labeled, task)
-    view = _view_config(params)
+    augment = AUGMENT[params.augment]
 
-    # 1. teacher on D
-    teacher = build_classifier(cfg, task.num_outputs)
-    initial_state = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
-    fit = _train_stage(ctx, "teacher", teacher, labeled_set, params.teacher_epochs, task, view)
-    fresh_teacher = not fit.skipped
-    results = {"teacher": _evaluate(ctx, "teacher", teacher, held_out, task, params, fit.skipped)}
+    # 1) the teacher θ^t on D: the shared supervised classifier stage
+    teacher_steps = params.teacher_steps or _steps(ctx, params.teacher_epochs, len(labeled_set))
+    stage = supervised_stage(_epoch_ctx(ctx, len(labeled_set)), data, kind="classifier", steps=teacher_steps,
+                             augment=augment, split=params.train_split, stage=TEACHER_STAGE,
+                             head=None if params.task == "multi_label" else task)
+    teacher, fresh_teacher = stage.model, stage.fresh
+    results = {"teacher": _evaluate(ctx, TEACHER_STAGE, teacher, held_out, task, params, reuse=not stage.fresh)}
 
     for gen in range(1, params.generations + 1):
-        # 2. predict U (stored once per generation)
+        # 2) classify U with the teacher (stored once per generation)
         store = PseudoLabelStore(ctx.run_dir.path / "pseudo", gen - 1)
         ids, probs = predict_unlabeled(ctx, teacher, unlabeled, store, task, params, recompute=fresh_teacher)
-        # 3. class-balanced top-κ filter
-        selection = class_balanced_top_kappa(
-            probs, params.kappa, labeled_set.class_proportions(), mode=task.kappa_mode,
-            soft=params.soft_labels, redistribute=params.redistribute)
+        # 3) keep the best K = κ·N_u, per class in D's proportions
+        selection = class_balanced_top_kappa(probs, params.kappa, labeled_set.class_proportions(),
+                                             mode=task.kappa_mode, soft=params.soft_labels,
+                                             redistribute=params.redistribute)
         pseudo_set = TargetDataset.pseudo(unlabeled, ids, selection, task)
-        _write_json(ctx, ctx.run_dir.eval / f"pseudo_gen{gen}.json",
-                    _selection_report(unlabeled, ids, selection, task, params))
-        # 4. student on the kept pseudo-labels only
-        student = build_classifier(cfg, task.num_outputs)
-        student.load_state_dict(initial_state if params.student_init == "initial" else teacher.state_dict())
-        stage = f"student{gen}_pseudo"
-        fit = _train_stage(ctx, stage, student, pseudo_set, params.pseudo_epochs, task, view,
-                           counts={"pseudo_kept": dict(zip(task.output_names, selection.counts.tolist()))})
-        results[f"intermediate{gen}"] = _evaluate(ctx, stage, student, held_out, task, params, fit.skipped)
-        # 5. fine-tune the student on D
-        stage = f"student{gen}_finetune"
-        fit = _train_stage(ctx, stage, student, labeled_set, params.finetune_epochs, task, view)
-        results[f"student{gen}"] = _evaluate(ctx, stage, student, held_out, task, params, fit.skipped)
-        teacher, fresh_teacher = student, not fit.skipped
+        if ctx.fabric.is_global_zero:
+            write_json_atomic(ctx.run_dir.eval / f"pseudo_gen{gen}.json", selection_report(
+                unlabeled, ids, selection, task, kappa=params.kappa, soft=params.soft_labels), indent=2)
+        # 4) the student θ^s on U's kept pseudo-labels only
+        student = build_classifier_model(cfg.model, task.num_outputs, cfg.train.seed)  # θ^t's initial weights
+        if params.student_init == "teacher":
+            student.load_state_dict(teacher.state_dict())
+        stage_name = f"student{gen}_pseudo"
+        skipped = _train(ctx, stage_name, student, pseudo_set, params.pseudo_epochs, task, augment)
+        results[f"intermediate{gen}"] = _evaluate(ctx, stage_name, student, held_out, task, params, skipped)
+        # 5) fine-tune the student on D
+        stage_name = f"student{gen}_finetune"
+        skipped = _train(ctx, stage_name, student, labeled_set, params.finetune_epochs, task, augment)
+        results[f"student{gen}"] = _evaluate(ctx, stage_name, student, held_out, task, params, skipped)
+        teacher, fresh_teacher = student, not skipped
 
-    table = table_one(results, params)
-    _write_json(ctx, ctx.run_dir.eval / "table.json", table)
-    if ctx.fabric.is_global_zero:
-        (ctx.run_dir.eval / "table.md").write_text(format_table_markdown(table) + "\n", encoding="utf-8")
-        print_table(ctx, table)
-        # the final student; its outputs are the task's (e.g. the classes plus "(no finding)")
-        export_model(ctx.run_dir.path / "model.pt", teacher, cfg.model, task.output_names, cfg.data.image_size,
-                     task=params.task)
-        _write_final_scores(ctx, data, task, results[f"student{params.generations}"])
-    return _final_metrics(table)
+    return _report(ctx, cfg, params, stage, task, held_out, results, final=teacher)
 
 
-def _write_final_scores(ctx: RunContext, data: StudyData, task: ClassificationTask, final: dict[str, Any]) -> None:
-    """The final student's ``eval/metrics.json`` and ``eval/image_scores.json`` (its outputs that are
-    manifest classes), where `cxrdistill report` and the study table's paired comparison read them."""
-    shutil.copyfile(ctx.run_dir.eval / final["stage"] / "metrics.json", ctx.run_dir.eval / "metrics.json")
-    saved = np.load(ctx.run_dir.eval / final["stage"] / "scores.npz", allow_pickle=False)
-    category_of = dict(zip(data.class_names, data.manifest.category_ids))
-    columns = [i for i, name in enumerate(task.output_names) if name in category_of]
-    if columns:
-        rows = image_score_rows(saved["image_ids"].tolist(), saved["scores"][:, columns],
-                                [category_of[task.output_names[i]] for i in columns])
-        write_json_atomic(ctx.run_dir.eval / "image_scores.json", rows)
+# ============================================================================ data and stages
 
 
-# ============================================================================ tasks and targets
-
-
-class ClassificationTask:
-    """Turns multi-hot image labels `(C,)` into training targets `(K,)` and back into probabilities."""
-
-    def __init__(self, class_names: list[str], task: Task, normal_class: bool = True) -> None:
-        if task not in ("multi_label", "single_label", "any_finding"):
-            raise ConfigError(f"method.params.task: unknown task {task!r}")
-        self.task, self.normal_class = task, normal_class
-        if task == "multi_label":
-            self.output_names = list(class_names)
-        elif task == "single_label":
-            self.output_names = list(class_names) + ([NORMAL] if normal_class else [])
-        else:
-            self.output_names = [NORMAL, ABNORMAL]
-
-    @property
-    def num_outputs(self) -> int:
-        return len(self.output_names)
-
-    @property
-    def kappa_mode(self) -> Literal["single", "multi"]:
-        return "multi" if self.task == "multi_label" else "single"
-
-    def encode(self, image_labels: np.ndarray, image_id: Any) -> np.ndarray:
-        """Target `(K,)` float32 of one image from its multi-hot `image_labels (C,)`."""
-        present = np.flatnonzero(image_labels > 0)
-        if self.task == "multi_label":
-            return image_labels.astype(np.float32)
-        target = np.zeros(self.num_outputs, np.float32)
-        if self.task == "any_finding":
-            target[1 if present.size else 0] = 1.0
-        elif present.size:
-            target[present[0]] = 1.0
-        elif self.normal_class:
-            target[-1] = 1.0
-        else:
-            raise CxrDistillError(
-                f"image {image_id}: has no class, but task single_label with normal_class=false needs one "
-                f"(set method.params.normal_class=true, or use task multi_label)")
-        return target
-
-    def probabilities(self, logits: Tensor) -> Tensor:
-        """`(B, K)` logits → probabilities: sigmoid (multi-label) or softmax."""
-        return torch.sigmoid(logits) if self.task == "multi_label" else logits.softmax(dim=1)
-
-    def loss(self, logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-        """BCE over kept entries (multi-label) or cross-entropy over kept rows; soft targets allowed."""
-        if self.task == "multi_label":
-            return masked_bce_with_logits(logits, targets, mask)
-        rows = mask[:, 0].to(logits.dtype)
-        per_image = F.cross_entropy(logits, targets.to(logits.dtype), reduction="none")
-        return (per_image * rows).sum() / rows.sum().clamp_min(1.0)
-
-
-class TargetDataset(Dataset):
-    """Images of a `CXRDataset` with a target `(K,)` and a mask `(K,)` (1 = supervised entry).
-
-    Sample: {"image": (1, S, S), "image_id": int, "target": (K,), "mask": (K,)}.
-    """
-
-    def __init__(self, base: CXRDataset, rows: list[int], targets: Tensor, masks: Tensor) -> None:
-        if not (len(rows) == len(targets) == len(masks)):
-            raise ValueError("rows, targets and masks must have the same length")
-        self.base, self.rows, self.targets, self.masks = base, rows, targets.float(), masks.float()
-
-    @classmethod
-    def labeled(cls, base: CXRDataset, task: ClassificationTask) -> TargetDataset:
-        """The labeled set D: targets from each image's own labels, every entry supervised."""
-        targets = torch.from_numpy(np.stack(
-            [task.encode(base.manifest.image_labels(rec.id), rec.id) for rec in base.images]
-        )) if len(base) else torch.zeros(0, task.num_outputs)
-        return cls(base, list(range(len(base))), targets, torch.ones_like(targets))
-
-    @classmethod
-    def pseudo(cls, base: CXRDataset, ids: list[int], selection: TopKappaSelection,
-               task: ClassificationTask) -> TargetDataset:
-        """The kept pseudo-labels of U: only images with at least one kept entry."""
-        keep = selection.keep if selection.keep.dim() == 2 else selection.keep[:, None].expand(-1, task.num_outputs)
-        row_of = {rec.id: row for row, rec in enumerate(base.images)}
-        kept = torch.nonzero(keep.any(dim=1)).flatten().tolist()
-        return cls(base, [row_of[ids[i]] for i in kept], selection.labels[kept].cpu(), keep[kept].cpu())
-
-    def image_ids(self) -> list[int]:
-        return [self.base.images[row].id for row in self.rows]
-
-    def class_proportions(self) -> Tensor:
-        """Labeled-set statistics for the top-κ filter: class frequencies, or prevalences (multi)."""
-        if len(self.targets) == 0:
-            raise CxrDistillError("the labeled set is empty: no class proportions to balance against")
-        return self.targets.mean(dim=0).double()
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.base[self.rows[index]]
-        return {"image": sample["image"], "image_id": sample["image_id"],
-                "target": self.targets[index], "mask": self.masks[index]}
+def _check(params: Params) -> None:
+    if params.intensity:
+        raise ConfigError("method.params.intensity: the shared supervised stage's views (methods.kit.view_config) "
+                          "have no intensity jitter, and the teacher trains through that stage; set it to 0")
+    if set(params.labeled_supervision) != {"box", "image"}:
+        raise ConfigError("method.params.labeled_supervision: the teacher is the shared supervised classifier "
+                          "stage, trained on every image with image labels ('box' and 'image'); to leave the "
+                          "image-only ones out, set data.weak_fraction=0 instead")
 
 
 def _split_sets(data: StudyData, params: Params) -> tuple[CXRDataset, CXRDataset, CXRDataset]:
@@ -318,243 +209,91 @@ def _split_sets(data: StudyData, params: Params) -> tuple[CXRDataset, CXRDataset
     return labeled, unlabeled, held_out
 
 
-# ============================================================================ model, views, stages
+def _steps(ctx: RunContext, epochs: float, n_images: int) -> int:
+    """Optimizer steps of ``epochs`` passes over ``n_images`` images (at least one)."""
+    return max(1, math.ceil(epochs * n_images / ctx.cfg.train.batch_size))
 
 
-def build_classifier(cfg: RunConfig, num_outputs: int) -> ImageClassifier:
-    """`ImageClassifier` from `cfg.model` (`options` go to its constructor, e.g. arch, tiny)."""
-    return build_model(cfg.model, num_outputs, expect="classifier")  # type: ignore[return-value]
+def _epoch_ctx(ctx: RunContext, n_images: int) -> RunContext:
+    """``ctx`` whose ``train.steps_per_epoch`` is one pass over ``n_images`` (the exp schedule decays per epoch)."""
+    return replace(ctx, cfg=ctx.cfg.model_copy(update={"train": with_epoch_length(ctx.cfg.train, n_images)}))
 
 
-def _view_config(params: Params) -> ViewConfig:
-    """The training view: the paper's strong list, flips only, or none; plus `params.intensity`."""
-    base = {"martins_silva": ViewConfig.martins_silva(), "flip": ViewConfig.weak(), "none": ViewConfig()}
-    return replace(base[params.augment], intensity=params.intensity)
-
-
-def augment(images: Tensor, view: ViewConfig, generator: torch.Generator | None = None) -> Tensor:
-    """A random view `(B, 1, H, W)` of `images` (geometry of `view`, then intensity jitter)."""
-    matrices = random_affine(images.shape[0], image_size=tuple(images.shape[-2:]), flip_p=view.flip_p,
-                             rotate_deg=view.rotate_deg, translate=view.translate, scale=view.scale,
-                             perspective=view.perspective, generator=generator).to(images.device)
-    return intensity_jitter(warp_images(images, matrices), view.intensity, generator)
-
-
-def batch_loss(model: ImageClassifier, batch: dict[str, Any], task: ClassificationTask,
-               view: ViewConfig, generator: torch.Generator | None = None) -> Tensor:
-    """Loss of one training batch on an augmented view of its images (drawn from `generator`)."""
-    return task.loss(model(augment(batch["image"], view, generator)), batch["target"], batch["mask"])
-
-
-def _train_stage(ctx: RunContext, stage: str, model: ImageClassifier, dataset: TargetDataset,
-                 epochs: float, task: ClassificationTask, view: ViewConfig,
-                 counts: dict[str, dict[str, int]] | None = None):
-    """Train `model` on `dataset` for `epochs` epochs through `ctx.trainer(stage)`; returns its FitResult."""
+def _train(ctx: RunContext, stage: str, model: nn.Module, dataset: TargetDataset, epochs: float,
+           task: ClassificationTask, augment: Augment) -> bool:
+    """Train ``model`` on ``dataset``'s targets for ``epochs`` epochs (the shared loop); True when the
+    stage was already finished in this run folder (skipped)."""
     if not len(dataset):
         raise CxrDistillError(f"stage {stage!r}: no training image (an empty pseudo-label set? raise kappa)")
-    cfg = ctx.cfg.train
-    steps = max(1, math.ceil(epochs * len(dataset) / cfg.batch_size))
-    seed = cfg.seed + sum(map(ord, stage))  # each stage its own batch order
-    sampler = RatioBatchSampler(range(len(dataset)), [], cfg.batch_size, 0, seed,
-                                rank=ctx.rank, world_size=ctx.world_size)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=ctx.cfg.data.num_workers)
-    cfg = with_epoch_length(cfg, len(dataset))  # schedule: exp decays once per epoch of this stage
-    trainer = Trainer(cfg, ctx.run_dir, stage, fabric=ctx.fabric, console=ctx.console)
-    model.train()
-
-    def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        for name, per_class in (counts or {}).items():
-            trainer.log_counts(name, per_class)
-        # the view depends on (seed, stage, step) only: a resumed or restarted stage draws the same
-        # views whatever the earlier stages (skipped on a rerun) did with the global RNG
-        return {"ce": batch_loss(model, batch, task, view, step_generator(seed, step))}
-
-    return trainer.fit(step_fn, {"model": model}, build_optimizer(model.parameters(), cfg), loader, steps,
-                       sampler=sampler)
+    fit = fit_on(_epoch_ctx(ctx, len(dataset)), stage, model, dataset, list(range(len(dataset))),  # type: ignore[arg-type]
+                 augment, task.target_losses(model), _steps(ctx, epochs, len(dataset)))
+    return fit.skipped
 
 
-# ============================================================================ prediction
+def predict_unlabeled(ctx: RunContext, teacher: nn.Module, unlabeled: CXRDataset, store: PseudoLabelStore,
+                      task: ClassificationTask, params: Params, recompute: bool) -> tuple[list[int], Tensor]:
+    """Teacher probabilities ``(N_u, K)`` on U, from the store when this generation is complete.
 
-
-@torch.no_grad()
-def predict_probs(model: ImageClassifier, dataset: CXRDataset, task: ClassificationTask, *, tta: bool,
-                  crop_fraction: float, batch_size: int, device: torch.device) -> tuple[list[int], Tensor]:
-    """Image ids and probabilities `(N, K)` (CPU) of `model` on `dataset`, optionally ten-crop TTA."""
-    was_training = model.training
-    model.eval()
-    ids, out = [], []
-    predict = lambda images: task.probabilities(model(images))
-    for start in range(0, len(dataset), batch_size):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        images = torch.stack([s["image"] for s in samples]).to(device)
-        probs = ten_crop_predict(predict, images, crop_fraction) if tta else predict(images)
-        out.append(probs.float().cpu())
-        ids += [int(s["image_id"]) for s in samples]
-    model.train(was_training)
-    return ids, torch.cat(out) if out else torch.zeros(0, task.num_outputs)
-
-
-def predict_unlabeled(ctx: RunContext, teacher: ImageClassifier, unlabeled: CXRDataset,
-                      store: PseudoLabelStore, task: ClassificationTask, params: Params,
-                      recompute: bool) -> tuple[list[int], Tensor]:
-    """Teacher probabilities `(N_u, K)` on U, from the store when this generation is complete.
-
-    `recompute`: the teacher was (re)trained in this run, so stored labels of an earlier teacher
+    ``recompute``: the teacher was (re)trained in this run, so stored labels of an earlier teacher
     are stale and removed. A killed pass resumes, skipping the images already stored.
     """
     def predict(batch: dict[str, Any]) -> Tensor:
-        images = batch["image"].to(ctx.device)
-        probs = (ten_crop_predict(lambda x: task.probabilities(teacher(x)), images, params.crop_fraction)
-                 if params.pseudo_tta else task.probabilities(teacher(images)))
-        return probs.float()
+        return predict_with_tta(lambda x: task.probabilities(teacher(x)), batch["image"].to(ctx.device),
+                                tta=params.pseudo_tta, crop_fraction=params.crop_fraction).float()
 
-    ids = [rec.id for rec in unlabeled.images]
-    was_training = teacher.training
     teacher.eval()
     records = stored_pseudo_labels(predict, unlabeled, store, fresh=recompute, fabric=ctx.fabric,
                                    metadata={"task": task.task, "outputs": task.output_names,
                                              "tta": params.pseudo_tta},
                                    batch_size=params.predict_batch_size,
                                    chunk_size=4 * params.predict_batch_size)
-    teacher.train(was_training)
+    ids = [rec.id for rec in unlabeled.images]
     return ids, torch.stack([records[i] for i in ids]).float()
 
 
-# ============================================================================ evaluation and Table I
+# ============================================================================ evaluation
 
 
-def _evaluate(ctx: RunContext, stage: str, model: ImageClassifier, held_out: CXRDataset,
-              task: ClassificationTask, params: Params, reuse: bool) -> dict[str, Any]:
-    """AUROC (+ bootstrap CI) of `model` on the held-out split; writes eval/<stage>/{metrics.json, scores.npz}.
+def _evaluate(ctx: RunContext, stage: str, model: nn.Module, held_out: CXRDataset, task: ClassificationTask,
+              params: Params, reuse: bool) -> dict[str, Any]:
+    """Held-out AUROC of ``model`` after ``stage`` (``eval/<stage>/``; a skipped stage reuses its scores)."""
+    model.eval()
+    return score_task(lambda x: task.probabilities(model(x)), held_out, task, ctx.run_dir.eval / stage, stage=stage,
+                      split=params.eval_split, reuse=reuse, tta=params.eval_tta, crop_fraction=params.crop_fraction,
+                      batch_size=params.predict_batch_size, n_boot=params.n_boot, device=ctx.device,
+                      write=ctx.fabric.is_global_zero)
 
-    A skipped (already finished) stage reuses its saved scores.
-    """
-    out_dir = ctx.run_dir.eval / stage
-    scores_path = out_dir / "scores.npz"
-    if reuse and scores_path.is_file():
-        saved = np.load(scores_path, allow_pickle=False)
-        ids, scores, truth = saved["image_ids"].tolist(), saved["scores"], saved["truth"]
-    else:
-        ids, probs = predict_probs(model, held_out, task, tta=params.eval_tta, crop_fraction=params.crop_fraction,
-                                   batch_size=params.predict_batch_size, device=ctx.device)
-        scores = probs.numpy()
-        truth = np.stack([task.encode(held_out.manifest.image_labels(i), i) for i in ids])
-    summary = classification_summary(bootstrap_auroc(truth, scores, n_boot=params.n_boot, seed=0),
-                                      task.output_names)
+
+def _report(ctx: RunContext, cfg: RunConfig, params: Params, stage: Stage, task: ClassificationTask,
+            held_out: CXRDataset, results: dict[str, dict[str, Any]], final: nn.Module) -> dict[str, float]:
+    """Table I, the final student's and the own teacher's evaluation folders, the student − teacher Δ
+    (``teacher_comparison.json``), the exported final student; returns the flat final metrics."""
+    table = table_one(results, split=params.eval_split, tta=params.eval_tta, task=params.task, kappa=params.kappa,
+                      n_boot=params.n_boot)
+    last = table["rows"][-1]
+    comparison = {"teacher/macro_AUROC": _nan(table["rows"][0]["macro_AUROC"]),
+                  "delta_teacher/macro_AUROC": _nan(last["minus_teacher"]),
+                  "delta_teacher/macro_AUROC_ci_low": _nan(last["minus_teacher_CI95"][0]),
+                  "delta_teacher/macro_AUROC_ci_high": _nan(last["minus_teacher_CI95"][1]),
+                  "delta_teacher/macro_AUROC_p_boot": _nan(last["p_boot"])}
+    metrics = {**headline({"classification": results[last["row"]]["summary"]}), **table_metrics(table), **comparison}
     if ctx.fabric.is_global_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        np.savez(scores_path, image_ids=np.asarray(ids, np.int64), scores=scores, truth=truth)
-        _write_json(ctx, out_dir / "metrics.json", {"stage": stage, "split": params.eval_split,
-                                                    "tta": params.eval_tta, **summary})
-    return {"stage": stage, "summary": summary, "scores": scores, "truth": truth}
-
-
-def table_one(results: dict[str, dict[str, Any]], params: Params) -> dict[str, Any]:
-    """Rows of the paper's Table I (teacher / intermediate / student per generation) with CIs, and
-    each student's paired-bootstrap difference from the generation-0 teacher."""
-    teacher = results["teacher"]
-    rows = []
-    for name, res in results.items():
-        summary = res["summary"]
-        row = {"row": name, "stage": res["stage"], "macro_AUROC": summary["macro_AUROC"],
-               "CI95": summary["macro_AUROC_CI95"], "n_images": summary["n_images"],
-               "per_class": {k: v["AUROC"] for k, v in summary["per_class"].items()}}
-        if name != "teacher":
-            cmp = compare_auroc(teacher["truth"], teacher["scores"], res["scores"], n_boot=params.n_boot, seed=0)
-            row["minus_teacher"] = _none_nan(cmp.diff)
-            row["minus_teacher_CI95"] = [_none_nan(cmp.ci_low), _none_nan(cmp.ci_high)]
-            row["p_boot"] = _none_nan(cmp.p_boot)
-        rows.append(row)
-    return {"split": params.eval_split, "tta": params.eval_tta, "task": params.task, "kappa": params.kappa,
-            "n_boot": params.n_boot, "rows": rows}
-
-
-def _none_nan(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
-
-
-def _fmt(value: float | None, ci: list[float | None] | None = None, signed: bool = False) -> str:
-    if value is None:
-        return "n/a"
-    text = f"{value:+.3f}" if signed else f"{value:.3f}"
-    if ci and ci[0] is not None and ci[1] is not None:
-        text += f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
-    return text
-
-
-def format_table_markdown(table: dict[str, Any]) -> str:
-    """Table I as Markdown: one row per stage, macro AUROC [95% CI] and the paired Δ vs the teacher."""
-    lines = ["| model | stage | macro AUROC [95% CI] | Δ vs teacher [95% CI] |", "|---|---|---|---|"]
-    for row in table["rows"]:
-        delta = _fmt(row.get("minus_teacher"), row.get("minus_teacher_CI95"), signed=True) \
-            if "minus_teacher" in row else "—"
-        lines.append(f"| {row['row']} | {row['stage']} | {_fmt(row['macro_AUROC'], row['CI95'])} | {delta} |")
-    return "\n".join(lines)
-
-
-def print_table(ctx: RunContext, table: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    out = Table(title=f"Table I — macro AUROC on {table['split']!r} (TTA {'on' if table['tta'] else 'off'})")
-    for column in ("model", "stage", "macro AUROC [95% CI]", "Δ vs teacher [95% CI]"):
-        out.add_column(column)
-    for row in table["rows"]:
-        delta = _fmt(row.get("minus_teacher"), row.get("minus_teacher_CI95"), signed=True) \
-            if "minus_teacher" in row else "—"
-        out.add_row(row["row"], row["stage"], _fmt(row["macro_AUROC"], row["CI95"]), delta)
-    ctx.console.print(out)
-
-
-def _final_metrics(table: dict[str, Any]) -> dict[str, float]:
-    """Flat metrics for final_metrics.json: `<row>_auroc` (+ CI) and `<row>_minus_teacher` (+ CI), and
-    the final student's as ``macro_AUROC`` (+ ``_ci_low`` / ``_ci_high``), the key the other recipes use."""
-    out: dict[str, float] = {}
-    final = table["rows"][-1]
-    out["macro_AUROC"] = _nan(final["macro_AUROC"])
-    out["macro_AUROC_ci_low"], out["macro_AUROC_ci_high"] = map(_nan, final["CI95"])
-    for row in table["rows"]:
-        name = row["row"]
-        out[f"{name}_auroc"] = _nan(row["macro_AUROC"])
-        out[f"{name}_auroc_ci_low"], out[f"{name}_auroc_ci_high"] = map(_nan, row["CI95"])
-        if "minus_teacher" in row:
-            out[f"{name}_minus_teacher"] = _nan(row["minus_teacher"])
-            out[f"{name}_minus_teacher_ci_low"], out[f"{name}_minus_teacher_ci_high"] = \
-                map(_nan, row["minus_teacher_CI95"])
-    return out
+        write_json_atomic(ctx.run_dir.eval / "table.json", table, indent=2)
+        write_text_atomic(ctx.run_dir.eval / "table.md", format_table_markdown(table) + "\n")
+        for name, out_dir in (("teacher", ctx.run_dir.path / "eval_teacher"), (last["row"], ctx.run_dir.eval)):
+            write_image_scores(results[name], held_out, task, out_dir, split=params.eval_split, tta=params.eval_tta)
+        write_teacher_comparison(ctx, comparison, stage)
+        print_table(ctx.console, table)
+        print_metrics(ctx, metrics, "teacher–student classification")
+        # the final student; its outputs are the task's (e.g. the classes plus "(no finding)")
+        export_model(ctx.run_dir.path / "model.pt", final, cfg.model, task.output_names, cfg.data.image_size,
+                     task=params.task)
+    ctx.fabric.barrier()
+    return metrics
 
 
 def _nan(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
 
-def _selection_report(unlabeled: CXRDataset, ids: list[int], selection: TopKappaSelection,
-                      task: ClassificationTask, params: Params) -> dict[str, Any]:
-    """What the filter kept, per class; and, when the manifest still holds the hidden labels of U
-    (a simulated split), how often the kept hard labels agree with them."""
-    keep = selection.keep if selection.keep.dim() == 2 else selection.keep[:, None].expand(-1, task.num_outputs)
-    hidden = torch.from_numpy(np.stack([task.encode(unlabeled.manifest.image_labels(i), i) for i in ids])) \
-        if task.task != "single_label" or task.normal_class else None
-    report: dict[str, Any] = {
-        "kappa": params.kappa, "soft": params.soft_labels, "n_unlabeled": len(ids),
-        "n_images_kept": int(keep.any(dim=1).sum()),
-        "kept_per_output": dict(zip(task.output_names, selection.counts.tolist())),
-    }
-    if hidden is not None and bool(hidden.any()):
-        hard = (selection.labels > 0.5).float() if task.task == "multi_label" else \
-            F.one_hot(selection.labels.argmax(dim=1), task.num_outputs).float()
-        agree = (hard == hidden)[keep]
-        report["agreement_with_hidden_labels"] = float(agree.float().mean()) if agree.numel() else None
-        report["note"] = "agreement is meaningful only when the manifest kept the labels of U (simulated split)"
-    return report
-
-
-def _write_json(ctx: RunContext, path: Path, payload: Any) -> None:
-    if ctx.fabric.is_global_zero:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
-
-
-__all__ = ["ClassificationTask", "Params", "TargetDataset", "augment", "batch_loss", "build_classifier",
-           "format_table_markdown", "predict_probs", "predict_unlabeled", "run", "run_on_data", "table_one"]
+__all__ = ["Params", "TEACHER_STAGE", "predict_unlabeled", "run", "run_on_data"]

