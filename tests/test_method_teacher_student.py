@@ -94,11 +94,11 @@ def test_student_is_trained_only_on_the_selected_images(semi_manifest, tmp_path,
     real_fit_on = kit.fit_on
 
     def spy_fit_on(ctx, stage, model, dataset, indices, augment, losses, max_steps):
-        def spy_losses(batch, images, targets):
+        def spy_losses(batch, view):
             seen.setdefault(stage, set()).update(batch["image_id"].tolist())
             if "mask" in batch:
                 masks.setdefault(stage, {}).update(zip(batch["image_id"].tolist(), batch["mask"].tolist()))
-            return losses(batch, images, targets)
+            return losses(batch, view)
 
         return real_fit_on(ctx, stage, model, dataset, indices, augment, spy_losses, max_steps)
 

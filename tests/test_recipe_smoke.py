@@ -52,6 +52,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
 }
 # recipes that compare the final model with their own teacher on the same test images
 TEACHER_COMPARISON = {"tsd", "ceird", "stac", "mean_teacher", "unbiased_teacher", "soft_teacher"}
+CLASSIFIER_TEACHER_COMPARISON = {"teacher_student_cls"}  # Δ macro AUROC vs the shared classifier stage
 # metrics that are legitimately NaN on a tiny test split (no truth box in that size range)
 MAY_BE_NAN = ("AP_small", "AP_medium", "AP_large")
 
@@ -99,7 +100,13 @@ def test_recipe_runs_end_to_end_and_writes_its_final_metrics(tiny_runs_root, rec
         assert metrics[low] <= metrics[high], f"{low} > {high}"
 
     comparison = run / "teacher_comparison.json"
-    assert comparison.is_file() == (recipe in TEACHER_COMPARISON)
+    assert comparison.is_file() == (recipe in TEACHER_COMPARISON | CLASSIFIER_TEACHER_COMPARISON)
+    if recipe in CLASSIFIER_TEACHER_COMPARISON:
+        saved = json.loads(comparison.read_text())
+        assert saved["teacher_source"] == "trained"
+        delta, low, high = (saved[f"delta_teacher/macro_AUROC{s}"] for s in ("", "_ci_low", "_ci_high"))
+        assert all(math.isfinite(v) for v in (delta, low, high)) and low <= high and -1.0 <= delta <= 1.0
+        assert metrics["delta_teacher/macro_AUROC"] == pytest.approx(delta)
     if recipe in TEACHER_COMPARISON:
         saved = json.loads(comparison.read_text())
         assert saved["teacher_source"] == "trained"  # the stage store is off: its own teacher stage

@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cxrdistill.data.views import View
 from cxrdistill.errors import ConfigError, CxrDistillError
 from cxrdistill.models.classifier import masked_bce_with_logits
 
 Task = Literal["multi_label", "single_label", "any_finding"]
 NORMAL = "(no finding)"
 ABNORMAL = "abnormal"
-StageLosses = Callable[[dict[str, Any], Tensor, list[dict[str, Tensor]]], dict[str, Tensor]]
-"""``losses(batch, augmented images (B, 1, H, W), box targets) -> {name: loss}`` (`methods.kit.Losses`)."""
+StageLosses = Callable[[dict[str, Any], View], dict[str, Tensor]]
+"""``losses(batch, view) -> {name: loss}``, the view's images ``(B, 1, H, W)`` (`methods.kit.Losses`)."""
 
 
 class ClassificationTask:
@@ -107,7 +108,8 @@ class ClassificationTask:
     def target_losses(self, model: nn.Module) -> StageLosses:
         """Losses of a batch that carries ``target``/``mask`` (a `data.target_dataset.TargetDataset`)."""
 
-        def losses(batch: dict[str, Any], images: Tensor, _: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        def losses(batch: dict[str, Any], view: View) -> dict[str, Tensor]:
+            images = view.images
             return {"ce": self.loss(model(images), batch["target"].to(images), batch["mask"].to(images))}
 
         return losses
@@ -116,7 +118,8 @@ class ClassificationTask:
         """Losses of a plain labeled batch (``image_labels``, encoded here): the shared supervised
         stage's loss when it trains this task's head (`methods.kit.supervised_stage(head=...)`)."""
 
-        def losses(batch: dict[str, Any], images: Tensor, _: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        def losses(batch: dict[str, Any], view: View) -> dict[str, Tensor]:
+            images = view.images
             targets = self.encode_batch(batch["image_labels"], batch["image_id"].tolist()).to(images)
             mask = batch["has_image_labels"].to(images.dtype)[:, None].expand_as(targets)
             return {"ce": self.loss(model(images), targets, mask)}
