@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 CXRDISTILL_STAGE_STORE=off python tests/recipe_fingerprints.py OUT.json [RECIPE ...]
 
 Each recipe runs (in its own process, so no global RNG state carries over) on the crash matrix's
-tiny config (``crash_matrix_recipes.py``: 32 px synthetic world, 4 steps a stage). The JSON holds,
+tiny config (``tiny_recipes.py``: packaged config + tiny overrides, 32 px world, 4 steps a stage). The JSON holds,
 per recipe, a sha256 of every stage's final weights (``checkpoints/<stage>/last.pt`` modules), of
 the exported ``model.pt`` and the final metrics. Two files are compared with ``--compare A B``.
 Not a test module (no ``test_`` prefix): the equivalence check of a refactor (docs in the notes).
@@ -58,21 +58,12 @@ def fingerprint(run: Path) -> dict:
 
 
 def one(recipe: str, root: Path) -> dict:
-    import yaml
-    from rich.console import Console
+    """Train `recipe` tiny (`tiny_recipes.py`: its packaged config + tiny overrides, stage store off)."""
+    from tiny_recipes import stage_store_off, train
 
-    from crash_matrix_recipes import recipe_config
-    from cxrdistill.data.synthetic import make_world
-    from cxrdistill.run import run_training
-
-    world = root / "world"
-    if not (world / "manifest.json").is_file():
-        make_world(world, n_images=24, image_size=32, seed=2, splits=(0.6, 0.1, 0.3))
     out = root / recipe
-    config = root / f"{recipe}.yaml"
-    config.write_text(yaml.safe_dump(recipe_config(recipe, str(world / "manifest.json"), str(root / "cache"),
-                                                   str(out))))
-    run_training(config, [], console=Console(file=open(os.devnull, "w")))
+    with stage_store_off():
+        train(recipe, out)
     return fingerprint(out)
 
 
