@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,15 @@ from cxrdistill.errors import ConfigError
 from cxrdistill.eval.classification import auroc, bootstrap_indices
 from cxrdistill.eval.froc import ModifiedFroc
 from cxrdistill.eval.runs import evaluate_heatmap, write_metrics
-from cxrdistill.methods.kit import Augment, Stage, build_heatmap_model, headline, labeled_loader, supervised_stage
+from cxrdistill.methods.kit import (
+    Augment,
+    Stage,
+    build_heatmap_model,
+    headline,
+    labeled_loader,
+    module_as,
+    supervised_stage,
+)
 from cxrdistill.methods.registry import register_method
 from cxrdistill.models.factory import export_model
 from cxrdistill.models.heatmap import HeatmapFPN, image_scores
@@ -233,7 +242,8 @@ def map_matrices(source: Tensor, target: Tensor, stride: int) -> Tensor:
     for views ``(B, 3, 3)`` in image pixels and maps at ``stride`` (map coordinate = pixel / stride)."""
     scale = torch.diag(torch.tensor([1.0 / stride, 1.0 / stride, 1.0], dtype=torch.float64))
     between = compose(invert(source.detach().cpu().double()), target.detach().cpu().double())
-    return (scale @ between @ torch.linalg.inv(scale)).float().to(source.device)
+    inverse: Tensor = torch.linalg.inv(scale)
+    return (scale @ between @ inverse).float().to(source.device)
 
 
 def project_maps(maps: Tensor, matrices: Tensor) -> tuple[Tensor, Tensor]:
@@ -302,7 +312,8 @@ def _load_best(trainer: Trainer, result: Any, modules: dict[str, torch.nn.Module
 # --------------------------------------------------------------------------------- the recipe
 
 
-def _validator(model: torch.nn.Module, val_set: CXRDataset | None, params: AalsParams):
+def _validator(model: torch.nn.Module, val_set: CXRDataset | None,
+               params: AalsParams) -> Callable[[], dict[str, float]] | None:
     if val_set is None:
         return None
     return lambda: {"val_AUROC": validation_auroc(model, val_set, params.eval_batch_size)}
@@ -325,6 +336,7 @@ def pretrained_model(ctx: RunContext, data: StudyData, params: AalsParams) -> He
         return stage.model  # type: ignore[return-value]
     model = build_heatmap_model(ctx.cfg.model, data.num_classes, ctx.cfg.train.seed)
     path = params.pretrained_checkpoint
+    assert path is not None  # pretrain() returns None only with a pretrained_checkpoint
     modules = load_checkpoint(path).get("modules", {})
     load_module_weights(path, model, "student" if "student" in modules else "model")
     return model.to(ctx.device)
@@ -399,7 +411,7 @@ def run(cfg: RunConfig, params: AalsParams, ctx: RunContext) -> dict[str, float]
     teacher = distill(cfg, params, ctx, sets, student, val_set)
     for name, model in (("student", student), ("teacher", teacher.module)):
         out.update(_flat(name, evaluate(model, eval_set, ctx.run_dir.eval / name, params)))
-    return _finish(ctx, data, teacher.module, "teacher", out)
+    return _finish(ctx, data, module_as(teacher.module, HeatmapFPN), "teacher", out)
 
 
 def _finish(ctx: RunContext, data: StudyData, model: HeatmapFPN, name: str, out: dict[str, float]) -> dict[str, float]:

@@ -50,6 +50,8 @@ from cxrdistill.methods.kit import (
     DETECTION_KEYS,
     build_detector,
     detection_headline,
+    module_as,
+    record_tensor,
     supervised_stage,
     teacher_comparison,
     write_teacher_comparison,
@@ -68,6 +70,7 @@ from cxrdistill.methods.offline import (
     stored_detections,
 )
 from cxrdistill.methods.registry import register_method
+from cxrdistill.models.detector import RetinaNet
 from cxrdistill.models.factory import export_model
 from cxrdistill.models.report import (
     CalibratedReportClassifier,
@@ -139,13 +142,14 @@ def report_sets(data: StudyData, sets: TrainSets) -> ReportSets:
     missing = [images[i].id for i in sets.labeled if not (images[i].report or "").strip()]
     if missing:
         raise ConfigError(f"CEIRD: labeled images without a report (their classes are the report labels): {missing[:20]}")
-    texts = [images[i].report for i in sets.labeled]
+    texts = [images[i].report or "" for i in sets.labeled]  # none is empty (`missing` above)
     targets = np.stack([data.manifest.image_labels(images[i].id) for i in sets.labeled]).astype(np.float64)
     ids, unl_texts, without = [], [], []
     for i in sets.unlabeled:
-        if (images[i].report or "").strip():
+        report = images[i].report or ""
+        if report.strip():
             ids.append(images[i].id)
-            unl_texts.append(images[i].report)
+            unl_texts.append(report)
         else:
             without.append(images[i].id)
     return ReportSets(texts, targets, ids, unl_texts, without)
@@ -171,12 +175,13 @@ def fit_report_model(ctx: RunContext, stage: str, params: CeirdParams, reports: 
     texts, targets = list(reports.labeled_texts), reports.labeled_targets
     n_l, n_u = len(texts), 0 if pseudo is None else len(reports.unlabeled_texts)
     weights = np.ones(n_l)
-    if n_u:
+    if n_u and pseudo is not None:  # n_u is 0 without pseudo
         texts += reports.unlabeled_texts
         targets = np.concatenate([targets, pseudo.cpu().numpy().astype(np.float64)])
         weights = np.concatenate([np.full(n_l, 1.0 / n_l), np.full(n_u, 1.0 / n_u)]) * (n_l + n_u) / 2
     if params.report_model == "tfidf":
-        model = TfidfReportClassifier(num_classes=num_classes, **params.report_options).fit(texts, targets, weights)
+        model: TfidfReportClassifier | TransformerReportClassifier = TfidfReportClassifier(
+            num_classes=num_classes, **params.report_options).fit(texts, targets, weights)
     else:
         model = _fit_transformer(ctx, stage, params, texts, targets, n_l, num_classes)
     calibration = params.report_calibration or ("platt" if params.report_model == "tfidf" else "none")
@@ -240,7 +245,7 @@ def stored_report_probs(ctx: RunContext, model: Any, reports: ReportSets, genera
     num_classes = int(model.num_classes)
     if not reports.unlabeled_ids:
         return torch.zeros(0, num_classes)
-    return torch.stack([records[i] for i in reports.unlabeled_ids]).float()
+    return torch.stack([record_tensor(records[i]) for i in reports.unlabeled_ids]).float()
 
 
 def evaluate_report(model: Any, data: StudyData, split: str, out_dir: Path, n_boot: int) -> dict[str, Any]:
@@ -360,7 +365,7 @@ def run(cfg: RunConfig, params: CeirdParams, ctx: RunContext) -> dict[str, float
 
     # generation 0: both teachers on labeled data only
     stage = supervised_stage(ctx, data, steps=params.teacher_steps, augment=params.teacher_augment)
-    vision, fresh = stage.model, stage.fresh
+    vision, fresh = module_as(stage.model, RetinaNet), stage.fresh
     gen: dict[str, Any] = {"generation": 0, "vision": evaluate_teacher(
         ctx, stage, eval_set, params, [run_path / "eval_teacher", run_path / "eval_vision_gen0"])}
     if reports is not None:
@@ -432,7 +437,7 @@ def run(cfg: RunConfig, params: CeirdParams, ctx: RunContext) -> dict[str, float
     return out
 
 
-def _stored(ctx: RunContext, model, sets: TrainSets, generation: int, params: CeirdParams,
+def _stored(ctx: RunContext, model: RetinaNet, sets: TrainSets, generation: int, params: CeirdParams,
             fresh: bool) -> dict[int, Detections]:
     return stored_detections(ctx, model, sets, generation, fresh=fresh, store_score_thresh=params.store_score_thresh,
                              topk_candidates=params.topk_candidates, batch_size=params.predict_batch_size)

@@ -76,7 +76,7 @@ def semi_sets(data: StudyData, split: str) -> TrainSets:
 
 
 def consistency_setup(ctx: RunContext, data: StudyData, params: ConsistencyParams
-                      ) -> tuple[TrainSets, DataLoader, RatioBatchSampler, ViewConfig, Callable[[int], float]]:
+                      ) -> tuple[TrainSets, DataLoader[dict[str, Any]], RatioBatchSampler, ViewConfig, Callable[[int], float]]:
     """What both recipes train with: their sets, the labeled/unlabeled loader (seed ``train.seed``), the
     stochastic view and the consistency weight w(step)."""
     sets = semi_sets(data, params.train_split)

@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +60,23 @@ SUPERVISED_STAGE = "supervised"
 
 
 # =============================================================================== models and views
+
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def record_tensor(record: Tensor | dict[str, Tensor]) -> Tensor:
+    """A stored pseudo-label record that is one tensor (a classifier's ``(K,)`` row, not a dict of them)."""
+    if not isinstance(record, Tensor):
+        raise TypeError(f"expected a tensor record, got one with keys {sorted(record)}")
+    return record
+
+
+def module_as(model: nn.Module, kind: type[ModuleT]) -> ModuleT:
+    """``model`` (a stage's model or an EMA teacher's copy, typed ``nn.Module``) as the ``kind`` it is."""
+    if not isinstance(model, kind):
+        raise TypeError(f"expected a {kind.__name__}, got {type(model).__name__}")
+    return model
 
 
 def seeded(seed: int | None, make: Callable[[], nn.Module]) -> nn.Module:
@@ -101,7 +118,7 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 
 
 def labeled_loader(dataset: CXRDataset, first: list[int], second: list[int], n_first: int, n_second: int,
-                   seed: int, ctx: RunContext) -> tuple[DataLoader, RatioBatchSampler]:
+                   seed: int, ctx: RunContext) -> tuple[DataLoader[dict[str, Any]], RatioBatchSampler]:
     """An endless, resumable loader of batches with ``n_first`` items of ``first`` then ``n_second`` of ``second``."""
     sampler = RatioBatchSampler(first, second, n_first, n_second, seed, rank=ctx.rank, world_size=ctx.world_size)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
@@ -154,7 +171,7 @@ def split_train(data: StudyData, split: str = "train", unlabeled: Sequence[str] 
     return TrainSets(dataset, labeled, rest)
 
 
-def semi_loader(ctx: RunContext, sets: TrainSets, seed: int) -> tuple[DataLoader, RatioBatchSampler]:
+def semi_loader(ctx: RunContext, sets: TrainSets, seed: int) -> tuple[DataLoader[dict[str, Any]], RatioBatchSampler]:
     """Endless batches of ``train.batch_size`` labeled then ``train.unlabeled_batch_size`` (0: as many)
     unlabeled images of ``sets``."""
     t = ctx.cfg.train
@@ -385,27 +402,28 @@ def supervised_stage(ctx: RunContext, data: StudyData, *,
     steps = cfg.train.max_steps if steps is None else int(steps)
     key, payload = stage_key(ctx, kind, steps, augment, split, stage, None if head is None else head.name)
     if kind == "detector":
-        model: nn.Module = build_detector(cfg.model, data.num_classes, cfg.train.seed)
+        detector = build_detector(cfg.model, data.num_classes, cfg.train.seed)
+        model: nn.Module = detector
         dataset = data.dataset(split, supervision="box")
-        indices, losses = boxed_indices(dataset), detector_losses(model)  # type: ignore[arg-type]
+        indices, losses = boxed_indices(dataset), detector_losses(detector)
     elif kind == "heatmap":
         model = build_heatmap_model(cfg.model, data.num_classes, cfg.train.seed)
         dataset = data.dataset(split, supervision=("box", "image"))
-        indices, losses = map_supervised_indices(dataset), heatmap_losses(model)  # type: ignore[arg-type]
+        indices, losses = map_supervised_indices(dataset), heatmap_losses(model)
         if not indices:
             raise ConfigError(f"split {split!r} has no image with boxes or image-level negatives (R ∪ N is empty)")
     else:
         model = build_classifier_model(cfg.model, data.num_classes if head is None else head.num_outputs,
                                        cfg.train.seed)
         dataset = data.dataset(split, supervision=("box", "image"))
-        losses = classifier_losses(model) if head is None else head.stage_losses(model)  # type: ignore[arg-type]
+        losses = classifier_losses(model) if head is None else head.stage_losses(model)
         indices = image_labeled(dataset)
     stage_dir = ctx.run_dir.stage_dir(stage)
     marker = stage_dir / "stage_key.json"
     previous = json.loads(marker.read_text(encoding="utf-8")).get("key") if marker.is_file() else None
     if cfg.init_from is not None:  # a study row's `init_from`: that run's stage (methods/init_from.py)
         path, key = init_checkpoint(cfg.init_from, stage)
-        load_module_weights(path, model)  # type: ignore[operator]
+        load_module_weights(path, model)
         if ctx.fabric.is_global_zero:
             write_json_atomic(marker, {"key": key, "source": "init_from", "init_from": str(path), **payload})
         ctx.fabric.barrier()
@@ -498,7 +516,8 @@ def evaluate_stage(ctx: RunContext, stage: Stage, eval_set: CXRDataset, *, split
             out_dir.mkdir(parents=True, exist_ok=True)
             for f in files:
                 shutil.copyfile(entry / f, out_dir / f)
-        return json.loads((entry / "metrics.json").read_text(encoding="utf-8"))
+        cached: dict[str, Any] = json.loads((entry / "metrics.json").read_text(encoding="utf-8"))
+        return cached
     dets = predict_detections(stage.model, eval_set, batch_size=batch_size, topk_candidates=topk_candidates)
     metrics: dict[str, Any] = {}
     targets = list(out_dirs) + ([entry] if entry is not None and ctx.fabric.is_global_zero else [])
@@ -595,7 +614,9 @@ def print_metrics(ctx: RunContext, metrics: dict[str, float], title: str) -> Non
     for key, value in metrics.items():
         table.add_row(key, "n/a" if math.isnan(value) else f"{value:.4f}")
     ctx.console.print(table)
-    ctx.console.final_metrics_printed = True  # `cxrdistill train` then does not print them again
+    # a flag on the rich Console (not one of its attributes) read back by `cxrdistill train`, which
+    # then does not print them again
+    setattr(ctx.console, "final_metrics_printed", True)  # noqa: B010
 
 
 def evaluate_final(ctx: RunContext, evaluate: Callable[[], dict[str, Any]], title: str,

@@ -36,13 +36,14 @@ from cxrdistill.engine.optim import build_optimizer, ramp_up
 from cxrdistill.methods.kit import (
     burn_in,
     evaluate_against_burn_in,
+    module_as,
     semi_loader,
     semi_losses,
     split_train,
     step_generator,
 )
 from cxrdistill.methods.registry import register_method
-from cxrdistill.models.detector import DetectorOutput
+from cxrdistill.models.detector import DetectorOutput, RetinaNet
 
 _UNBIASED_ONLY = ("threshold", "unsup_weight", "soft_teacher", "box_jitter")
 
@@ -141,7 +142,7 @@ def run(cfg: RunConfig, params: MeanTeacherParams, ctx: RunContext) -> dict[str,
 
     trainer.fit(step_fn, {"student": student, "teacher": teacher}, build_optimizer(student.parameters(), t), loader,
                 steps, sampler=sampler, on_step_end=lambda _: teacher.update(student))
-    return evaluate_against_burn_in(ctx, teacher.module, start, held_out, split=params.eval_split,
+    return evaluate_against_burn_in(ctx, module_as(teacher.module, RetinaNet), start, held_out, split=params.eval_split,
                                     n_boot=params.n_boot, title="Mean Teacher (consistency)",
                                     class_names=data.class_names)
 

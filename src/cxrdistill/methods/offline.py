@@ -83,7 +83,7 @@ class OfflineParams(BaseModel):
     """Labeled:unlabeled images per student batch, 2:1 in the paper; ``train.batch_size`` images in all."""
     pseudo_score_thresh: float = Field(0.5, gt=0.0, lt=1.0)
     """τ of ``pseudo.selection: fixed``: teacher boxes scoring at least this become pseudo-labels."""
-    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)
+    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)  # type: ignore[arg-type]  # pydantic without its mypy plugin: `Field(0.5, ...)` defaults look required
     """How pseudo-labels are selected and what a collapse does (`pseudo.selection`)."""
     store_score_thresh: float = Field(0.05, ge=0.0, lt=1.0)
     """Teacher detections above this are stored (pseudo-labels and APCLR read from them)."""
@@ -213,7 +213,8 @@ class PseudoRefiner(Protocol):
     a refinement step ("teacher", "sa_nms", ...) to boxes per class after it.
     """
 
-    needs_student: bool
+    @property
+    def needs_student(self) -> bool: ...
 
     def __call__(self, teacher: list[Detections], student: list[Detections] | None,
                  image_ids: list[int]) -> tuple[list[Detections], dict[str, dict[str, int]]]: ...
@@ -226,7 +227,8 @@ class PlainPseudoLabels:
     class_names: list[str]
     needs_student: bool = False
 
-    def __call__(self, teacher, student, image_ids):
+    def __call__(self, teacher: list[Detections], student: list[Detections] | None,
+                 image_ids: list[int]) -> tuple[list[Detections], dict[str, dict[str, int]]]:
         return teacher, {"teacher": class_counts(teacher, self.class_names)}
 
 
@@ -297,7 +299,7 @@ def distill_detector(ctx: RunContext, stage: str, student: RetinaNet, sets: Trai
     def step(batch: dict[str, Any], t: int) -> dict[str, Tensor]:
         # one view of the whole batch (the rows share the student's forward pass); parts by mask
         view = random_view(batch["image"], schedule.view(), step_generator(seed, t), batch["boxes"], batch["labels"])
-        size = tuple(view.images.shape[-2:])
+        size = (int(view.images.shape[-2]), int(view.images.shape[-1]))
         semi = SemiBatch.split(batch)
         out = student(view.images)
         sup = unsup = None

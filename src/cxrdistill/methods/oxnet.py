@@ -71,6 +71,7 @@ from cxrdistill.methods.kit import (
     build_detector,
     headline,
     labeled_loader,
+    module_as,
     print_metrics,
     step_generator,
     supervised_stage,
@@ -192,7 +193,7 @@ def distillation_losses(student: RetinaNet, out: DetectorOutput, teacher: EMATea
     with torch.no_grad():
         t_out = teacher(teacher_images[chosen])
         t_probs = torch.sigmoid(t_out.cls_logits.float())
-        t_boxes = teacher.module.decode(t_out, score_thresh=params.teacher_box_thresh)
+        t_boxes = module_as(teacher.module, RetinaNet).decode(t_out, score_thresh=params.teacher_box_thresh)
     matches = student.match(t_out, t_boxes)
     normaliser = torch.stack([m.positive.sum() for m in matches]).sum().to(t_probs)
     s_logits = out.cls_logits[chosen].float()
@@ -226,7 +227,8 @@ def omni_supervised(cfg: RunConfig, params: OXnetParams, ctx: RunContext, train:
     others = [i for i, im in enumerate(train.images) if im.supervision in kinds]
     branch = None
     if params.global_head != "none":
-        branch = GlobalBranch(student.backbone.out_channels[-1], student.num_classes, pooling=params.global_head,
+        channels: list[int] = student.backbone.out_channels  # type: ignore[assignment]  # nn.Module.__getattr__ types it Tensor | Module
+        branch = GlobalBranch(channels[-1], student.num_classes, pooling=params.global_head,
                               level_reduce=params.level_reduce, momentum=params.prototype_momentum,
                               margin=params.margin, distance=params.gpa_distance)
     teacher = EMATeacher(student, decay=params.ema_decay) if params.distill != "none" else None
@@ -325,7 +327,8 @@ def run(cfg: RunConfig, params: OXnetParams, ctx: RunContext) -> dict[str, float
         student = build_detector(cfg.model, data.num_classes)
         load_module_weights(params.base_checkpoint, student)
     else:  # the shared supervised stage: the supervised_detector checkpoint at the same steps and view
-        student = supervised_stage(ctx, data, steps=params.base_steps, augment=params.augment).model
+        student = module_as(supervised_stage(ctx, data, steps=params.base_steps, augment=params.augment).model,
+                            RetinaNet)
         student.train()
 
     def flat(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -339,7 +342,7 @@ def run(cfg: RunConfig, params: OXnetParams, ctx: RunContext) -> dict[str, float
     _, teacher = omni_supervised(cfg, params, ctx, train, student, data.class_names)
     out |= flat("student", evaluate(ctx, student, held_out, ctx.run_dir.eval, params, "OXnet student"))
     if teacher is not None:
-        out |= flat("teacher", evaluate(ctx, teacher.module, held_out, ctx.run_dir.path / "eval_teacher", params,
+        out |= flat("teacher", evaluate(ctx, module_as(teacher.module, RetinaNet), held_out, ctx.run_dir.path / "eval_teacher", params,
                                         "OXnet teacher (EMA)"))
     return out | _final(ctx, student, data.class_names, out, "student")
 

@@ -33,6 +33,7 @@ from cxrdistill.methods.kit import (
     build_detector,
     evaluate_final,
     evaluate_stage,
+    module_as,
     semi_loader,
     semi_losses,
     split_train,
@@ -44,6 +45,7 @@ from cxrdistill.methods.kit import (
 )
 from cxrdistill.methods.offline import select_pseudo_labels, stored_detections
 from cxrdistill.methods.registry import register_method
+from cxrdistill.models.detector import RetinaNet
 from cxrdistill.pseudo.selection import PseudoSelection
 from cxrdistill.pseudo.thresholds import detections_to_targets, filter_detections
 
@@ -55,7 +57,7 @@ class StacParams(BaseModel):
 
     threshold: float = Field(0.9, ge=0.0, le=1.0)
     """τ: a teacher box becomes a pseudo-label when its score is at least this (paper: 0.9)."""
-    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)
+    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)  # type: ignore[arg-type]  # pydantic without its mypy plugin: `Field(0.5, ...)` defaults look required
     """How pseudo-labels are selected (``fixed``: τ) and what a collapse does."""
     topk_candidates: int = Field(1000, ge=1)
     """Decoding candidates of the teacher's and the student's evaluation (RetinaNet: 1000)."""
@@ -91,7 +93,7 @@ def run(cfg: RunConfig, params: StacParams, ctx: RunContext) -> dict[str, float]
 
     # 1. teacher: the shared supervised stage, scored on the test images
     stage = supervised_stage(ctx, data, steps=params.teacher_steps, augment=params.augment, split=params.train_split)
-    teacher = stage.model
+    teacher = module_as(stage.model, RetinaNet)
     held_out = data.dataset(params.eval_split)
     teacher_dir = ctx.run_dir.path / "eval_teacher"
     evaluate_stage(ctx, stage, held_out, split=params.eval_split, n_boot=params.n_boot,

@@ -114,7 +114,8 @@ class MultiTaskDetector(nn.Module):
     def __init__(self, detector: RetinaNet) -> None:
         super().__init__()
         self.detector = detector
-        self.image_head = nn.Linear(detector.backbone.out_channels[-1], detector.num_classes)
+        channels: list[int] = detector.backbone.out_channels  # type: ignore[assignment]  # nn.Module.__getattr__ types it Tensor | Module
+        self.image_head = nn.Linear(channels[-1], detector.num_classes)
         nn.init.zeros_(self.image_head.bias)
 
     def forward(self, images: Tensor) -> tuple[Any, Tensor]:

@@ -65,6 +65,7 @@ from cxrdistill.methods.kit import (
     fit_on,
     headline,
     print_metrics,
+    record_tensor,
     supervised_stage,
     write_teacher_comparison,
 )
@@ -77,6 +78,10 @@ from cxrdistill.pseudo.top_kappa import class_balanced_top_kappa
 TEACHER_STAGE = "classifier"
 """The teacher's stage: the ``supervised_classifier`` baseline's, so that both are one checkpoint."""
 AUGMENT: dict[str, Augment] = {"martins_silva": "strong", "flip": "flip", "none": "none"}
+
+
+def _box_and_image() -> list[Literal["box", "image"]]:
+    return ["box", "image"]
 
 
 class Params(BaseModel):
@@ -115,7 +120,7 @@ class Params(BaseModel):
     crop_fraction: float = Field(DEFAULT_CROP_FRACTION, gt=0.0, le=1.0)
     """Side of a TTA crop relative to the image (paper: 224 / 256)."""
     student_init: Literal["initial", "teacher"] = "initial"
-    labeled_supervision: list[Literal["box", "image"]] = Field(default_factory=lambda: ["box", "image"])
+    labeled_supervision: list[Literal["box", "image"]] = Field(default_factory=_box_and_image)
     """Images of D: every image with image labels (the shared supervised stage's labeled set)."""
     train_split: str = "train"
     eval_split: str = "test"
@@ -248,7 +253,7 @@ def predict_unlabeled(ctx: RunContext, teacher: nn.Module, unlabeled: CXRDataset
                                    batch_size=params.predict_batch_size,
                                    chunk_size=4 * params.predict_batch_size)
     ids = [rec.id for rec in unlabeled.images]
-    return ids, torch.stack([records[i] for i in ids]).float()
+    return ids, torch.stack([record_tensor(records[i]) for i in ids]).float()
 
 
 # ============================================================================ evaluation

@@ -26,6 +26,7 @@ from cxrdistill.errors import ConfigError
 from cxrdistill.methods.kit import (
     build_detector,
     detection_headline,
+    module_as,
     supervised_stage,
     teacher_comparison,
     write_teacher_comparison,
@@ -42,6 +43,7 @@ from cxrdistill.methods.offline import (
     stored_detections,
 )
 from cxrdistill.methods.registry import register_method
+from cxrdistill.models.detector import RetinaNet
 from cxrdistill.models.factory import export_model
 
 
@@ -59,7 +61,7 @@ def run(cfg: RunConfig, params: TsdParams, ctx: RunContext) -> dict[str, float]:
         raise ConfigError(f"method.params.eval_split: split {params.eval_split!r} has no images")
     run_path = ctx.run_dir.path
     stage = supervised_stage(ctx, data, steps=params.teacher_steps, augment=params.teacher_augment)
-    teacher = stage.model
+    teacher = module_as(stage.model, RetinaNet)
     out = {f"teacher/{k}": v for k, v in evaluate_teacher(
         ctx, stage, eval_set, params, [run_path / "eval_teacher", run_path / "eval_vision_gen0"]).items()}
     pseudo = stored_detections(ctx, teacher, sets, 0, fresh=stage.fresh, store_score_thresh=params.store_score_thresh,

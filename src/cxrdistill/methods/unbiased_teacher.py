@@ -49,6 +49,7 @@ from cxrdistill.methods.kit import (
     SemiBatch,
     burn_in,
     evaluate_against_burn_in,
+    module_as,
     semi_loader,
     semi_losses,
     split_train,
@@ -80,7 +81,7 @@ class UnbiasedTeacherParams(BaseModel):
     jitter_copies: int = Field(10, ge=2)
     jitter_scale: float = Field(0.06, gt=0.0)
     jitter_threshold: float = Field(0.02, gt=0.0)
-    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)
+    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)  # type: ignore[arg-type]  # pydantic without its mypy plugin: `Field(0.5, ...)` defaults look required
     """Pseudo-label selection (``fixed``: τ; ``precision@P`` / ``topk_per_class``: per-class thresholds
     chosen once with the burned-in model) and what a collapse of them does."""
     burn_in_steps: int | None = Field(None, ge=0)
@@ -104,7 +105,7 @@ def teacher_targets_in_strong_view(teacher: RetinaNet | EMATeacher, weak: View, 
     Returns per image ``{"boxes": (K, 4) strong-view xyxy, "labels": (K,), "scores": (K,)}``; a box
     that leaves the strong view (less than half visible) is dropped with its label.
     """
-    module = teacher.module if isinstance(teacher, EMATeacher) else teacher
+    module = module_as(teacher.module, RetinaNet) if isinstance(teacher, EMATeacher) else teacher
     dets = filter_detections(module.predict(weak.images), threshold)
     size = (int(strong.images.shape[-2]), int(strong.images.shape[-1]))
     out = []
@@ -168,7 +169,8 @@ def box_jitter_uncertainty(module: RetinaNet, teacher_out: DetectorOutput, boxes
         noise = torch.randn(copies, *box.shape, generator=generator).to(box)
         jittered = box[None] + noise * scale * per_coord[None]  # (copies, K, 4)
         flat = jittered.reshape(-1, 4)
-        iou, near = box_iou(flat, anchors).topk(min(neighbours, len(anchors)), dim=1)  # (copies * K, n)
+        iou, near = box_iou(flat, anchors).topk(  # type: ignore[union-attr]  # monai: ndarray | Tensor; tensors in, a tensor out
+min(neighbours, len(anchors)), dim=1)  # (copies * K, n)
         decoded = module.box_coder.decode_single(teacher_out.box_deltas[b].float()[near.reshape(-1)],
                                                  anchors[near.reshape(-1)]).reshape(*near.shape, 4)
         weight = iou / iou.sum(dim=1, keepdim=True).clamp(min=1e-12)
@@ -216,11 +218,11 @@ def _run(cfg: RunConfig, params: UnbiasedTeacherParams, ctx: RunContext, title: 
         if params.soft_teacher or params.box_jitter:
             with torch.no_grad():
                 teacher_out = teacher(unlabeled.strong.images)
-        if params.soft_teacher:
+        if params.soft_teacher and teacher_out is not None:  # set above whenever soft_teacher
             probs = torch.sigmoid(teacher_out.cls_logits.float())
             unsup["cls"] = soft_teacher_cls_loss(student, out, hard, 1 - probs.amax(-1))
-        if params.box_jitter:
-            spread = box_jitter_uncertainty(teacher.module, teacher_out, [h["boxes"] for h in hard],
+        if params.box_jitter and teacher_out is not None:  # set above whenever box_jitter
+            spread = box_jitter_uncertainty(module_as(teacher.module, RetinaNet), teacher_out, [h["boxes"] for h in hard],
                                             params.jitter_copies, params.jitter_scale,
                                             step_generator(t.seed, step, stream=2))
             reg = [{"boxes": h["boxes"][u < params.jitter_threshold], "labels": h["labels"][u < params.jitter_threshold]}
@@ -235,7 +237,7 @@ def _run(cfg: RunConfig, params: UnbiasedTeacherParams, ctx: RunContext, title: 
     trainer.fit(step_fn, {"student": student, "teacher": teacher}, build_optimizer(student.parameters(), t), loader,
                 max(t.max_steps - start.steps, 1), sampler=sampler, on_step_end=lambda _: teacher.update(student))
     # the final (EMA) model − the burned-in model it started from, on the same test images
-    return evaluate_against_burn_in(ctx, teacher.module, start, held_out, split=params.eval_split,
+    return evaluate_against_burn_in(ctx, module_as(teacher.module, RetinaNet), start, held_out, split=params.eval_split,
                                     n_boot=params.n_boot, title=title, class_names=data.class_names)
 
 
