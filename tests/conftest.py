@@ -27,3 +27,20 @@ def tiny_runs_root(tmp_path_factory):
     xdist the parent of the workers' base folders, so every worker reads the same runs."""
     base = tmp_path_factory.getbasetemp()
     return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny_runs"
+
+
+@pytest.fixture
+def fits(monkeypatch):
+    """Stages actually trained (not skipped as done) in this test, in order (`Trainer.fit` spied)."""
+    from cxrdistill.engine.loop import Trainer
+
+    trained: list[str] = []
+    real_fit = Trainer.fit
+
+    def fit(self, *a, **k):
+        if not self.is_done():
+            trained.append(self.stage)
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "fit", fit)
+    return trained

@@ -226,26 +226,17 @@ def _tensors(obj):
             yield from _tensors(value)
 
 
-def test_pretraining_is_the_supervised_heatmap_baseline_checkpoint(world, tmp_path, monkeypatch):
+def test_pretraining_is_the_supervised_heatmap_baseline_checkpoint(world, tmp_path, monkeypatch, fits):
     """Issue 16: AALS pre-trains through the shared supervised stage. The `supervised_heatmap` baseline
     at the same key (same data, model, schedule, ``augment: aals``) is that checkpoint: trained once,
     then read from the stage store (no pre-training in a second AALS run), bit-identical weights."""
     from cxrdistill.engine.checkpoint import load_checkpoint
     from cxrdistill.engine.context import RunContext
-    from cxrdistill.engine.loop import Trainer
     from cxrdistill.engine.run_dir import RunDirectory
 
     torch.set_num_threads(1)
     monkeypatch.setenv("CXRDISTILL_STAGE_STORE", str(tmp_path / "store"))
-    trained: list[str] = []
-    real_fit = Trainer.fit
-
-    def fit(self, *args, **kwargs):
-        if not self.is_done():
-            trained.append(self.stage)
-        return real_fit(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "fit", fit)
+    trained = fits
     root, manifest = world
 
     def run(name: str, method: str, **params):

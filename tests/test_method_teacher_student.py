@@ -22,7 +22,6 @@ from cxrdistill.data.splits import make_semi_split
 from cxrdistill.data.synthetic import make_world
 from cxrdistill.data.target_dataset import TargetDataset
 from cxrdistill.data.targets import ClassificationTask
-from cxrdistill.engine.loop import Trainer
 from cxrdistill.errors import ConfigError
 from cxrdistill.pseudo.store import PseudoLabelStore
 from cxrdistill.pseudo.top_kappa import class_balanced_top_kappa
@@ -70,21 +69,6 @@ def stage_store(tmp_path, monkeypatch):
     """A private stage store per test (a teacher of another test is never reused)."""
     monkeypatch.setenv("CXRDISTILL_STAGE_STORE", str(tmp_path / "store"))
     return tmp_path / "store"
-
-
-@pytest.fixture
-def fits(monkeypatch):
-    """Stages actually trained (not skipped as done) in this test."""
-    trained: list[str] = []
-    real_fit = Trainer.fit
-
-    def fit(self, *a, **k):
-        if not self.is_done():
-            trained.append(self.stage)
-        return real_fit(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "fit", fit)
-    return trained
 
 
 @pytest.mark.parametrize("task", ["multi_label", "single_label"])

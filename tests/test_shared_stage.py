@@ -10,7 +10,6 @@ import torch
 from rich.console import Console
 
 from cxrdistill.config import validate_config
-from cxrdistill.engine.loop import Trainer
 from cxrdistill.methods.registry import get_method, validate_method_params
 from cxrdistill.pseudo.collapse import PseudoLabelCollapse
 
@@ -44,21 +43,6 @@ def _run(world, out, method: str, params: dict | None = None, steps: int = 3, lr
     ctx = RunContext.create(cfg, RunDirectory(cfg.output_dir, min_free_bytes=0), console)
     p = validate_method_params(method, cfg.method.params)
     return get_method(method).run(cfg, p, ctx), console
-
-
-@pytest.fixture
-def fits(monkeypatch):
-    """Stages actually trained (not skipped as done) in this test."""
-    trained: list[str] = []
-    real_fit = Trainer.fit
-
-    def fit(self, *a, **k):
-        if not self.is_done():
-            trained.append(self.stage)
-        return real_fit(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "fit", fit)
-    return trained
 
 
 def _weights(path):
