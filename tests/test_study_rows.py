@@ -18,12 +18,10 @@ from cxrdistill.errors import ConfigError, CxrDistillError
 from cxrdistill.study import load_study, make_study, run_study, study_cells
 from cxrdistill.study.runner import job_commands, ready, shard_cells
 from cxrdistill.study.table import build_table, format_markdown
+from test_report_fixes import TINY  # the same tiny detector settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DET = str(ROOT / "configs/supervised_detector.yaml")
-TINY = ["data.synthetic={n_images: 40, image_size: 32, seed: 3}", "data.image_size=32", "train.max_steps=2",
-        "train.batch_size=2", "train.progress=false", "train.tensorboard=false", "model.options.fpn_channels=8",
-        "model.options.head_convs=1", "method.params.n_boot=10"]
 
 
 @pytest.fixture(autouse=True)
