@@ -83,7 +83,7 @@ class OfflineParams(BaseModel):
     """Labeled:unlabeled images per student batch, 2:1 in the paper; ``train.batch_size`` images in all."""
     pseudo_score_thresh: float = Field(0.5, gt=0.0, lt=1.0)
     """τ of ``pseudo.selection: fixed``: teacher boxes scoring at least this become pseudo-labels."""
-    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)  # type: ignore[arg-type]  # pydantic without its mypy plugin: `Field(0.5, ...)` defaults look required
+    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)
     """How pseudo-labels are selected and what a collapse does (`pseudo.selection`)."""
     store_score_thresh: float = Field(0.05, ge=0.0, lt=1.0)
     """Teacher detections above this are stored (pseudo-labels and APCLR read from them)."""

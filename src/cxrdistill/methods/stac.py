@@ -57,7 +57,7 @@ class StacParams(BaseModel):
 
     threshold: float = Field(0.9, ge=0.0, le=1.0)
     """τ: a teacher box becomes a pseudo-label when its score is at least this (paper: 0.9)."""
-    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)  # type: ignore[arg-type]  # pydantic without its mypy plugin: `Field(0.5, ...)` defaults look required
+    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)
     """How pseudo-labels are selected (``fixed``: τ) and what a collapse does."""
     topk_candidates: int = Field(1000, ge=1)
     """Decoding candidates of the teacher's and the student's evaluation (RetinaNet: 1000)."""

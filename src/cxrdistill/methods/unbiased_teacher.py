@@ -81,7 +81,7 @@ class UnbiasedTeacherParams(BaseModel):
     jitter_copies: int = Field(10, ge=2)
     jitter_scale: float = Field(0.06, gt=0.0)
     jitter_threshold: float = Field(0.02, gt=0.0)
-    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)  # type: ignore[arg-type]  # pydantic without its mypy plugin: `Field(0.5, ...)` defaults look required
+    pseudo: PseudoSelection = Field(default_factory=PseudoSelection)
     """Pseudo-label selection (``fixed``: τ; ``precision@P`` / ``topk_per_class``: per-class thresholds
     chosen once with the burned-in model) and what a collapse of them does."""
     burn_in_steps: int | None = Field(None, ge=0)
