@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -58,9 +59,37 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def write_json_atomic(path: str | Path, payload: Any, indent: int | None = 1) -> Path:
-    """Write JSON atomically (non-JSON values such as paths are written as strings)."""
-    return write_text_atomic(path, json.dumps(payload, indent=indent, default=str) + "\n")
+def json_safe(payload: Any) -> Any:
+    """`payload` with every non-finite float (NaN, ±inf; also numpy scalars) replaced by ``None``.
+
+    ``json.dumps`` writes NaN as the bare token ``NaN``, which is not JSON: other tools (``jq``,
+    JavaScript, pandas' strict readers) refuse the file. A metric that is undefined (an AP with no
+    ground truth, a CI from one seed) is written as ``null`` instead; `study.table.read_metric`
+    reads ``null`` back as NaN.
+    """
+    if isinstance(payload, dict):
+        return {key: json_safe(value) for key, value in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [json_safe(value) for value in payload]
+    if isinstance(payload, float) or (hasattr(payload, "dtype") and getattr(payload, "shape", None) == ()):
+        try:
+            value = float(payload)
+        except (TypeError, ValueError):
+            return payload
+        if not math.isfinite(value):
+            return None
+        return payload if isinstance(payload, float) else payload.item()
+    return payload
+
+
+def json_text(payload: Any, indent: int | None = 1, sort_keys: bool = False) -> str:
+    """Strict JSON text of `payload` (non-finite floats → ``null``, paths and other objects → str)."""
+    return json.dumps(json_safe(payload), indent=indent, sort_keys=sort_keys, default=str, allow_nan=False) + "\n"
+
+
+def write_json_atomic(path: str | Path, payload: Any, indent: int | None = 1, sort_keys: bool = False) -> Path:
+    """Write strict JSON atomically (see `json_text`)."""
+    return write_text_atomic(path, json_text(payload, indent=indent, sort_keys=sort_keys))
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -29,6 +29,7 @@ from pydantic import (
     model_serializer,
 )
 
+from cxrdistill.atomic import write_text_atomic
 from cxrdistill.errors import ConfigError
 from cxrdistill.validation import _leaf_types, format_validation_error
 
@@ -251,4 +252,4 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 def dump_config(cfg: RunConfig, path: Path | str) -> None:
     """Write the resolved config (every default filled in) as YAML that `load_config` reads back."""
     data = cfg.model_dump(mode="json")
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))

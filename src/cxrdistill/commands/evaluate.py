@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -12,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cxrdistill.atomic import write_json_atomic
 from cxrdistill.errors import CxrDistillError
 from cxrdistill.eval.metrics import evaluate_files, evaluate_predictions, modified_froc_from_heatmaps
 
@@ -129,8 +129,7 @@ def register(app: typer.Typer) -> None:
         for note in metrics["notes"]:
             console.print(f"note: {note}", soft_wrap=True)
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(metrics, indent=2))
+            write_json_atomic(out, metrics, indent=2)
             console.print(f"wrote {out}", soft_wrap=True)
 
     @app.command()

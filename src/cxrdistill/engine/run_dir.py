@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cxrdistill.atomic import file_sha256
+from cxrdistill.atomic import file_sha256, write_json_atomic
 from cxrdistill.errors import CxrDistillError
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class RunDirectory:
             elif move:
                 moved = self._move_aside()
         if move:
-            self.fingerprint_path.write_text(json.dumps(new, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            write_json_atomic(self.fingerprint_path, new, sort_keys=True)
         return moved
 
     def _saved_fingerprint(self) -> dict[str, Any]:
@@ -178,7 +178,7 @@ class RunDirectory:
 
     def write_environment(self) -> Path:
         """Save `environment_info()` as JSON."""
-        self.environment_path.write_text(json.dumps(environment_info(), indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(self.environment_path, environment_info(), indent=2)
         return self.environment_path
 
     def _check_writable(self) -> None:

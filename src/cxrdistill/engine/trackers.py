@@ -21,6 +21,7 @@ from typing import Any
 
 from lightning_fabric.loggers.logger import Logger
 
+from cxrdistill.atomic import write_text_atomic
 from cxrdistill.errors import ConfigError
 
 __all__ = ["MLflowLogger", "WandbLogger", "make_trackers"]
@@ -43,8 +44,7 @@ def _remembered_id(path: Path | None) -> str | None:
 
 def _remember(path: Path | None, run_id: str) -> None:
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
+        write_text_atomic(path, run_id + "\n")
 
 
 class MLflowLogger(Logger):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import json
 import math
 import os
@@ -45,7 +46,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from cxrdistill.atomic import file_sha256
+from cxrdistill.atomic import atomic_write, file_sha256, write_text_atomic
 from cxrdistill.errors import CxrDistillError
 from cxrdistill.eval import plots
 from cxrdistill.eval.classification import bootstrap_auroc, classification_summary
@@ -224,16 +225,17 @@ class _Supplement:
 
     def figure(self, name: str, svg: bytes) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"{name}.svg").write_bytes(svg)
+        atomic_write(self.folder / f"{name}.svg", lambda f: f.write(svg))
         self.written.append(self.folder / f"{name}.svg")
 
     def table(self, name: str, header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        with (self.folder / f"{name}.csv").open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows([[_plain(c) for c in r] for r in rows])
-        (self.folder / f"{name}.tex").write_text(_latex(header, rows, caption), encoding="utf-8")
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(header)
+        writer.writerows([[_plain(c) for c in r] for r in rows])
+        write_text_atomic(self.folder / f"{name}.csv", text.getvalue())
+        write_text_atomic(self.folder / f"{name}.tex", _latex(header, rows, caption))
         self.written += [self.folder / f"{name}.csv", self.folder / f"{name}.tex"]
 
     def links(self, prefix: str) -> str:
@@ -658,5 +660,5 @@ def build_report(run_dirs: Sequence[Path], out: Path, max_images: int = 12, n_bo
         body.append(sup.links(_slug(run.label) + "_"))
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cxrdistill report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
-    out.write_text(page, encoding="utf-8")
+    write_text_atomic(out, page)
     return out

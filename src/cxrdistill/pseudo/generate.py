@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from cxrdistill.atomic import json_text
 from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.errors import ConfigError
 from cxrdistill.pseudo.store import ImageId, PseudoLabelStore, Record
@@ -110,7 +111,7 @@ def stored_pseudo_labels(predict: PredictFn, dataset: CXRDataset, store: PseudoL
         fabric.barrier()
     if metadata is not None:
         saved = json.loads((store.path / "COMPLETE.json").read_text(encoding="utf-8")).get("metadata", {})
-        changed = {k: (saved.get(k), v) for k, v in json.loads(json.dumps(metadata)).items() if saved.get(k) != v}
+        changed = {k: (saved.get(k), v) for k, v in json.loads(json_text(metadata)).items() if saved.get(k) != v}
         if changed:
             raise ConfigError(f"{store.path}: stored with other settings {changed} (stored, now); use a new "
                               "output_dir or delete this generation to predict again")
