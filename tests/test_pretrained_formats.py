@@ -205,6 +205,23 @@ def test_imagenet_lite0_recognises_the_sklearn_sample_photos(tmp_path, monkeypat
     torch.testing.assert_close(model.backbone._conv_stem.weight, net._conv_stem.weight.sum(1, keepdim=True))
 
 
+def test_the_classifier_spelling_options_arch_names_the_backbone_of_the_weights_record(tmp_path):
+    """``model.options.arch`` (the classifier's own spelling) is the backbone whose weights a run records:
+    it used to fall back to ``resnet{depth}``, so an ImageNet Lite0 classifier failed after building."""
+    from cxrdistill.models.backbones import backbone_name
+
+    cfg = ModelConfig(kind="classifier", options={"arch": "efficientnet_lite0"})
+    assert backbone_name(cfg) == "efficientnet_lite0"
+    assert backbone_name(ModelConfig(kind="classifier", backbone="densenet121", options={"arch": "x"})) == "densenet121"
+    assert backbone_name(ModelConfig(kind="detector", depth=34)) == "resnet34"
+    weights = tmp_path / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in build_backbone("efficientnet_lite0").state_dict().items()}, str(weights))
+    env = tmp_path / "environment.json"
+    env.write_text(json.dumps({"python": "3"}))
+    record_pretrained(env, ModelConfig(kind="classifier", options={"arch": "efficientnet_lite0"}, pretrained=str(weights)))
+    assert json.loads(env.read_text())["pretrained"]["backbone"] == "efficientnet_lite0"
+
+
 @pytest.mark.parametrize("name", ["tbx11k_lite0", "tbx11k_resnet18_scratch"])
 def test_packaged_real_configs_validate(name):
     from cxrdistill.resources import resolve_config_path

@@ -162,8 +162,9 @@ def build_backbone(
 
 
 def backbone_name(model_cfg: Any) -> str:
-    """``model.backbone`` if set, else ``resnet{model.depth}`` (the former spelling)."""
-    name = getattr(model_cfg, "backbone", None)
+    """``model.backbone`` if set, else the classifier's ``model.options.arch``, else ``resnet{model.depth}``
+    (the former spellings)."""
+    name = getattr(model_cfg, "backbone", None) or (getattr(model_cfg, "options", None) or {}).get("arch")
     return str(name) if name else f"resnet{model_cfg.depth}"
 
 
