@@ -161,3 +161,28 @@ def test_every_detection_recipe_takes_a_pseudo_selection_and_reports_delta_vs_ow
     assert metrics["delta_teacher/mAP@0.5"] == pytest.approx(metrics["mAP@0.5"] - metrics["teacher/mAP@0.5"],
                                                              abs=1e-6)
     assert (tmp_path / method / "eval_teacher" / "predictions.json").is_file()
+
+
+def test_the_stage_key_follows_the_bytes_of_local_pretrained_weights_not_their_path(tmp_path):
+    """Two runs whose `model.pretrained` names the same run folder share a stage only while that folder
+    holds the same weights: re-running the pretraining in place must not hand on the old stage."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from cxrdistill.config import RunConfig
+    from cxrdistill.methods.kit import stage_key
+
+    folder = tmp_path / "pretrain_run"
+    folder.mkdir()
+    save_file({"conv1.weight": torch.zeros(2, 1, 3, 3)}, str(folder / "model.safetensors"))
+    cfg = RunConfig.model_validate({"model": {"kind": "detector", "pretrained": str(folder)},
+                                   "method": {"name": "supervised_detector"}})
+    ctx = SimpleNamespace(cfg=cfg, world_size=1)
+    first, payload = stage_key(ctx, "detector", 10, "flip", "train")
+    assert len(payload["pretrained_sha256"]) == 64
+    assert stage_key(ctx, "detector", 10, "flip", "train")[0] == first
+    save_file({"conv1.weight": torch.ones(2, 1, 3, 3)}, str(folder / "model.safetensors"))
+    assert stage_key(ctx, "detector", 10, "flip", "train")[0] != first
+    plain = SimpleNamespace(cfg=RunConfig.model_validate({"method": {"name": "supervised_detector"}}), world_size=1)
+    assert "pretrained_sha256" not in stage_key(plain, "detector", 10, "flip", "train")[1]  # keys of runs without weights unchanged

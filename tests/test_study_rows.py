@@ -264,3 +264,51 @@ def test_a_data_source_is_prepared_once_and_every_cell_reads_it(tmp_path):
                           "data": {"source": "tbx11k", "root": str(tmp_path / "nope")}})
     with pytest.raises(ConfigError, match="is not a folder"):
         prepare_data(missing, tmp_path / "t")
+
+
+# ----------------------------------------------------------------------------- a shared pretraining
+
+
+def test_a_pretraining_row_runs_once_per_seed_and_hands_its_backbone_to_every_fraction(tmp_path):
+    """`labeled_fraction: [0.3]` + `table: false` on the pretraining, `init_from: ssl` + `init_as: backbone`
+    on the detector: the detector's cells at 0.3 and 0.5 both start from the one pretraining cell of
+    their seed (``model.pretrained=<that cell>``; lr ~ 0 keeps the backbone where it started)."""
+    from safetensors.torch import load_file
+
+    pretrain = str(ROOT / "configs/pretrain_moco.yaml")
+    common = [o for o in TINY if not o.startswith(("method.params.", "model.options."))]
+    spec = make_study(_study(tmp_path / "s", labeled_fraction=[0.3, 0.5], baseline="sup", overrides=common, recipes={
+        "sup": {"config": DET, "init_from": "ssl", "init_as": "backbone",
+                "overrides": ["model.base_width=4", "train.lr=1e-12", "train.warmup_steps=0", "train.max_steps=1",
+                              *[o for o in TINY if o.startswith(("method.params.", "model.options."))]]},
+        "ssl": {"config": pretrain, "labeled_fraction": [0.3], "table": False,
+                "overrides": ["model.base_width=4", "train.max_steps=2", "train.batch_size=8",
+                              "method.params.queue_size=32", "method.params.dim=8", "method.params.hidden=16"]}}))
+    cells = study_cells(spec)
+    assert [(c.recipe, c.fraction) for c in cells] == [("ssl", 0.3), ("sup", 0.3), ("sup", 0.5)]
+    ssl_dir = cells[0].run_dir
+    assert cells[1].after == cells[2].after == ssl_dir
+    assert cells[2].overrides[-1] == f"model.pretrained={ssl_dir}" and "init_from=" not in " ".join(cells[2].overrides)
+    assert list(spec.table_rows) == ["sup"]
+    result = run_study(spec, console=Console(quiet=True), keep_going=False, report=False)
+    assert not result.failed, result.failed
+    backbone = load_file(ssl_dir / "model.safetensors")
+    for cell in cells[1:]:
+        state = torch.load(cell.run_dir / "model.pt", weights_only=True)["state_dict"]
+        conv1 = next(v for k, v in state.items() if k.endswith("backbone.body.conv1.weight"))
+        assert torch.allclose(conv1, backbone["conv1.weight"], atol=1e-6)
+    table = json.loads((tmp_path / "s" / "table.json").read_text())
+    assert [r["recipe"] for r in table["rows"]] == ["sup"]
+    assert table["rows"][0]["fractions"]["f0.5"]["n_seeds"] == 1
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"a": {"config": DET, "labeled_fraction": [0.9]}}, "not in the study's"),
+    ({"a": {"config": DET, "labeled_fraction": [0.3, 0.5]}, "b": {"config": DET, "init_from": "a",
+                                                                  "labeled_fraction": [0.3, 0.5, 0.7]}},
+     "does not run at fraction 0.7"),
+    ({"a": {"config": DET, "table": False}}, "keep at least one row"),
+])
+def test_bad_fraction_subsets_are_refused(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        make_study(_study(tmp_path, labeled_fraction=[0.3, 0.5, 0.7], recipes=bad))

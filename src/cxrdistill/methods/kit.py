@@ -368,8 +368,21 @@ def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: s
     }
     if head is not None:  # a classifier trained for another task than the classes' multi-label BCE
         payload["head"] = head
+    weights = _local_weights_sha256(cfg.model.pretrained)
+    if weights is not None:  # a local file / run folder: its bytes, not its path, decide the stage
+        payload["pretrained_sha256"] = weights
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16], payload
+
+
+def _local_weights_sha256(source: str | None) -> str | None:
+    """sha256 of the weights file a local ``model.pretrained`` (file, HF folder, run folder) resolves
+    to; None for no weights, ``imagenet`` (versioned by its package) or a URL."""
+    from cxrdistill.models.pretrained import IMAGENET, is_url, resolve_weights_file
+
+    if source is None or str(source) == IMAGENET or is_url(str(source)):
+        return None
+    return file_sha256(resolve_weights_file(source))
 
 
 class ClassifierHead(Protocol):

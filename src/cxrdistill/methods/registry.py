@@ -124,7 +124,16 @@ def _import_all() -> None:
             importlib.import_module(module)
         except Exception as err:  # noqa: BLE001 - reported in get_method's error, never dropped
             _IMPORT_FAILURES[module] = f"{type(err).__name__}: {err}"
+    for module in _RECIPES_ELSEWHERE:
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - as above
+            _IMPORT_FAILURES[module] = f"{type(err).__name__}: {err}"
     _scanned = True
+
+
+_RECIPES_ELSEWHERE = ("cxrdistill.ssl.recipe",)
+"""Recipes outside `cxrdistill.methods` (``pretrain``), so `cxrdistill train` and a study cell run them too."""
 
 
 def load_run_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

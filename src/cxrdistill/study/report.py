@@ -148,7 +148,7 @@ def build_study_report(spec: StudySpec, cells: Sequence[Cell], table: dict[str, 
 
     out_dir = Path(out_dir)
     links = []
-    order = [spec.baseline_name, *[r for r in spec.rows if r != spec.baseline_name]]
+    order = [spec.baseline_name, *[r for r in spec.table_rows if r != spec.baseline_name]]
     seed = spec.seeds[0]
     for fraction in spec.fractions:
         dirs = [c.run_dir for r in order for c in cells

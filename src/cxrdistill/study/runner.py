@@ -56,11 +56,16 @@ def study_cells(spec: StudySpec, out_dir: Path | None = None) -> list[Cell]:
             tail = Path(fraction_tag(fraction)) / f"seed{seed}"
             for name in rows:
                 row = spec.rows[name]
-                after = root / row.init_from / tail if row.init_from is not None else None
+                if fraction not in spec.row_fractions(name):
+                    continue
+                after = None
+                if row.init_from is not None:
+                    after = root / row.init_from / fraction_tag(spec.source_fraction(name, fraction)) / f"seed{seed}"
+                start = "init_from" if row.init_as == "stage" else "model.pretrained"
                 overrides = (*((f"data.manifest={manifest}",) if manifest is not None else ()),
                              *spec.overrides, *row.overrides, f"{spec.fraction_key}={fraction:g}",
                              *(f"{key}={seed}" for key in spec.seed_keys),
-                             *((f"init_from={after}",) if after is not None else ()))
+                             *((f"{start}={after}",) if after is not None else ()))
                 cells.append(Cell(name, fraction, seed, spec.config_path(name), overrides, root / name / tail, after))
     return cells
 

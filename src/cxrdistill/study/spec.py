@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +66,16 @@ class RecipeEntry(BaseModel):
     init_from: str | None = None
     """A row (or a recipe; with grids: the row whose point agrees with this one) whose cell at the same
     fraction and seed this recipe's cells start from (``init_from=<run dir>`` in their config)."""
+    init_as: Literal["stage", "backbone"] = "stage"
+    """What `init_from` hands on: ``stage``, the source's supervised stage (``init_from=<run dir>``);
+    ``backbone``, its backbone weights (``model.pretrained=<run dir>``: a `cxrdistill pretrain` cell)."""
+    labeled_fraction: list[float] | None = None
+    """The fractions this recipe runs at (a subset of the study's; default: all). A row whose result
+    does not depend on the labels (a self-supervised pretraining) runs at one fraction, and a row
+    that starts from it takes that cell at every fraction."""
+    table: bool = True
+    """Whether the recipe's rows appear in the tables (``false`` for a pretraining cell whose own
+    metrics are not the study's)."""
 
 
 class DataSource(BaseModel):
@@ -93,6 +103,11 @@ class Row:
     point: tuple[tuple[str, Any], ...] = ()
     init_from: str | None = None
     """The row whose cells this row's cells start from."""
+    init_as: Literal["stage", "backbone"] = "stage"
+    """``stage``: ``init_from=<source cell>``; ``backbone``: ``model.pretrained=<source cell>``."""
+    fractions: tuple[float, ...] | None = None
+    """The fractions this row runs at (None: every fraction of the study)."""
+    in_table: bool = True
 
 
 class StudySpec(BaseModel):
@@ -156,8 +171,18 @@ class StudySpec(BaseModel):
         elif self.metric not in self.metrics:
             self.metrics = [self.metric, *self.metrics]
         rows = _expand_rows(self)  # raises ValueError on a bad grid or init_from
-        if self.baseline is not None and self.baseline not in rows:
-            raise ValueError(f"baseline {self.baseline!r} is not one of the rows ({', '.join(rows)})")
+        for row in rows.values():
+            extra = sorted(set(row.fractions or ()) - set(self.fractions))
+            if extra:
+                raise ValueError(f"recipes.{row.recipe}.labeled_fraction: {extra} not in the study's {self.fractions}")
+            if row.init_from is not None:
+                for fraction in self.row_fractions(row.name, rows):
+                    self.source_fraction(row.name, fraction, rows)  # raises when there is none
+        tabled = [name for name, row in rows.items() if row.in_table]
+        if not tabled:
+            raise ValueError("recipes: every recipe has table: false; keep at least one row in the table")
+        if self.baseline is not None and self.baseline not in tabled:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the table's rows ({', '.join(tabled)})")
         return self
 
     @property
@@ -166,8 +191,32 @@ class StudySpec(BaseModel):
         return _expand_rows(self)
 
     @property
+    def table_rows(self) -> dict[str, Row]:
+        """The rows the tables and the report show (those of recipes without ``table: false``)."""
+        return {name: row for name, row in self.rows.items() if row.in_table}
+
+    @property
     def baseline_name(self) -> str:
-        return self.baseline or next(iter(self.rows))
+        return self.baseline or next(iter(self.table_rows))
+
+    def row_fractions(self, row: str, rows: dict[str, Row] | None = None) -> list[float]:
+        """The fractions the row runs at, in the study's order."""
+        own = (rows or self.rows)[row].fractions
+        return [f for f in self.fractions if own is None or f in own]
+
+    def source_fraction(self, row: str, fraction: float, rows: dict[str, Row] | None = None) -> float:
+        """The fraction of the `init_from` cell that `row`'s cell at `fraction` starts from: the same
+        fraction where the source runs at it, else the source's only fraction."""
+        rows = rows or self.rows
+        source = rows[row].init_from
+        assert source is not None
+        theirs = self.row_fractions(source, rows)
+        if fraction in theirs:
+            return fraction
+        if len(theirs) == 1:
+            return theirs[0]
+        raise ValueError(f"recipes.{rows[row].recipe}: its init_from row {source!r} does not run at fraction "
+                         f"{fraction:g} (it runs at {theirs}); give it that fraction or exactly one")
 
     @property
     def axis_name(self) -> str:
@@ -256,11 +305,12 @@ def _expand_rows(spec: StudySpec) -> dict[str, Row]:
                 overrides = (*entry.overrides, *(f"{k}={_text(v)}" for k, v in point))
                 if name in rows:
                     raise ValueError(f"recipes.{recipe}: row {name!r} appears twice")
-                rows[name] = Row(name, recipe, label, overrides, point, entry.init_from)
+                fractions = tuple(entry.labeled_fraction) if entry.labeled_fraction is not None else None
+                rows[name] = Row(name, recipe, label, overrides, point, entry.init_from, entry.init_as,
+                                 fractions, entry.table)
     resolved = {}
     for name, row in rows.items():
-        resolved[name] = row if row.init_from is None else \
-            Row(row.name, row.recipe, row.label, row.overrides, row.point, _init_row(row, rows))
+        resolved[name] = row if row.init_from is None else replace(row, init_from=_init_row(row, rows))
     for name in resolved:  # no cycle: following init_from ends at a row without one
         seen, at = {name}, resolved[name].init_from
         while at is not None:

@@ -227,10 +227,14 @@ def metric_table(spec: StudySpec, cells: Sequence[Cell], metric: str, replicates
     paired = pairable(metric)
     missing: list[MissingMetric] = []
     found = 0
-    for recipe in spec.rows:
+    for recipe in spec.table_rows:
         row: dict[str, Any] = {"recipe": recipe, "label": spec.label(recipe), "fractions": {}}
         for fraction in spec.fractions:
             values, lacking = {}, []
+            if fraction not in spec.row_fractions(recipe):
+                row["fractions"][fraction_tag(fraction)] = {"n_seeds": 0, "values": {}, "mean": None,
+                                                            "ci": [None, None], "run_dirs": {}, "not_run": True}
+                continue
             for s in spec.seeds:
                 try:
                     value = read_metric(by_key[(recipe, fraction, s)], metric)
