@@ -177,7 +177,8 @@ def evaluate_heatmap(model: nn.Module, dataset: CXRDataset, out_dir: Path | None
                      froc_boot: int = 0) -> dict[str, Any]:
     """A heat-map model: AUROC of the map maxima, the AALS modified FROC per class, and mAP of the
     boxes of connected regions above `box_threshold` (scored by their peak). ``froc_boot > 0``: a
-    percentile-bootstrap CI of the modified FROC too (`modified_froc_ci`, ``modified_froc_heatmaps.bootstrap_CI95``)."""
+    percentile-bootstrap CI of the modified FROC too (`modified_froc_ci`, ``modified_froc_heatmaps.bootstrap_CI95``;
+    ``dataset`` then needs ``with_truth=True``)."""
     from cxrdistill.models.heatmap import maps_to_detections
 
     was_training = model.training

@@ -190,7 +190,7 @@ def run_heatmap(cfg: RunConfig, params: HeatmapParams, ctx: RunContext) -> dict[
     absent classes of D_W (the shared heat-map stage: AALS's pre-training at the same key)."""
     data = StudyData.from_config(cfg.data)
     model = supervised_stage(ctx, data, kind="heatmap", augment=params.augment, split=params.train_split).model
-    held_out = data.dataset(params.eval_split)
+    held_out = data.dataset(params.eval_split, with_truth=True)  # the truth boxes: the modified FROC's bootstrap
     return evaluate_final(ctx, lambda: evaluate_heatmap(model, held_out, ctx.run_dir.eval, split=params.eval_split,
                                                         n_boot=params.n_boot, froc_boot=params.froc_boot),
                           "supervised heat map",
