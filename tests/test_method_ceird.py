@@ -189,8 +189,8 @@ def test_generations_rebirth_students_and_hand_the_frozen_student_on(world, tmp_
     assert [g["generation"] for g in summary["generations"]] == [0, 1, 2]
     for k in range(3):
         assert set(summary["generations"][k]["vision"]) == {"mAP@0.25", "mAP@0.5", "mAP@0.75"}
-        assert 0.0 <= summary["generations"][k]["report"]["AUROC"] <= 1.0
-        assert f"vision_gen{k}/mAP@0.5" in metrics and f"report_gen{k}/AUROC" in metrics
+        assert 0.0 <= summary["generations"][k]["report"]["macro_AUROC"] <= 1.0
+        assert f"vision_gen{k}/mAP@0.5" in metrics and f"report_gen{k}/macro_AUROC" in metrics
         # the report probabilities were calibrated (platt, out-of-fold) and their ECE recorded
         report = summary["generations"][k]["report"]
         assert 0.0 <= report["ECE"] <= 1.0 and 0.0 <= report["ECE_labeled_after"] <= 1.0

@@ -118,7 +118,7 @@ def old_names(metric: str) -> list[str]:
         ci = match["ci"] or ""
         out.append(f"{match['row']}_minus_teacher{ci}" if match["delta"] else f"{match['row']}_auroc{ci}")
     stage, _, name = metric.rpartition("/")
-    if name in RENAMED:
+    if name in RENAMED and not stage.endswith("delta_teacher"):  # a Δ was never named the old way
         out.append(f"{stage}/{RENAMED[name]}" if stage else RENAMED[name])
     if stage == "data" and name.startswith("n_"):
         out.append(name)
