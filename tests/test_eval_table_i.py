@@ -32,8 +32,9 @@ def test_table_one_rows_deltas_and_flat_metrics():
     assert student["minus_teacher"] == pytest.approx(1.0 - teacher["macro_AUROC"])
     assert student["minus_teacher_CI95"][0] <= student["minus_teacher"] <= student["minus_teacher_CI95"][1]
     flat = table_metrics(table)
-    assert flat["student1_auroc"] == 1.0 and flat["teacher_auroc"] == teacher["macro_AUROC"]
-    assert flat["student1_minus_teacher"] == student["minus_teacher"] and "teacher_minus_teacher" not in flat
+    assert flat["student1/macro_AUROC"] == 1.0 and flat["teacher/macro_AUROC"] == teacher["macro_AUROC"]
+    assert flat["student1/delta_teacher/macro_AUROC"] == student["minus_teacher"]
+    assert not any(k.startswith("teacher/delta_teacher") for k in flat)
     json.dumps(table)  # JSON-ready
     md = format_table_markdown(table).splitlines()
     assert md[0].startswith("| model | stage |") and len(md) == 4
@@ -52,7 +53,7 @@ def test_undefined_auroc_is_none_in_the_table_and_nan_in_the_flat_metrics():
                       split="test", tta=True, task="multi_label", kappa=0.5, n_boot=20)
     assert table["rows"][1]["minus_teacher"] is None
     flat = table_metrics(table)
-    assert math.isnan(flat["teacher_auroc"]) and math.isnan(flat["student1_minus_teacher"])
+    assert math.isnan(flat["teacher/macro_AUROC"]) and math.isnan(flat["student1/delta_teacher/macro_AUROC"])
     assert "n/a" in format_table_markdown(table)
 
 

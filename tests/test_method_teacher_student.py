@@ -120,13 +120,13 @@ def test_student_is_trained_only_on_the_selected_images(semi_manifest, tmp_path,
         assert (out / "eval" / stage / "metrics.json").is_file()
     table = json.loads((out / "eval" / "table.json").read_text())
     assert [r["row"] for r in table["rows"]] == ["teacher", "intermediate1", "student1", "intermediate2", "student2"]
-    assert 0 <= metrics["student2_auroc"] <= 1 and "student2_minus_teacher_ci_low" in metrics
+    assert 0 <= metrics["student2/macro_AUROC"] <= 1 and "student2/delta_teacher/macro_AUROC_ci_low" in metrics
     # student − own teacher, written like the detection recipes do
     comparison = json.loads((out / "teacher_comparison.json").read_text())
     marker = json.loads((out / "checkpoints" / "classifier" / "stage_key.json").read_text())
     assert comparison["teacher_stage_key"] == marker["key"] and comparison["teacher_source"] == "trained"
-    assert comparison["delta_teacher/macro_AUROC"] == pytest.approx(metrics["student2_minus_teacher"])
-    assert comparison["teacher/macro_AUROC"] == pytest.approx(metrics["teacher_auroc"])
+    assert comparison["delta_teacher/macro_AUROC"] == pytest.approx(metrics["student2/delta_teacher/macro_AUROC"])
+    assert comparison["teacher/macro_AUROC"] == pytest.approx(metrics["teacher/macro_AUROC"])
     assert marker.get("head") == (None if task == "multi_label" else "single_label+normal")
 
 
@@ -176,7 +176,7 @@ def test_teacher_is_the_supervised_baseline_checkpoint_trained_once(semi_manifes
     assert marker["key"] == entry.name and marker["source"] == "store"
     assert json.loads((tmp_path / "ts" / "teacher_comparison.json").read_text())["teacher_source"] == "store"
     # the recipe's teacher row is the baseline's number (same scores: no TTA, same batches)
-    assert metrics["teacher_auroc"] == pytest.approx(base["macro_AUROC"], abs=1e-9)
+    assert metrics["teacher/macro_AUROC"] == pytest.approx(base["macro_AUROC"], abs=1e-9)
     assert metrics["teacher/macro_AUROC"] == pytest.approx(base["macro_AUROC"], abs=1e-9)
     # another task is another head, hence another key: its own teacher, next to the baseline's entry
     fits.clear()
@@ -209,9 +209,10 @@ def test_cli_train_runs_the_recipe_and_rejects_a_fully_labeled_split(semi_manife
     assert res.exit_code == 0, res.output
     assert "Table I" in res.output and "student1_finetune" in res.output
     metrics = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
-    assert {"teacher_auroc", "intermediate1_auroc", "student1_auroc", "student1_minus_teacher"} <= set(metrics)
+    assert {"teacher/macro_AUROC", "intermediate1/macro_AUROC", "student1/macro_AUROC",
+            "student1/delta_teacher/macro_AUROC"} <= set(metrics)
     # the final student under the key every classifier recipe uses, and its scores where studies read them
-    assert metrics["macro_AUROC"] == metrics["student1_auroc"]
+    assert metrics["macro_AUROC"] == metrics["student1/macro_AUROC"]
     rows = json.loads((tmp_path / "run" / "eval" / "image_scores.json").read_text())
     finals = np.load(tmp_path / "run" / "eval" / "student1_finetune" / "scores.npz")
     assert len(rows) == finals["scores"].size
@@ -220,7 +221,7 @@ def test_cli_train_runs_the_recipe_and_rejects_a_fully_labeled_split(semi_manife
     final = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["classification"]
     assert final["macro_AUROC"] == pytest.approx(metrics["macro_AUROC"])
     teacher = json.loads((tmp_path / "run" / "eval_teacher" / "metrics.json").read_text())["classification"]
-    assert teacher["macro_AUROC"] == pytest.approx(metrics["teacher_auroc"])
+    assert teacher["macro_AUROC"] == pytest.approx(metrics["teacher/macro_AUROC"])
     assert (tmp_path / "run" / "eval_teacher" / "image_scores.json").is_file()
 
     m = load_manifest(semi_manifest)
@@ -274,6 +275,6 @@ def test_student_beats_teacher_on_the_synthetic_world(tmp_path):
     raw["data"]["image_size"] = 64
     raw["train"].update(batch_size=16, optimizer="adam", weight_decay=0.0, checkpoint_every=500)
     metrics, _ = _run(raw)
-    assert metrics["teacher_auroc"] > 0.65, metrics  # the teacher learned something to distil
-    assert metrics["student1_minus_teacher"] > 0, metrics  # the student is ahead
-    assert metrics["student1_minus_teacher_ci_low"] > -0.05, metrics  # not a chance loss hidden in noise
+    assert metrics["teacher/macro_AUROC"] > 0.65, metrics  # the teacher learned something to distil
+    assert metrics["student1/delta_teacher/macro_AUROC"] > 0, metrics  # the student is ahead
+    assert metrics["student1/delta_teacher/macro_AUROC_ci_low"] > -0.05, metrics  # not a chance loss hidden in noise

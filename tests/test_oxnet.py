@@ -276,8 +276,8 @@ def test_recipe_runs_end_to_end_checkpoints_prototypes_and_resumes(tmp_path):
     config = _tiny_config(tmp_path)
     metrics = run_training(config, [], output_dir=tmp_path / "run")
     assert {"base/mAP", "student/mAP", "student/mAP@0.4", "student/mAP@0.75", "student/AP_small",
-            "student/mAP_lo", "teacher/mAP"} <= set(metrics)
-    assert metrics["n_box"] > 0 and metrics["n_image"] > 0 and metrics["n_none"] > 0
+            "student/mAP_ci_low", "teacher/mAP"} <= set(metrics)
+    assert metrics["data/n_box"] > 0 and metrics["data/n_image"] > 0 and metrics["data/n_none"] > 0
     state = torch.load(tmp_path / "run" / "checkpoints" / "oxnet" / "last.pt", weights_only=True)
     assert {"model", "global_branch", "teacher"} <= set(state["modules"])
     assert state["modules"]["global_branch"]["prototypes.initialised"].any()

@@ -34,26 +34,45 @@ def _registered() -> list[str]:
 
 REGISTERED = _registered()
 
-DETECTION = ("mAP", "mAP@0.5", "froc", "macro_AUROC")
-AUROC = ("macro_AUROC", "macro_AUROC_ci_low", "macro_AUROC_ci_high")
+# the final model's headline keys (`kit.headline`), one tuple per kind of evaluation
+DETECTION = ("mAP", "mAP@0.25", "mAP@0.5", "mAP@0.75", "AP_small", "AP_medium", "AP_large", "AR@100", "froc",
+             "macro_AUROC", "macro_AUROC_ci_low", "macro_AUROC_ci_high")
+HEATMAP = (*DETECTION, "modified_froc", "modified_froc_ci_low", "modified_froc_ci_high")  # of the maps' region boxes
+CLASSIFICATION = ("macro_AUROC", "macro_AUROC_ci_low", "macro_AUROC_ci_high")
+KIND: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("supervised_detector", "supervised_multitask", "mean_teacher", "unbiased_teacher", "soft_teacher",
+                     "stac", "tsd", "ceird", "oxnet", "cam"), DETECTION),
+    **dict.fromkeys(("supervised_heatmap", "aals"), HEATMAP),
+    **dict.fromkeys(("supervised_classifier", "supervised_report", "pi_model", "temporal_ensembling",
+                     "teacher_student_cls"), CLASSIFICATION),
+}
+OXNET_IOUS = ("0.4", "0.45", "0.5", "0.55", "0.6", "0.65", "0.7", "0.75")  # OXnet's own IoU grid
+# recipe -> its other stages, each scored like the final model (`<stage>/<same key>`)
+STAGES: dict[str, tuple[str, ...]] = {
+    "tsd": ("teacher", "student"), "ceird": ("teacher", "vision_gen0", "vision_gen1", "vision_gen2"),
+    "stac": ("teacher",), "mean_teacher": ("teacher",), "unbiased_teacher": ("teacher",), "soft_teacher": ("teacher",),
+    "oxnet": ("base", "student", "teacher"), "aals": ("pretrain", "student", "teacher"),
+    "teacher_student_cls": ("teacher", "intermediate1", "student1", "intermediate2", "student2"),
+}
+
+
+def kind_keys(recipe: str) -> tuple[str, ...]:
+    """The final model's keys of `recipe`: its kind's, OXnet's mAP at its IoU grid with a bootstrap CI."""
+    if recipe == "oxnet":
+        return (*(k for k in DETECTION if not k.startswith("mAP@")), *(f"mAP@{t}" for t in OXNET_IOUS),
+                "mAP_ci_low", "mAP_ci_high")
+    return KIND[recipe]
+
+
 # recipe -> its headline metrics in final_metrics.json (probabilities, mAP, FROC: all in [0, 1])
 HEADLINE: dict[str, tuple[str, ...]] = {
-    "supervised_detector": DETECTION, "supervised_multitask": DETECTION,
-    "supervised_heatmap": ("mAP@0.5", "froc", "modified_froc", "macro_AUROC"),
-    "supervised_classifier": AUROC, "supervised_report": AUROC,
-    "mean_teacher": DETECTION, "unbiased_teacher": DETECTION, "soft_teacher": DETECTION, "stac": DETECTION,
-    "tsd": ("mAP@0.25", "mAP@0.5", "mAP@0.75", "teacher/mAP@0.5", "student/mAP@0.5"),
-    "ceird": ("mAP@0.25", "mAP@0.5", "mAP@0.75", "teacher/mAP@0.5", "report_gen2/AUROC"),
-    "oxnet": (*DETECTION, "base/mAP@0.5", "teacher/mAP@0.5", "student/mAP@0.5"),
-    "aals": ("AUROC", "AUROC_lo", "AUROC_hi", "mFROC", "mAP@0.5", "pretrain/AUROC", "teacher/AUROC"),
-    "cam": ("mAP@0.5", "froc", "macro_AUROC"),
-    "pi_model": AUROC, "temporal_ensembling": AUROC,
-    "teacher_student_cls": (*AUROC, "teacher_auroc", "student1_auroc", "student2_auroc"),
-}
+    recipe: (*kind_keys(recipe), *(f"{stage}/{key}" for stage in STAGES.get(recipe, ()) for key in kind_keys(recipe)))
+    for recipe in KIND}
+HEADLINE["ceird"] += ("report_gen2/macro_AUROC", "report_gen2/macro_AUROC_ci_low", "report_gen2/macro_AUROC_ci_high")
 # recipes that compare the final model with their own teacher on the same test images
 TEACHER_COMPARISON = {"tsd", "ceird", "stac", "mean_teacher", "unbiased_teacher", "soft_teacher"}
 CLASSIFIER_TEACHER_COMPARISON = {"teacher_student_cls"}  # Δ macro AUROC vs the shared classifier stage
-# metrics that are legitimately NaN on a tiny test split (no truth box in that size range)
+# metrics that are legitimately NaN (``null`` in the JSON) on a tiny test split (no truth box in that size range)
 MAY_BE_NAN = ("AP_small", "AP_medium", "AP_large")
 
 
@@ -91,13 +110,21 @@ def test_recipe_runs_end_to_end_and_writes_its_final_metrics(tiny_runs_root, rec
     metrics = json.loads((run / "final_metrics.json").read_text())
     assert isinstance(metrics, dict) and metrics
     for key, value in metrics.items():
+        if value is None and key.endswith(MAY_BE_NAN):
+            continue  # NaN, written as null (strict JSON)
         assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}: {value!r}"
-        assert math.isfinite(value) or key.endswith(MAY_BE_NAN), f"{key}: {value}"
+        assert math.isfinite(value), f"{key}: {value}"
     for key in HEADLINE[recipe]:
         assert key in metrics, f"headline metric {key} missing from final_metrics.json: {sorted(metrics)}"
+        if metrics[key] is None and key.endswith(MAY_BE_NAN):
+            continue
         assert math.isfinite(metrics[key]) and 0.0 <= metrics[key] <= 1.0, f"{key}: {metrics[key]}"
     for low, high in [(k, k.replace("_ci_low", "_ci_high")) for k in metrics if k.endswith("_ci_low")]:
         assert metrics[low] <= metrics[high], f"{low} > {high}"
+    # the final model is unprefixed and has exactly its kind's keys; every other stage the same ones
+    assert {k for k in metrics if "/" not in k} == set(kind_keys(recipe)), sorted(metrics)
+    for stage in STAGES.get(recipe, ()):
+        assert {k.split("/", 1)[1] for k in metrics if k.startswith(f"{stage}/")} >= set(kind_keys(recipe)), stage
 
     comparison = run / "teacher_comparison.json"
     assert comparison.is_file() == (recipe in TEACHER_COMPARISON | CLASSIFIER_TEACHER_COMPARISON)
@@ -116,3 +143,28 @@ def test_recipe_runs_end_to_end_and_writes_its_final_metrics(tiny_runs_root, rec
             # the student and teacher mAP it was taken from; final_metrics.json carries the same Δ
             assert -1.0 <= delta <= 1.0 and metrics[f"delta_teacher/mAP@{iou}"] == pytest.approx(delta)
             assert 0.0 <= saved[f"teacher/mAP@{iou}"] <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["detection", "heat map", "classification"])
+def test_recipes_scored_on_the_same_evaluation_write_the_same_headline_keys(tiny_runs_root, kind):
+    """One naming (`kit.headline`): the final model's keys of every recipe of a kind are its
+    supervised baseline's, and each other stage repeats them under ``<stage>/``."""
+    baseline = {"detection": "supervised_detector", "heat map": "supervised_heatmap",
+                "classification": "supervised_classifier"}[kind]
+    recipes = [r for r in REGISTERED if KIND[r] is KIND[baseline]]
+    assert len(recipes) >= 2
+    written = {r: json.loads((shared_run(tiny_runs_root, r) / "final_metrics.json").read_text()) for r in recipes}
+    final = {r: {k for k in m if "/" not in k} for r, m in written.items()}
+    reference = final[baseline]
+    assert reference == set(KIND[baseline])
+    for recipe in recipes:
+        if recipe == "oxnet":  # the same keys, its mAP at IoU 0.4:0.05:0.75 and with a bootstrap CI
+            assert {k for k in final[recipe] if not k.startswith("mAP")} == \
+                {k for k in reference if not k.startswith("mAP")}
+            assert {k for k in final[recipe] if k.startswith("mAP")} == \
+                {"mAP", "mAP_ci_low", "mAP_ci_high", *(f"mAP@{t}" for t in OXNET_IOUS)}
+            continue
+        assert final[recipe] == reference, f"{recipe}: {sorted(final[recipe] ^ reference)}"
+        for stage in STAGES.get(recipe, ()):
+            keys = {k.split("/", 1)[1] for k in written[recipe] if k.startswith(f"{stage}/")}
+            assert keys >= reference, f"{recipe} {stage}/: lacks {sorted(reference - keys)}"

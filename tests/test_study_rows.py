@@ -312,3 +312,70 @@ def test_a_pretraining_row_runs_once_per_seed_and_hands_its_backbone_to_every_fr
 def test_bad_fraction_subsets_are_refused(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
         make_study(_study(tmp_path, labeled_fraction=[0.3, 0.5, 0.7], recipes=bad))
+
+
+# ----------------------------------------------------------------------------- renamed metrics
+
+# final_metrics.json of runs written before the metric names were unified (issue 18)
+OLD_AALS = {"pretrain/AUROC": 0.61, "pretrain/mFROC": 0.45, "student/AUROC": 0.59, "student/AUROC_lo": 0.55,
+            "student/mFROC": 0.48, "teacher/AUROC": 0.58, "teacher/mFROC": 0.46, "teacher/mFROC_lo": 0.42,
+            "AUROC": 0.58, "AUROC_lo": 0.54, "AUROC_hi": 0.62, "mFROC": 0.46, "mFROC_lo": 0.42, "mFROC_hi": 0.50,
+            "mAP@0.5": 0.0}
+OLD_TS_CLS = {"macro_AUROC": 0.81, "teacher/macro_AUROC": 0.7, "delta_teacher/macro_AUROC": 0.11,
+              "teacher_auroc": 0.7, "teacher_auroc_ci_low": 0.6, "intermediate1_auroc": 0.75,
+              "student1_auroc": 0.81, "student1_minus_teacher": 0.11, "student1_minus_teacher_ci_low": 0.02}
+OLD_OXNET = {"mAP": 0.3, "mAP_lo": 0.2, "mAP_hi": 0.4, "n_box": 12.0, "teacher/mAP_lo": 0.1}
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    (OLD_AALS, {"macro_AUROC": "AUROC", "macro_AUROC_ci_low": "AUROC_lo", "modified_froc": "mFROC",
+                "modified_froc_ci_high": "mFROC_hi", "student/macro_AUROC": "student/AUROC",
+                "student/macro_AUROC_ci_low": "student/AUROC_lo", "teacher/modified_froc_ci_low": "teacher/mFROC_lo",
+                "pretrain/modified_froc": "pretrain/mFROC", "mAP@0.5": "mAP@0.5"}),
+    (OLD_TS_CLS, {"macro_AUROC": "macro_AUROC", "teacher/macro_AUROC": "teacher/macro_AUROC",
+                  "teacher/macro_AUROC_ci_low": "teacher_auroc_ci_low", "intermediate1/macro_AUROC": "intermediate1_auroc",
+                  "student1/delta_teacher/macro_AUROC": "student1_minus_teacher",
+                  "student1/delta_teacher/macro_AUROC_ci_low": "student1_minus_teacher_ci_low"}),
+    (OLD_OXNET, {"mAP_ci_low": "mAP_lo", "mAP_ci_high": "mAP_hi", "data/n_box": "n_box",
+                 "teacher/mAP_ci_low": "teacher/mAP_lo"}),
+], ids=["aals", "teacher_student_cls", "oxnet"])
+def test_an_old_study_folder_builds_its_table_under_the_new_metric_names(tmp_path, old, new):
+    """`compare --table-only` on finished cells whose final_metrics.json has the old keys: each new
+    metric is read from its old key (`study.table.RENAMED`); a metric neither has is still a typo."""
+    from typer.testing import CliRunner
+
+    from cxrdistill.cli import app
+    from cxrdistill.study.table import old_names
+
+    raw = _study(tmp_path / "s", seeds=[0, 1], metrics=list(new), recipes={"old": {"config": DET}})
+    spec = make_study(raw)
+    for cell in study_cells(spec):  # hand-written finished cells, seed 1 a little higher
+        cell.run_dir.mkdir(parents=True)
+        (cell.run_dir / "final_metrics.json").write_text(json.dumps({k: v + 0.01 * cell.seed for k, v in old.items()}))
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump(raw))
+    out = CliRunner().invoke(app, ["compare", "--study", str(study_file), "--table-only"])
+    assert out.exit_code == 0, out.output
+    table = json.loads((tmp_path / "s" / "table.json").read_text())
+    assert list(table["tables"]) == list(new)
+    for metric, key in new.items():
+        assert metric == key or key in old_names(metric)
+        entry = table["tables"][metric]["rows"][0]["fractions"]["f0.3"]
+        assert entry["n_seeds"] == 2 and "missing" not in entry, metric
+        assert entry["mean"] == pytest.approx(old[key] + 0.005), metric
+    text = (tmp_path / "s" / "table.md").read_text()
+    assert all(f"## {metric}" in text for metric in new)
+    # a metric with no old key is not guessed
+    typo = make_study({**raw, "metrics": ["modified_froc_ci_lo"]})
+    with pytest.raises(CxrDistillError, match="has no metric 'modified_froc_ci_lo'"):
+        build_table(typo, study_cells(typo))
+
+
+def test_old_names_map_each_renamed_metric_and_keep_the_stage_prefix():
+    from cxrdistill.study.table import old_names
+
+    assert old_names("modified_froc") == ["mFROC"] and old_names("teacher/modified_froc") == ["teacher/mFROC"]
+    assert old_names("teacher/macro_AUROC") == ["teacher_auroc", "teacher/AUROC"]  # TS-cls, AALS
+    assert old_names("student2/delta_teacher/macro_AUROC_ci_high") == ["student2_minus_teacher_ci_high"]
+    assert old_names("report_gen2/macro_AUROC") == ["report_gen2/AUROC"]
+    assert old_names("mAP@0.5") == [] and old_names("froc") == []

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from cxrdistill.data.dataset import CXRDataset, collate
 from cxrdistill.data.manifest import write_json_atomic
+from cxrdistill.eval.classification import bootstrap_indices
 from cxrdistill.eval.froc import AALS_FP_RATIOS, ModifiedFroc
 from cxrdistill.eval.metrics import evaluate_predictions, froc_block
 from cxrdistill.eval.predictions import GroundTruth, ground_truth_from_coco, image_scores_from_boxes
@@ -172,9 +173,12 @@ def evaluate_classifier(model: nn.Module, dataset: CXRDataset, out_dir: Path | N
 @torch.no_grad()
 def evaluate_heatmap(model: nn.Module, dataset: CXRDataset, out_dir: Path | None = None, *,
                      split: str | None = None, iou: Sequence[float] = DEFAULT_IOUS, batch_size: int = 16,
-                     box_threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+                     box_threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
+                     froc_boot: int = 0) -> dict[str, Any]:
     """A heat-map model: AUROC of the map maxima, the AALS modified FROC per class, and mAP of the
-    boxes of connected regions above `box_threshold` (scored by their peak)."""
+    boxes of connected regions above `box_threshold` (scored by their peak). ``froc_boot > 0``: a
+    percentile-bootstrap CI of the modified FROC too (`modified_froc_ci`, ``modified_froc_heatmaps.bootstrap_CI95``;
+    ``dataset`` then needs ``with_truth=True``)."""
     from cxrdistill.models.heatmap import maps_to_detections
 
     was_training = model.training
@@ -205,8 +209,57 @@ def evaluate_heatmap(model: nn.Module, dataset: CXRDataset, out_dir: Path | None
                                   image_scores=scores)
     metrics["modified_froc_heatmaps"] = froc_block({n: f.result() for n, f in frocs.items()},
                                                    fp_ratios=list(AALS_FP_RATIOS))
+    if froc_boot:
+        metrics["modified_froc_heatmaps"]["bootstrap_CI95"] = modified_froc_ci(
+            predict_maps(model, dataset, batch_size), names, froc_boot)
     rows = detections_to_rows(dets, dataset)
     return _finish(out_dir, metrics, rows, image_score_rows(ids, scores, dataset.manifest.category_ids))
+
+
+@torch.no_grad()
+def predict_maps(model: torch.nn.Module, dataset: CXRDataset, batch_size: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per image: probability maps ``(C, h, w)`` at the model's stride, truth boxes ``(N, 4)`` xyxy in
+    map pixels and their class indices ``(N,)`` — what the modified FROC reads."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
+        probs = torch.sigmoid(model(batch["image"].to(device)).float()).cpu()
+        scale = probs.shape[-1] / batch["image"].shape[-1]
+        for b in range(len(probs)):
+            out.append((probs[b].numpy(), batch["truth_boxes"][b].numpy() * scale, batch["truth_labels"][b].numpy()))
+    model.train(was_training)
+    return out
+
+
+def modified_froc_ci(per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]], class_names: list[str],
+                     n_boot: int, seed: int = 0) -> dict[str, Any]:
+    """Percentile-bootstrap 95 % CIs (images resampled) of the modified FROC per class and of its macro mean."""
+    replicates = bootstrap_indices(len(per_image), n_boot, seed)
+    per_class: dict[str, np.ndarray] = {}
+    for c, name in enumerate(class_names):
+        if not any((labels == c).any() for _, _, labels in per_image):
+            continue  # no lesion of this class: its FROC is undefined
+        values = []
+        for order in replicates:
+            acc = ModifiedFroc()
+            for i in order:
+                maps, boxes, labels = per_image[i]
+                acc.add(maps[c], boxes[labels == c])
+            values.append(acc.result().score)
+        per_class[name] = np.array(values)
+    macro = np.nanmean(np.stack(list(per_class.values())), axis=0) if per_class else np.zeros(0)
+    return {"n_boot": n_boot, "seed": seed, "macro": _ci(macro),
+            "per_class": {name: _ci(values) for name, values in per_class.items()}}
+
+
+def _ci(values: np.ndarray) -> list[float | None]:
+    values = values[~np.isnan(values)]
+    if not values.size:
+        return [None, None]
+    low, high = np.percentile(values, [2.5, 97.5])
+    return [float(low), float(high)]
 
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:

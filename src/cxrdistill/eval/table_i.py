@@ -86,17 +86,18 @@ def print_table(console: Console, table: dict[str, Any]) -> None:
 
 
 def table_metrics(table: dict[str, Any]) -> dict[str, float]:
-    """Flat metrics: ``<row>_auroc`` (+ ``_ci_low`` / ``_ci_high``) and ``<row>_minus_teacher`` (+ CI) of
-    every row (undefined values: NaN)."""
+    """Flat metrics of every row as a stage (`methods.kit.headline`'s names): ``<row>/macro_AUROC`` (+
+    ``_ci_low`` / ``_ci_high``) and ``<row>/delta_teacher/macro_AUROC`` (+ CI), the row − teacher Δ
+    (undefined values: NaN)."""
     out: dict[str, float] = {}
     for row in table["rows"]:
         name = row["row"]
-        out[f"{name}_auroc"] = _nan(row["macro_AUROC"])
-        out[f"{name}_auroc_ci_low"], out[f"{name}_auroc_ci_high"] = map(_nan, row["CI95"])
+        out[f"{name}/macro_AUROC"] = _nan(row["macro_AUROC"])
+        out[f"{name}/macro_AUROC_ci_low"], out[f"{name}/macro_AUROC_ci_high"] = map(_nan, row["CI95"])
         if "minus_teacher" in row:
-            out[f"{name}_minus_teacher"] = _nan(row["minus_teacher"])
-            out[f"{name}_minus_teacher_ci_low"], out[f"{name}_minus_teacher_ci_high"] = \
-                map(_nan, row["minus_teacher_CI95"])
+            delta = f"{name}/delta_teacher/macro_AUROC"
+            out[delta] = _nan(row["minus_teacher"])
+            out[f"{delta}_ci_low"], out[f"{delta}_ci_high"] = map(_nan, row["minus_teacher_CI95"])
     return out
 
 

@@ -68,9 +68,8 @@ from cxrdistill.engine.ema import EMATeacher
 from cxrdistill.engine.loop import Trainer
 from cxrdistill.engine.optim import build_optimizer
 from cxrdistill.errors import ConfigError
-from cxrdistill.eval.classification import auroc, bootstrap_indices
-from cxrdistill.eval.froc import ModifiedFroc
-from cxrdistill.eval.runs import evaluate_heatmap, write_metrics
+from cxrdistill.eval.classification import auroc
+from cxrdistill.eval.runs import evaluate_heatmap
 from cxrdistill.methods.kit import (
     Augment,
     Stage,
@@ -78,6 +77,7 @@ from cxrdistill.methods.kit import (
     headline,
     labeled_loader,
     module_as,
+    stage_metrics,
     supervised_stage,
 )
 from cxrdistill.methods.registry import register_method
@@ -402,7 +402,7 @@ def run(cfg: RunConfig, params: AalsParams, ctx: RunContext) -> dict[str, float]
             raise ConfigError(f"method.params.val_split: split {params.val_split!r} has no images; "
                               f"name another split or set select_best: false")
     student = pretrained_model(ctx, data, params)
-    out = _flat("pretrain", evaluate(student, eval_set, ctx.run_dir.eval / "pretrain", params))
+    out = headline(evaluate(student, eval_set, ctx.run_dir.eval / "pretrain", params), "pretrain")
     if not params.semi_supervised:
         return _finish(ctx, data, student, "pretrain", out)
     if not sets.positive:
@@ -410,7 +410,7 @@ def run(cfg: RunConfig, params: AalsParams, ctx: RunContext) -> dict[str, float]
     student.train()
     teacher = distill(cfg, params, ctx, sets, student, val_set)
     for name, model in (("student", student), ("teacher", teacher.module)):
-        out.update(_flat(name, evaluate(model, eval_set, ctx.run_dir.eval / name, params)))
+        out.update(headline(evaluate(model, eval_set, ctx.run_dir.eval / name, params), name))
     return _finish(ctx, data, module_as(teacher.module, HeatmapFPN), "teacher", out)
 
 
@@ -422,82 +422,15 @@ def _finish(ctx: RunContext, data: StudyData, model: HeatmapFPN, name: str, out:
             if (ctx.run_dir.eval / name / file).is_file():
                 shutil.copyfile(ctx.run_dir.eval / name / file, ctx.run_dir.eval / file)
         export_model(ctx.run_dir.path / "model.pt", model, ctx.cfg.model, data.class_names, ctx.cfg.data.image_size)
-    prefix = f"{name}/"
-    return {**out, **{k[len(prefix):]: v for k, v in out.items() if k.startswith(prefix)}}
+    return {**out, **stage_metrics(out, name)}
 
 
 # --------------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def predict_maps(model: torch.nn.Module, dataset: CXRDataset, batch_size: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per image: probability maps ``(C, h, w)`` at the model's stride, truth boxes ``(N, 4)`` xyxy in
-    map pixels and their class indices ``(N,)`` — what the modified FROC reads."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
-        probs = torch.sigmoid(model(batch["image"].to(device)).float()).cpu()
-        scale = probs.shape[-1] / batch["image"].shape[-1]
-        for b in range(len(probs)):
-            out.append((probs[b].numpy(), batch["truth_boxes"][b].numpy() * scale, batch["truth_labels"][b].numpy()))
-    model.train(was_training)
-    return out
-
-
-def modified_froc_ci(per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]], class_names: list[str],
-                     n_boot: int, seed: int = 0) -> dict[str, Any]:
-    """Percentile-bootstrap 95 % CIs (images resampled) of the modified FROC per class and of its macro mean."""
-    replicates = bootstrap_indices(len(per_image), n_boot, seed)
-    per_class: dict[str, np.ndarray] = {}
-    for c, name in enumerate(class_names):
-        if not any((labels == c).any() for _, _, labels in per_image):
-            continue  # no lesion of this class: its FROC is undefined
-        values = []
-        for order in replicates:
-            acc = ModifiedFroc()
-            for i in order:
-                maps, boxes, labels = per_image[i]
-                acc.add(maps[c], boxes[labels == c])
-            values.append(acc.result().score)
-        per_class[name] = np.array(values)
-    macro = np.nanmean(np.stack(list(per_class.values())), axis=0) if per_class else np.zeros(0)
-    return {"n_boot": n_boot, "seed": seed, "macro": _ci(macro),
-            "per_class": {name: _ci(values) for name, values in per_class.items()}}
-
-
 def evaluate(model: torch.nn.Module, dataset: CXRDataset, out_dir: Path, params: AalsParams) -> dict[str, Any]:
-    """:func:`~cxrdistill.eval.runs.evaluate_heatmap` (AUROC with CIs, modified FROC, files in
-    ``out_dir``), plus a bootstrap CI of the modified FROC when ``froc_boot > 0``."""
-    metrics = evaluate_heatmap(model, dataset, out_dir, batch_size=params.eval_batch_size,
-                               box_threshold=params.detection_threshold, n_boot=params.n_boot)
-    if params.froc_boot:
-        per_image = predict_maps(model, dataset, params.eval_batch_size)
-        ci = modified_froc_ci(per_image, dataset.manifest.class_names, params.froc_boot)
-        metrics["modified_froc_heatmaps"]["bootstrap_CI95"] = ci
-        write_metrics(out_dir / "metrics.json", metrics)
-    return metrics
-
-
-def _ci(values: np.ndarray) -> list[float | None]:
-    values = values[~np.isnan(values)]
-    if not values.size:
-        return [None, None]
-    low, high = np.percentile(values, [2.5, 97.5])
-    return [float(low), float(high)]
-
-
-def _flat(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
-    """The headline numbers of :func:`evaluate` as ``{prefix}/name`` floats (NaN when undefined): AUROC
-    and the modified FROC with their CIs, and the mAP of the maps' connected-region boxes (what a
-    detection study compares)."""
-    def f(x: Any) -> float:
-        return math.nan if x is None else float(x)
-
-    auroc, froc = metrics["classification"], metrics["modified_froc_heatmaps"]
-    froc_ci = froc.get("bootstrap_CI95", {}).get("macro", [None, None])
-    return {f"{prefix}/AUROC": f(auroc["macro_AUROC"]), f"{prefix}/AUROC_lo": f(auroc["macro_AUROC_CI95"][0]),
-            f"{prefix}/AUROC_hi": f(auroc["macro_AUROC_CI95"][1]), f"{prefix}/mFROC": f(froc["mean_score"]),
-            f"{prefix}/mFROC_lo": f(froc_ci[0]), f"{prefix}/mFROC_hi": f(froc_ci[1]),
-            **{f"{prefix}/{k}": v for k, v in headline(metrics).items() if k.startswith("mAP")}}
+    """:func:`~cxrdistill.eval.runs.evaluate_heatmap`: AUROC with CIs, the modified FROC (with its
+    bootstrap CI when ``froc_boot > 0``), files in ``out_dir``."""
+    return evaluate_heatmap(model, dataset, out_dir, batch_size=params.eval_batch_size,
+                            box_threshold=params.detection_threshold, n_boot=params.n_boot,
+                            froc_boot=params.froc_boot)

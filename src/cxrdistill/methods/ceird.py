@@ -49,8 +49,9 @@ from cxrdistill.eval.runs import evaluate_image_scores
 from cxrdistill.methods.kit import (
     DETECTION_KEYS,
     build_detector,
-    detection_headline,
+    headline,
     module_as,
+    prefixed,
     record_tensor,
     supervised_stage,
     teacher_comparison,
@@ -339,8 +340,7 @@ def _report_counts(targets_before: Tensor, targets_after: Tensor, names: list[st
 
 
 def _flat_report(metrics: dict[str, Any]) -> dict[str, float]:
-    v = metrics["classification"].get("macro_AUROC")
-    out = {"AUROC": math.nan if v is None else float(v), "ECE": metrics.get("calibration", {}).get("ECE", math.nan)}
+    out = {**headline(metrics), "ECE": metrics.get("calibration", {}).get("ECE", math.nan)}
     fit = metrics.get("calibration", {}).get("fit") or {}
     if "ECE_before" in fit:  # on the labeled reports, out-of-fold, before / after calibration
         out.update(ECE_labeled_before=fit["ECE_before"], ECE_labeled_after=fit["ECE_after"])
@@ -412,7 +412,7 @@ def run(cfg: RunConfig, params: CeirdParams, ctx: RunContext) -> dict[str, float
         gen["counts"]["vision_pseudo_boxes_per_batch"] = totals.totals
         final = k == params.generations
         out_dirs = [run_path / f"eval_vision_gen{k}"] + ([ctx.run_dir.eval] if final else [])
-        gen["vision"] = detection_headline(evaluate_vision(
+        gen["vision"] = headline(evaluate_vision(
             student, eval_set, out_dirs, split=params.eval_split, n_boot=params.n_boot,
             topk_candidates=params.topk_candidates, batch_size=params.predict_batch_size))
         summary["generations"].append(gen)
@@ -449,14 +449,15 @@ def _write(ctx: RunContext, path: Path, payload: Any) -> None:
 
 
 def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """``vision_gen{k}/mAP@…`` and ``report_gen{k}/AUROC`` for every generation, plus the final mAPs."""
-    out: dict[str, float] = {}
+    """Every generation's models as stages: ``vision_gen{k}/<headline>`` (``teacher/<headline>``: the
+    generation-0 teacher) and ``report_gen{k}/macro_AUROC`` (+ CI, ``ECE``), then the final student's
+    headline unprefixed."""
+    out: dict[str, float] = prefixed(summary["generations"][0]["vision"], "teacher")
     for gen in summary["generations"]:
         k = gen["generation"]
-        out.update({f"vision_gen{k}/{m}": v for m, v in gen["vision"].items()})
+        out.update(prefixed(gen["vision"], f"vision_gen{k}"))
         if "report" in gen:
-            out[f"report_gen{k}/AUROC"] = gen["report"]["AUROC"]
-            out[f"report_gen{k}/ECE"] = gen["report"].get("ECE", math.nan)
+            out.update(prefixed(gen["report"], f"report_gen{k}"))
     out.update(summary["generations"][-1]["vision"])
     return out
 
@@ -467,7 +468,7 @@ def print_summary(ctx: RunContext, summary: dict[str, Any]) -> None:
     for column in ("generation", *DETECTION_KEYS, "report AUROC"):
         table.add_column(column, justify="right")
     for gen in summary["generations"]:
-        auroc = gen.get("report", {}).get("AUROC")
+        auroc = gen.get("report", {}).get("macro_AUROC")
         table.add_row(str(gen["generation"]), *(f"{gen['vision'][m]:.4f}" for m in DETECTION_KEYS),
                       "-" if auroc is None else f"{auroc:.4f}")
     ctx.console.print(table)

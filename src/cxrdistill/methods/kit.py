@@ -24,8 +24,8 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -472,11 +472,12 @@ def supervised_stage(ctx: RunContext, data: StudyData, *,
 @dataclass
 class BurnIn:
     """A mean-teacher recipe's start: its ``student``, the shared ``stage`` it came from (None without
-    burn-in) and the burn-in ``steps``."""
+    burn-in), the burn-in ``steps`` and the stage's evaluation on the test images (its own teacher's)."""
 
     student: RetinaNet
     stage: Stage | None
     steps: int
+    teacher_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def burn_in(ctx: RunContext, data: StudyData, steps: int | None, augment: Augment, split: str,
@@ -488,9 +489,9 @@ def burn_in(ctx: RunContext, data: StudyData, steps: int | None, augment: Augmen
     if steps <= 0:
         return BurnIn(build_detector(ctx.cfg.model, data.num_classes, ctx.cfg.train.seed), None, 0)
     stage = supervised_stage(ctx, data, steps=steps, augment=augment, split=split)
-    evaluate_stage(ctx, stage, held_out, split=eval_split, n_boot=n_boot, topk_candidates=1000,
-                   out_dirs=[ctx.run_dir.path / "eval_teacher"])
-    return BurnIn(stage.model, stage, steps)  # type: ignore[arg-type]
+    scored = evaluate_stage(ctx, stage, held_out, split=eval_split, n_boot=n_boot, topk_candidates=1000,
+                            out_dirs=[ctx.run_dir.path / "eval_teacher"])
+    return BurnIn(stage.model, stage, steps, scored)  # type: ignore[arg-type]
 
 
 # =============================================================================== evaluation
@@ -498,13 +499,15 @@ def burn_in(ctx: RunContext, data: StudyData, steps: int | None, augment: Augmen
 
 def evaluate_against_burn_in(ctx: RunContext, model: RetinaNet, start: BurnIn, held_out: CXRDataset, *, split: str,
                              n_boot: int, title: str, class_names: list[str]) -> dict[str, float]:
-    """The final model's metrics (``run_dir/eval``; exported as ``model.pt``) and, after a burn-in, its
-    Δ against the burned-in model it started from on the same test images (its own teacher)."""
+    """The final model's metrics (``run_dir/eval``; exported as ``model.pt``) and, after a burn-in, the
+    burned-in model it started from (its own teacher: ``teacher/<metric>``) and the Δ against it on the
+    same test images."""
     from cxrdistill.eval.runs import evaluate_detector
 
     metrics = evaluate_final(ctx, lambda: evaluate_detector(model, held_out, ctx.run_dir.eval, split=split,
                                                             n_boot=n_boot), title, model, class_names)
     if start.stage is not None:
+        metrics.update(headline(start.teacher_metrics, "teacher"))
         metrics.update(compare_with_own_teacher(ctx, start.stage, held_out, split, n_boot=n_boot))
     return metrics
 
@@ -586,32 +589,58 @@ def write_teacher_comparison(ctx: RunContext, comparison: dict[str, float], stag
                               for k, v in comparison.items()}})
 
 
-def headline(metrics: dict[str, Any]) -> dict[str, float]:
-    """Flat final metrics from an `eval.runs` metrics dict: mAP (mean and per IoU), FROC, macro AUROC."""
+def headline(metrics: Mapping[str, Any], stage: str | None = None) -> dict[str, float]:
+    """The flat headline numbers of one evaluation (an `eval.runs` metrics dict), NaN when undefined.
+
+    The one naming of every recipe's ``final_metrics.json``: a model scored on the same kind of
+    evaluation gets the same keys, whichever recipe trained it.
+
+    - detection (`evaluate_detections`): ``mAP``, ``mAP@<iou>`` per IoU of the evaluation,
+      ``AP_small`` / ``AP_medium`` / ``AP_large``, ``AR@<n>``, ``froc``, ``macro_AUROC`` with
+      ``macro_AUROC_ci_low`` / ``_ci_high``; ``mAP_ci_low`` / ``_ci_high`` when the evaluation
+      bootstrapped the mAP (``detection.ci95_mAP``, OXnet);
+    - heat map (`evaluate_heatmap`): the detection keys (of the maps' region boxes) plus
+      ``modified_froc`` and its ``modified_froc_ci_low`` / ``_ci_high`` (NaN without ``froc_boot``);
+    - classification (`evaluate_image_scores`): ``macro_AUROC`` and its CI.
+
+    ``stage``: another stage's numbers (a teacher, a pre-trained model), every key as
+    ``<stage>/<key>`` (:func:`prefixed`); the run's final model is unprefixed.
+    """
     out: dict[str, float] = {}
     det = metrics.get("detection") or {}
     for key, value in det.items():
         if key.startswith(("mAP", "AP_", "AR@")):
             out[key] = _float(value)
+    if "ci95_mAP" in det:
+        out["mAP_ci_low"], out["mAP_ci_high"] = _float(det["ci95_mAP"][0]), _float(det["ci95_mAP"][1])
     if "froc" in metrics:
         out["froc"] = _float(metrics["froc"].get("mean_score"))
     if "modified_froc_heatmaps" in metrics:
-        out["modified_froc"] = _float(metrics["modified_froc_heatmaps"].get("mean_score"))
+        froc = metrics["modified_froc_heatmaps"]
+        ci = (froc.get("bootstrap_CI95") or {}).get("macro") or [None, None]
+        out["modified_froc"] = _float(froc.get("mean_score"))
+        out["modified_froc_ci_low"], out["modified_froc_ci_high"] = _float(ci[0]), _float(ci[1])
     cls = metrics.get("classification") or {}
     if "macro_AUROC" in cls:
         out["macro_AUROC"] = _float(cls["macro_AUROC"])
         ci = cls.get("macro_AUROC_CI95") or [None, None]
         out["macro_AUROC_ci_low"], out["macro_AUROC_ci_high"] = _float(ci[0]), _float(ci[1])
-    return out
+    return out if stage is None else prefixed(out, stage)
+
+
+def prefixed(flat: Mapping[str, float], stage: str) -> dict[str, float]:
+    """``flat`` with every key as ``<stage>/<key>``: another stage's numbers under the same metric names."""
+    return {f"{stage}/{key}": value for key, value in flat.items()}
+
+
+def stage_metrics(flat: Mapping[str, float], stage: str) -> dict[str, float]:
+    """The ``<stage>/`` keys of ``flat`` without the prefix (that stage's model as the run's final model)."""
+    start = f"{stage}/"
+    return {key[len(start):]: value for key, value in flat.items() if key.startswith(start)}
 
 
 DETECTION_KEYS = ("mAP@0.25", "mAP@0.5", "mAP@0.75")
-
-
-def detection_headline(metrics: dict[str, Any]) -> dict[str, float]:
-    """The CEIRD table's numbers (mAP at IoU 0.25 / 0.5 / 0.75) of an `evaluate_detections` result."""
-    det = metrics["detection"]
-    return {k: _float(det.get(k)) for k in DETECTION_KEYS}
+"""The CEIRD table's columns (mAP at IoU 0.25 / 0.5 / 0.75)."""
 
 
 def _float(value: Any) -> float:
@@ -651,8 +680,8 @@ def evaluate_final(ctx: RunContext, evaluate: Callable[[], dict[str, Any]], titl
 __all__ = [
     "Augment", "BurnIn", "ClassifierHead", "DETECTION_KEYS", "Part", "TrainSets", "SUPERVISED_STAGE", "STAGE_STORE_ENV", "STAGE_VERSION", "SemiBatch", "Stage",
     "boxed_indices", "build_classifier_model", "burn_in", "evaluate_against_burn_in", "build_detector", "build_heatmap_model", "classifier_losses",
-    "detection_headline", "detector_losses", "evaluate_final", "heatmap_losses", "evaluate_stage", "fit_on", "headline",
-    "image_labeled", "labeled_loader", "print_metrics", "stage_key", "stage_store_root", "step_generator",
+    "detector_losses", "evaluate_final", "heatmap_losses", "evaluate_stage", "fit_on", "headline",
+    "image_labeled", "labeled_loader", "prefixed", "print_metrics", "stage_key", "stage_metrics", "stage_store_root", "step_generator",
     "semi_loader", "semi_losses", "split_train", "supervised_stage", "teacher_comparison", "train_classifier", "train_detector", "view_config",
     "write_teacher_comparison",
 ]

@@ -38,8 +38,8 @@ from cxrdistill.methods.kit import (
     SemiBatch,
     Stage,
     TrainSets,
-    detection_headline,
     evaluate_stage,
+    headline,
     labeled_loader,
     semi_losses,
     split_train,
@@ -354,8 +354,8 @@ def evaluate_vision(model: RetinaNet, eval_set: CXRDataset, out_dirs: Sequence[P
 
 def evaluate_teacher(ctx: RunContext, stage: Stage, eval_set: CXRDataset, params: OfflineParams,
                      out_dirs: list[Path]) -> dict[str, float]:
-    """The own teacher's mAPs on the test images (from the stage store when already scored)."""
-    return detection_headline(evaluate_stage(ctx, stage, eval_set, split=params.eval_split, n_boot=params.n_boot,
+    """The own teacher's headline (`kit.headline`) on the test images (from the stage store when already scored)."""
+    return headline(evaluate_stage(ctx, stage, eval_set, split=params.eval_split, n_boot=params.n_boot,
                                              topk_candidates=params.topk_candidates, out_dirs=out_dirs,
                                              batch_size=params.predict_batch_size))
 

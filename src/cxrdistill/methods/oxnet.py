@@ -72,7 +72,9 @@ from cxrdistill.methods.kit import (
     headline,
     labeled_loader,
     module_as,
+    prefixed,
     print_metrics,
+    stage_metrics,
     step_generator,
     supervised_stage,
     view_config,
@@ -293,7 +295,8 @@ def evaluate(ctx: RunContext, model: RetinaNet, dataset: CXRDataset, out_dir: Pa
              title: str) -> dict[str, float]:
     """mAP over IoU 0.40:0.05:0.75 (with a bootstrap CI), mAP at each IoU, AP-S/M/L; writes ``out_dir``.
 
-    Returns the flat headline (``mAP``, ``mAP_lo``, ``mAP_hi``, ``mAP@0.4`` ... ``AP_large``, AUROC).
+    Returns the flat headline (`kit.headline`: ``mAP``, ``mAP_ci_low``, ``mAP_ci_high``, ``mAP@0.4`` ...
+    ``AP_large``, ``froc``, ``macro_AUROC``).
     """
     result: dict[str, float] = {}
     if ctx.fabric.is_global_zero:
@@ -303,7 +306,6 @@ def evaluate(ctx: RunContext, model: RetinaNet, dataset: CXRDataset, out_dir: Pa
         metrics["detection"]["ci95_mAP"] = [low, high]
         write_metrics(out_dir / "metrics.json", metrics)
         result = headline(metrics)
-        result["mAP_lo"], result["mAP_hi"] = low, high
         print_metrics(ctx, result, title)
     ctx.fabric.barrier()
     return result
@@ -331,19 +333,16 @@ def run(cfg: RunConfig, params: OXnetParams, ctx: RunContext) -> dict[str, float
                             RetinaNet)
         student.train()
 
-    def flat(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
-        return {f"{prefix}/{k}": v for k, v in metrics.items()}
-
-    out = {f"n_{k}": float(v) for k, v in counts.items()}
+    out = {f"data/n_{k}": float(v) for k, v in counts.items()}  # training images per supervision
     if params.base_only or params.base_checkpoint is None:
-        out |= flat("base", evaluate(ctx, student, held_out, ctx.run_dir.path / "eval_base", params, "base RetinaNet"))
+        out |= prefixed(evaluate(ctx, student, held_out, ctx.run_dir.path / "eval_base", params, "base RetinaNet"), "base")
     if params.base_only:
         return out | _final(ctx, student, data.class_names, out, "base")
     _, teacher = omni_supervised(cfg, params, ctx, train, student, data.class_names)
-    out |= flat("student", evaluate(ctx, student, held_out, ctx.run_dir.eval, params, "OXnet student"))
+    out |= prefixed(evaluate(ctx, student, held_out, ctx.run_dir.eval, params, "OXnet student"), "student")
     if teacher is not None:
-        out |= flat("teacher", evaluate(ctx, module_as(teacher.module, RetinaNet), held_out, ctx.run_dir.path / "eval_teacher", params,
-                                        "OXnet teacher (EMA)"))
+        out |= prefixed(evaluate(ctx, module_as(teacher.module, RetinaNet), held_out, ctx.run_dir.path / "eval_teacher",
+                                 params, "OXnet teacher (EMA)"), "teacher")
     return out | _final(ctx, student, data.class_names, out, "student")
 
 
@@ -358,4 +357,4 @@ def _final(ctx: RunContext, detector: RetinaNet, class_names: list[str], out: di
             for file in (ctx.run_dir.path / "eval_base").glob("*.json"):
                 shutil.copyfile(file, ctx.run_dir.eval / file.name)
         export_model(ctx.run_dir.path / "model.pt", detector, ctx.cfg.model, class_names, ctx.cfg.data.image_size)
-    return {k[len(name) + 1:]: v for k, v in out.items() if k.startswith(f"{name}/")}
+    return stage_metrics(out, name)

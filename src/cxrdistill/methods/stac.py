@@ -33,6 +33,7 @@ from cxrdistill.methods.kit import (
     build_detector,
     evaluate_final,
     evaluate_stage,
+    headline,
     module_as,
     semi_loader,
     semi_losses,
@@ -96,8 +97,8 @@ def run(cfg: RunConfig, params: StacParams, ctx: RunContext) -> dict[str, float]
     teacher = module_as(stage.model, RetinaNet)
     held_out = data.dataset(params.eval_split)
     teacher_dir = ctx.run_dir.path / "eval_teacher"
-    evaluate_stage(ctx, stage, held_out, split=params.eval_split, n_boot=params.n_boot,
-                   topk_candidates=params.topk_candidates, out_dirs=[teacher_dir])
+    teacher_metrics = headline(evaluate_stage(ctx, stage, held_out, split=params.eval_split, n_boot=params.n_boot,
+                                              topk_candidates=params.topk_candidates, out_dirs=[teacher_dir]), "teacher")
     # 2. offline pseudo-labels, 3. their selection (τ or pseudo.selection) and the collapse guard
     records = stored_detections(ctx, teacher, sets, 0, fresh=stage.fresh, root="pseudo")
     selection, collapse = select_pseudo_labels(ctx, teacher, sets, data, records, params.threshold, params.pseudo)
@@ -130,7 +131,7 @@ def run(cfg: RunConfig, params: StacParams, ctx: RunContext) -> dict[str, float]
         split=params.eval_split, n_boot=params.n_boot), "STAC student", student, data.class_names)
     comparison = teacher_comparison(held_out, params.eval_split, teacher_dir, ctx.run_dir.eval, n_boot=params.n_boot)
     write_teacher_comparison(ctx, comparison, stage)
-    return {**metrics, **comparison, "pseudo/collapsed": float(collapse.collapsed)}
+    return {**metrics, **teacher_metrics, **comparison, "pseudo/collapsed": float(collapse.collapsed)}
 
 
 __all__ = ["StacParams", "pseudo_targets", "run"]

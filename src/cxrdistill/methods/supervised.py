@@ -177,15 +177,23 @@ def run_multitask(cfg: RunConfig, params: SupervisedParams, ctx: RunContext) -> 
 # =============================================================================== heat map
 
 
-@register_method("supervised_heatmap", SupervisedParams)
-def run_heatmap(cfg: RunConfig, params: SupervisedParams, ctx: RunContext) -> dict[str, float]:
+class HeatmapParams(SupervisedParams):
+    """`method.params` of ``supervised_heatmap``."""
+
+    froc_boot: int = Field(200, ge=0)
+    """Bootstrap replicates for the modified-FROC CI (0: no CI), as AALS's ``froc_boot``."""
+
+
+@register_method("supervised_heatmap", HeatmapParams)
+def run_heatmap(cfg: RunConfig, params: HeatmapParams, ctx: RunContext) -> dict[str, float]:
     """The FPN probability map trained with pixel BCE on R ∪ N: box masks of D_B, all-zero maps of the
     absent classes of D_W (the shared heat-map stage: AALS's pre-training at the same key)."""
     data = StudyData.from_config(cfg.data)
     model = supervised_stage(ctx, data, kind="heatmap", augment=params.augment, split=params.train_split).model
-    held_out = data.dataset(params.eval_split)
+    held_out = data.dataset(params.eval_split, with_truth=True)  # the truth boxes: the modified FROC's bootstrap
     return evaluate_final(ctx, lambda: evaluate_heatmap(model, held_out, ctx.run_dir.eval, split=params.eval_split,
-                                                        n_boot=params.n_boot), "supervised heat map",
+                                                        n_boot=params.n_boot, froc_boot=params.froc_boot),
+                          "supervised heat map",
                           model, data.class_names)
 
 
@@ -245,6 +253,6 @@ def run_report(cfg: RunConfig, params: ReportParams, ctx: RunContext) -> dict[st
 
 
 __all__ = [
-    "MultiTaskDetector", "ReportParams", "SupervisedParams", "multitask_losses", "run_classifier", "run_detector",
+    "HeatmapParams", "MultiTaskDetector", "ReportParams", "SupervisedParams", "multitask_losses", "run_classifier", "run_detector",
     "run_heatmap", "run_multitask", "run_report",
 ]

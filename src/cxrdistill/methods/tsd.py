@@ -25,8 +25,9 @@ from cxrdistill.engine.context import RunContext
 from cxrdistill.errors import ConfigError
 from cxrdistill.methods.kit import (
     build_detector,
-    detection_headline,
+    headline,
     module_as,
+    prefixed,
     supervised_stage,
     teacher_comparison,
     write_teacher_comparison,
@@ -62,8 +63,8 @@ def run(cfg: RunConfig, params: TsdParams, ctx: RunContext) -> dict[str, float]:
     run_path = ctx.run_dir.path
     stage = supervised_stage(ctx, data, steps=params.teacher_steps, augment=params.teacher_augment)
     teacher = module_as(stage.model, RetinaNet)
-    out = {f"teacher/{k}": v for k, v in evaluate_teacher(
-        ctx, stage, eval_set, params, [run_path / "eval_teacher", run_path / "eval_vision_gen0"]).items()}
+    out = prefixed(evaluate_teacher(ctx, stage, eval_set, params, [run_path / "eval_teacher", run_path / "eval_vision_gen0"]),
+                   "teacher")
     pseudo = stored_detections(ctx, teacher, sets, 0, fresh=stage.fresh, store_score_thresh=params.store_score_thresh,
                                topk_candidates=params.topk_candidates, batch_size=params.predict_batch_size)
     selection, collapse = select_pseudo_labels(ctx, teacher, sets, data, pseudo, params.pseudo_score_thresh,
@@ -77,7 +78,8 @@ def run(cfg: RunConfig, params: TsdParams, ctx: RunContext) -> dict[str, float]:
     metrics = evaluate_vision(student, eval_set, [run_path / "eval_vision_gen1", ctx.run_dir.eval],
                               split=params.eval_split, n_boot=params.n_boot, topk_candidates=params.topk_candidates,
                               batch_size=params.predict_batch_size)
-    out.update({f"student/{k}": v for k, v in detection_headline(metrics).items()})
+    final = headline(metrics)
+    out.update(prefixed(final, "student"))
     comparison = teacher_comparison(eval_set, params.eval_split, run_path / "eval_teacher", ctx.run_dir.eval,
                                     n_boot=params.n_boot)
     write_teacher_comparison(ctx, comparison, stage)
@@ -86,7 +88,7 @@ def run(cfg: RunConfig, params: TsdParams, ctx: RunContext) -> dict[str, float]:
     ctx.console.print(describe_delta("TSD", out), highlight=False)
     if ctx.fabric.is_global_zero:
         export_model(run_path / "model.pt", student, cfg.model, data.class_names, cfg.data.image_size)
-    return {**out, **detection_headline(metrics)}  # unprefixed keys: the run's final model (the student)
+    return {**out, **final}  # unprefixed keys: the run's final model (the student)
 
 
 __all__ = ["TsdParams", "run"]

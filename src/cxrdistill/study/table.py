@@ -17,8 +17,12 @@ Numbers, per (row, fraction):
   resampled image sets; the replicate difference is averaged over the seeds both have, so Δ is
   the seed-mean difference and its CI / ``p_boot`` reflect the finite test set (the seed spread
   is in the first interval). ``mAP``/``mAP@t`` use each cell's ``eval/predictions.json``;
-  ``macro_AUROC`` uses ``eval/image_scores.json`` (else the max box score). Other metrics (a
-  recipe's own keys, e.g. AALS's ``mFROC`` or ``student/AUROC``) get the seed statistics only.
+  ``macro_AUROC`` uses ``eval/image_scores.json`` (else the max box score). Other metrics (e.g.
+  ``modified_froc``, another stage's ``student/macro_AUROC``) get the seed statistics only.
+
+Metric names are `methods.kit.headline`'s (the same for every recipe). A run folder written before
+the names were unified (issue 18) holds the old keys: :func:`old_names` maps a metric to them
+(:data:`RENAMED`), so a finished study still builds its table.
 
 A row whose finished cells lack a metric shows it as missing (``—``, ``"missing"`` in the JSON);
 a metric no finished cell has is an error (a typo in the study file).
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,13 +97,44 @@ def pairable(metric: str) -> bool:
     return True
 
 
+RENAMED: dict[str, str] = {
+    "modified_froc": "mFROC", "modified_froc_ci_low": "mFROC_lo", "modified_froc_ci_high": "mFROC_hi",  # AALS
+    "macro_AUROC": "AUROC", "macro_AUROC_ci_low": "AUROC_lo", "macro_AUROC_ci_high": "AUROC_hi",  # AALS, CEIRD reports
+    "mAP_ci_low": "mAP_lo", "mAP_ci_high": "mAP_hi",  # OXnet
+}
+"""New metric name → its key in run folders written before issue 18, for the name after any
+``<stage>/`` prefix (``teacher/modified_froc`` ← ``teacher/mFROC``). Besides these, teacher–student
+classification's Table I rows: ``<row>/macro_AUROC[_ci_low|_ci_high]`` ← ``<row>_auroc[…]``,
+``<row>/delta_teacher/macro_AUROC[…]`` ← ``<row>_minus_teacher[…]``; OXnet's ``data/n_<kind>`` ← ``n_<kind>``."""
+
+_TABLE_I_ROW = re.compile(r"(?P<row>[A-Za-z]+\d*)/(?P<delta>delta_teacher/)?macro_AUROC(?P<ci>_ci_low|_ci_high)?")
+
+
+def old_names(metric: str) -> list[str]:
+    """The keys ``metric`` had in older run folders (see :data:`RENAMED`), most specific first."""
+    out = []
+    match = _TABLE_I_ROW.fullmatch(metric)
+    if match is not None:
+        ci = match["ci"] or ""
+        out.append(f"{match['row']}_minus_teacher{ci}" if match["delta"] else f"{match['row']}_auroc{ci}")
+    stage, _, name = metric.rpartition("/")
+    if name in RENAMED and not stage.endswith("delta_teacher"):  # a Δ was never named the old way
+        out.append(f"{stage}/{RENAMED[name]}" if stage else RENAMED[name])
+    if stage == "data" and name.startswith("n_"):
+        out.append(name)
+    return out
+
+
 def read_metric(cell: Cell, metric: str) -> float | None:
     """The cell's value of ``metric`` from final_metrics.json (None when the cell is not finished;
-    `MissingMetric` when it is finished but has no such metric)."""
+    `MissingMetric` when it is finished but has no such metric). A run folder from before the
+    metric names were unified is read under the metric's old key (:func:`old_names`)."""
     path = cell.run_dir / "final_metrics.json"
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text(encoding="utf-8"))
+    if metric not in metrics:  # an older run folder: the metric under its old key
+        metric = next((old for old in old_names(metric) if old in metrics), metric)
     if metric not in metrics:
         # a recipe that reports other IoUs (OXnet) is scored on its predictions, like the paired test
         value = metric_from_predictions(cell.run_dir, metric) if pairable(metric) else None
@@ -378,5 +414,5 @@ def write_table(table: dict[str, Any], out_dir: Path) -> Path:
 
 
 __all__ = ["MissingMetric", "axis_name", "build_table", "format_delta", "format_markdown", "format_mean",
-           "metric_table", "pairable", "paired_over_seeds", "print_table", "read_metric", "seed_interval",
+           "metric_table", "old_names", "pairable", "paired_over_seeds", "print_table", "read_metric", "seed_interval",
            "write_table"]
