@@ -290,15 +290,23 @@ def metric_table(spec: StudySpec, cells: Sequence[Cell], metric: str, replicates
             if recipe != base and paired:
                 pairs = [(by_key[(base, fraction, s)].run_dir, by_key[(recipe, fraction, s)].run_dir)
                          for s in done if by_key[(base, fraction, s)].done]
-                if pairs:
-                    cmp = paired_over_seeds(pairs, metric, spec.n_boot, cache=replicates)
-                    entry["vs_baseline"] = {**cmp.to_dict(), "seeds": len(pairs)}
-            own = [(by_key[(recipe, fraction, s)].run_dir,) * 2 for s in done
-                   if (by_key[(recipe, fraction, s)].run_dir / "teacher_comparison.json").is_file()] if paired else []
-            if own:  # a distillation recipe: student − its own teacher, on the same test images
+                scored = [(a, b) for a, b in pairs if has_scores(a, metric) and has_scores(b, metric)]
+                if scored:
+                    cmp = paired_over_seeds(scored, metric, spec.n_boot, cache=replicates)
+                    entry["vs_baseline"] = {**cmp.to_dict(), "seeds": len(scored)}
+                elif pairs:  # e.g. a classifier task other than multi-label: no per-image scores to resample
+                    entry["vs_baseline_note"] = "no per-image scores of this metric to pair"
+            compared = [by_key[(recipe, fraction, s)].run_dir for s in done
+                        if (by_key[(recipe, fraction, s)].run_dir / "teacher_comparison.json").is_file()] if paired else []
+            own = [(d, d) for d in compared if has_scores(d, metric, TEACHER_EVAL) and has_scores(d, metric)]
+            if own and len(own) == len(compared):  # student − its own teacher, on the same test images
                 cmp = paired_over_seeds(own, metric, spec.n_boot, cache=replicates,
                                         eval_names=(TEACHER_EVAL, "eval"))
                 entry["vs_teacher"] = {**cmp.to_dict(), "seeds": len(own)}
+            elif compared:  # the recipe scored its teacher itself (no per-image files): its recorded Δ
+                recorded = recorded_teacher_delta(compared, metric, spec.ci, spec.n_boot)
+                if recorded is not None:
+                    entry["vs_teacher"] = recorded
             row["fractions"][fraction_tag(fraction)] = entry
         rows.append(row)
     if missing and not found:
@@ -309,6 +317,37 @@ def metric_table(spec: StudySpec, cells: Sequence[Cell], metric: str, replicates
     if spec.axis is not None:
         out["axis"] = spec.axis
     return out
+
+
+def has_scores(run_dir: Path, metric: str, eval_name: str = "eval") -> bool:
+    """Whether the run's ``eval_name`` folder holds the per-image files the paired bootstrap of
+    `metric` resamples (predictions.json; for macro_AUROC image_scores.json also does)."""
+    folder = run_dir / eval_name
+    if metric == "macro_AUROC" and (folder / "image_scores.json").is_file():
+        return True
+    return (folder / "predictions.json").is_file()
+
+
+def recorded_teacher_delta(run_dirs: Sequence[Path], metric: str, ci: str = "t",
+                           n_boot: int = 1000) -> dict[str, Any] | None:
+    """Δ vs own teacher as each run recorded it (``delta_teacher/<metric>`` in teacher_comparison.json,
+    e.g. teacher–student classification on a binary task, whose scores are not per class): one seed
+    keeps its paired-bootstrap CI; several get the mean Δ and an interval over seeds."""
+    deltas, records = [], []
+    for run_dir in run_dirs:
+        record = json.loads((run_dir / "teacher_comparison.json").read_text(encoding="utf-8"))
+        if record.get(f"delta_teacher/{metric}") is None:
+            return None
+        deltas.append(float(record[f"delta_teacher/{metric}"]))
+        records.append(record)
+    if len(records) == 1:
+        r = records[0]
+        low, high, p = (r.get(f"delta_teacher/{metric}_{k}") for k in ("ci_low", "ci_high", "p_boot"))
+        return {"metric": metric, "diff": deltas[0], "ci_low": low, "ci_high": high, "p_boot": p,
+                "seeds": 1, "source": "teacher_comparison.json"}
+    mean, low, high = seed_interval(deltas, ci, n_boot)
+    return {"metric": metric, "diff": _j(mean), "ci_low": _j(low), "ci_high": _j(high), "p_boot": None,
+            "seeds": len(deltas), "source": "teacher_comparison.json (interval over seeds)"}
 
 
 TEACHER_EVAL = "eval_teacher"
