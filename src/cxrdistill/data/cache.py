@@ -96,11 +96,19 @@ def _index_file(cache_dir: Path, size: int) -> Path:
     return cache_dir / f"index_v{_FORMAT_VERSION}_{size}.json"
 
 
+def _lock_file(cache_dir: Path, size: int) -> Path:
+    return cache_dir / f"index_v{_FORMAT_VERSION}_{size}.lock"
+
+
 def _data_prefix(size: int) -> str:
     return f"images_v{_FORMAT_VERSION}_{size}_"
 
 
-def _map_rows(path: Path, size: int) -> np.memmap:
+def _row_bytes(size: int) -> int:
+    return size * size * np.dtype(np.uint16).itemsize
+
+
+def _map_rows(path: Path, size: int) -> np.ndarray:
     """Read-only ``uint16 (rows, size, size)`` view of a data file (FileNotFoundError when gone)."""
     return np.memmap(path, dtype=np.uint16, mode="r").reshape(-1, size, size)
 
@@ -114,7 +122,7 @@ class ImageCache:
         self.size = size
         self.paths = [Path(entry["path"]) for entry in entries]
         self._entries = entries
-        self._maps: dict[str, np.memmap] = {}
+        self._maps: dict[str, np.ndarray] = {}  # data file name → its rows (views of memmaps)
         self._reopen()  # map now: the maps stay valid even if a later build deletes a file
         #: Indices decoded by the build that produced this object (the rest were reused).
         self.decoded = decoded
@@ -225,7 +233,7 @@ class ImageCache:
             cache_dir.mkdir(parents=True, exist_ok=True)
             entries = _cached([_FileKey.of(Path(p)) for p in paths], _load_index(cache_dir, size))
             if entries is None:
-                with FileLock(cache_dir / f"index_v{_FORMAT_VERSION}_{size}.lock"):
+                with FileLock(_lock_file(cache_dir, size)):
                     keys = [_FileKey.of(Path(p)) for p in paths]  # a file may have changed meanwhile
                     previous = _load_index(cache_dir, size)  # another builder may have just built them
                     entries = _cached(keys, previous)
@@ -245,7 +253,6 @@ def _load_index(cache_dir: Path, size: int) -> dict | None:
 
     Entries whose data file is missing or of the wrong length are left out (they are decoded again).
     """
-    row_bytes = size * size * np.dtype(np.uint16).itemsize
     try:
         index = json.loads(_index_file(cache_dir, size).read_text())
         if index.get("version") != _FORMAT_VERSION or index.get("size") != size:
@@ -253,7 +260,7 @@ def _load_index(cache_dir: Path, size: int) -> dict | None:
         present = {}
         for name, rows in index["data_files"].items():
             try:
-                if (cache_dir / name).stat().st_size == rows * row_bytes:
+                if (cache_dir / name).stat().st_size == rows * _row_bytes(size):
                     present[name] = rows
             except FileNotFoundError:
                 pass
@@ -323,7 +330,7 @@ class _Builder:
         if not new:
             self.tmp_data.unlink()
         elif len(new) < len(todo):  # failures leave no row behind
-            os.truncate(self.tmp_data, len(new) * self.size * self.size * 2)
+            os.truncate(self.tmp_data, len(new) * _row_bytes(self.size))
         return new, failures
 
     def _decode_all(self, keys: list[_FileKey], workers: int,
