@@ -178,8 +178,8 @@ class ImageCache:
             if found is None:
                 raise CxrDistillError(
                     f"{self.cache_dir / entry['data_file']}: cache data file was replaced by a newer "
-                    f"build and {entry['path']} is no longer cached (it changed on disk since); "
-                    f"build the cache again with ImageCache.build"
+                    f"build and {entry['path']} is no longer cached (it changed on disk since, or the "
+                    f"index was rebuilt without it); build the cache again with ImageCache.build"
                 )
             entries[i] = {**entry, "data_file": found["data_file"], "row": found["row"]}
         self._entries = entries
