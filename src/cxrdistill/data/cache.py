@@ -53,7 +53,7 @@ from filelock import FileLock
 from cxrdistill.data.io import DEFAULT_MAX_PIXELS, read_image
 from cxrdistill.errors import CxrDistillError, ImageReadError
 
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 2  # format 1 (one data file per build, last build only) is treated as absent, never read
 _SCALE = 65535.0
 _REOPEN_ATTEMPTS = 5  # a reader racing a stream of builds re-reads the index this often
 OnError = Literal["strict", "lenient"]
