@@ -28,6 +28,10 @@ def _write_pngs(folder: Path, count: int, shape: tuple[int, int] = (48, 64)) -> 
     return paths
 
 
+def _data_files(cache_dir: Path, size: int) -> list[Path]:
+    return sorted(cache_dir.glob(f"images_v*_{size}_*.u16"))
+
+
 def _touch_newer(path: Path) -> None:
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
@@ -82,8 +86,12 @@ def test_open_reads_committed_cache_and_old_data_files_are_removed(tmp_path: Pat
     paths = _write_pngs(tmp_path, 2)
     built = ImageCache.build(paths, 16, tmp_path / "cache")
     _touch_newer(paths[0])
-    ImageCache.build(paths, 16, tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("images_16_*.u16"))) == 1
+    ImageCache.build(paths, 16, tmp_path / "cache")  # path 1's row stays in the first data file
+    assert len(_data_files(tmp_path / "cache", 16)) == 2
+    for path in paths:
+        _touch_newer(path)
+    ImageCache.build(paths, 16, tmp_path / "cache")  # no entry refers to the first two any more
+    assert len(_data_files(tmp_path / "cache", 16)) == 1
     opened = ImageCache.open(tmp_path / "cache", 16)
     np.testing.assert_array_equal(opened[1], built[1])
     with pytest.raises(CxrDistillError, match="no complete image cache of size 32"):
@@ -93,7 +101,8 @@ def test_open_reads_committed_cache_and_old_data_files_are_removed(tmp_path: Pat
 def test_crash_mid_build_leaves_previous_cache(tmp_path: Path, monkeypatch) -> None:
     paths = _write_pngs(tmp_path, 3)
     before = ImageCache.build(paths, 16, tmp_path / "cache")
-    index_before = (tmp_path / "cache" / "index_16.json").read_text()
+    index_file = ImageCache.index_path(tmp_path / "cache", 16)
+    index_before = index_file.read_text()
 
     def explode(path, **kw):
         raise KeyboardInterrupt  # e.g. the user pressed Ctrl-C during decoding
@@ -103,7 +112,7 @@ def test_crash_mid_build_leaves_previous_cache(tmp_path: Path, monkeypatch) -> N
         _touch_newer(path)
     with pytest.raises(KeyboardInterrupt):
         ImageCache.build(paths, 16, tmp_path / "cache")
-    assert (tmp_path / "cache" / "index_16.json").read_text() == index_before
+    assert index_file.read_text() == index_before
     assert not list((tmp_path / "cache").glob(".*tmp"))
     np.testing.assert_array_equal(ImageCache.open(tmp_path / "cache", 16)[2], before[2])
 
@@ -111,8 +120,9 @@ def test_crash_mid_build_leaves_previous_cache(tmp_path: Path, monkeypatch) -> N
 def test_index_without_data_file_is_not_complete(tmp_path: Path) -> None:
     paths = _write_pngs(tmp_path, 1)
     ImageCache.build(paths, 16, tmp_path / "cache")
-    index = json.loads((tmp_path / "cache" / "index_16.json").read_text())
-    (tmp_path / "cache" / index["data_file"]).unlink()
+    index = json.loads(ImageCache.index_path(tmp_path / "cache", 16).read_text())
+    for name in index["data_files"]:
+        (tmp_path / "cache" / name).unlink()
     with pytest.raises(CxrDistillError):
         ImageCache.open(tmp_path / "cache", 16)
 
@@ -124,7 +134,7 @@ def test_strict_raises_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError) as info:
         ImageCache.build([paths[0], bad, paths[1]], 16, tmp_path / "cache")
     assert info.value.path == str(bad.resolve()) and "empty" in info.value.reason
-    assert not (tmp_path / "cache" / "index_16.json").exists()
+    assert not ImageCache.index_path(tmp_path / "cache", 16).exists()
 
 
 def test_lenient_lists_failures_and_refuses_to_serve_them(tmp_path: Path) -> None:

@@ -189,7 +189,7 @@ def test_patient_identifiers_never_appear_in_outputs_logs_or_messages(tmp_path, 
     outputs += [r.getMessage() for r in caplog.records]
 
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.parent != data]
-    assert {"last.pt", "metrics.csv", "config.yaml", "index_32.json", "predictions.json", "metrics.json",
+    assert {"last.pt", "metrics.csv", "config.yaml", "index_v2_32.json", "predictions.json", "metrics.json",
             "report.html"} <= {p.name for p in written}
     assert any(p.name.startswith("events.out.tfevents") for p in written)
     for path in written:
