@@ -379,3 +379,31 @@ def test_old_names_map_each_renamed_metric_and_keep_the_stage_prefix():
     assert old_names("student2/delta_teacher/macro_AUROC_ci_high") == ["student2_minus_teacher_ci_high"]
     assert old_names("report_gen2/macro_AUROC") == ["report_gen2/AUROC"]
     assert old_names("mAP@0.5") == [] and old_names("froc") == []
+
+
+def test_own_teacher_delta_without_per_image_scores_is_the_runs_recorded_paired_delta(tmp_path):
+    """Teacher–student classification on a binary task writes no per-class image scores: the table's
+    Δ vs own teacher is then what the run recorded (its paired bootstrap) for one seed, the mean and
+    an interval over seeds for several; the Δ vs baseline is left out with a note instead of failing."""
+    from cxrdistill.study.table import metric_table
+
+    def fill(spec):
+        for cell in study_cells(spec):
+            cell.run_dir.mkdir(parents=True)
+            (cell.run_dir / "final_metrics.json").write_text(json.dumps({"macro_AUROC": 0.8 + 0.01 * cell.seed}))
+            delta = 0.1 + 0.02 * cell.seed
+            (cell.run_dir / "teacher_comparison.json").write_text(json.dumps({
+                "delta_teacher/macro_AUROC": delta, "delta_teacher/macro_AUROC_ci_low": delta - 0.05,
+                "delta_teacher/macro_AUROC_ci_high": delta + 0.05, "delta_teacher/macro_AUROC_p_boot": 0.01}))
+        return study_cells(spec)
+
+    recipes = {"a": {"config": DET}, "b": {"config": DET, "overrides": ["train.lr=0.01"]}}
+    one = make_study(_study(tmp_path / "one", metric="macro_AUROC", recipes=recipes))
+    entry = metric_table(one, fill(one), "macro_AUROC")["rows"][1]["fractions"]["f0.3"]
+    assert entry["vs_teacher"]["diff"] == pytest.approx(0.1) and entry["vs_teacher"]["ci_low"] == pytest.approx(0.05)
+    assert entry["vs_teacher"]["p_boot"] == 0.01 and "vs_baseline" not in entry and "vs_baseline_note" in entry
+    two = make_study(_study(tmp_path / "two", seeds=[0, 1], metric="macro_AUROC", recipes=recipes))
+    entry = metric_table(two, fill(two), "macro_AUROC")["rows"][0]["fractions"]["f0.3"]
+    assert entry["vs_teacher"]["diff"] == pytest.approx(0.11) and entry["vs_teacher"]["seeds"] == 2
+    assert entry["vs_teacher"]["ci_low"] < 0.11 < entry["vs_teacher"]["ci_high"] and entry["vs_teacher"]["p_boot"] is None
+    assert "Δ +0.110 [" in format_markdown(metric_table(two, study_cells(two), "macro_AUROC"))
