@@ -8,8 +8,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 # synthetic worlds and image caches of tests never touch the user's ~/.cache, and xdist workers
 # never share one: a worker inherits the controller's CXRDISTILL_CACHE through the environment, so
-# each one works in its own sub-folder (two processes building one image cache at the same time race:
-# the later build deletes the data file the earlier one is about to map)
+# each one works in its own sub-folder (concurrent builds of one image cache are safe — a file lock
+# and a union index — but private caches keep the workers' timings independent)
 os.environ.setdefault("CXRDISTILL_CACHE", tempfile.mkdtemp(prefix="cxrdistill-test-cache-"))
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["CXRDISTILL_CACHE"] = os.path.join(os.environ["CXRDISTILL_CACHE"], os.environ["PYTEST_XDIST_WORKER"])
