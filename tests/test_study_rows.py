@@ -407,3 +407,19 @@ def test_own_teacher_delta_without_per_image_scores_is_the_runs_recorded_paired_
     assert entry["vs_teacher"]["diff"] == pytest.approx(0.11) and entry["vs_teacher"]["seeds"] == 2
     assert entry["vs_teacher"]["ci_low"] < 0.11 < entry["vs_teacher"]["ci_high"] and entry["vs_teacher"]["p_boot"] is None
     assert "Δ +0.110 [" in format_markdown(metric_table(two, study_cells(two), "macro_AUROC"))
+
+
+def test_command_line_overrides_win_over_the_recipes_own(tmp_path):
+    """`cxrdistill compare --study X train.max_steps=3` shrinks every cell, also a row that sets
+    train.max_steps itself (it used to be applied before the row's overrides and silently lost)."""
+    raw = _study(tmp_path / "s", recipes={"long": {"config": DET, "overrides": ["train.max_steps=200"]},
+                                         "plain": {"config": DET}})
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump(raw))
+    spec = load_study(study_file, ["train.max_steps=3"])
+    from cxrdistill.config import load_config
+
+    for cell in study_cells(spec):
+        assert load_config(cell.config, list(cell.overrides)).train.max_steps == 3, cell.recipe
+    assert load_config(study_cells(load_study(study_file))[0].config,
+                       list(study_cells(load_study(study_file))[0].overrides)).train.max_steps == 200

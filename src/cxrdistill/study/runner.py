@@ -63,7 +63,7 @@ def study_cells(spec: StudySpec, out_dir: Path | None = None) -> list[Cell]:
                     after = root / row.init_from / fraction_tag(spec.source_fraction(name, fraction)) / f"seed{seed}"
                 start = "init_from" if row.init_as == "stage" else "model.pretrained"
                 overrides = (*((f"data.manifest={manifest}",) if manifest is not None else ()),
-                             *spec.overrides, *row.overrides, f"{spec.fraction_key}={fraction:g}",
+                             *spec.overrides, *row.overrides, *spec.command_line, f"{spec.fraction_key}={fraction:g}",
                              *(f"{key}={seed}" for key in spec.seed_keys),
                              *((f"{start}={after}",) if after is not None else ()))
                 cells.append(Cell(name, fraction, seed, spec.config_path(name), overrides, root / name / tail, after))

@@ -28,8 +28,8 @@ annotations: boxes for detection, image labels for classification recipes).
 
 **Cells.** Each cell is a normal run directory ``output_dir/<row>/f<fraction>/seed<seed>`` whose
 config is the row's base config plus, in this order, ``data.manifest=<prepared>`` (with ``data``),
-the study's `overrides`, the recipe's `overrides`, the grid point's ``key=value``,
-``<fraction_key>=<fraction>``, ``<seed key>=<seed>`` and, for a row with ``init_from``,
+the study's `overrides`, the recipe's `overrides`, the grid point's ``key=value``, the command
+line's overrides, ``<fraction_key>=<fraction>``, ``<seed key>=<seed>`` and, for a row with ``init_from``,
 ``init_from=<that row's cell at the same fraction and seed>`` (the run whose supervised stage this
 cell starts from, see `methods.kit.supervised_stage`; it runs first). Relative config paths are
 read from the working directory, else next to the study file.
@@ -125,6 +125,9 @@ class StudySpec(BaseModel):
     the last part of `fraction_key`, as studies written before `labeled_fraction` showed it)."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     overrides: list[str] = Field(default_factory=list)
+    command_line: list[str] = Field(default_factory=list)
+    """Overrides given on the command line (``cxrdistill compare --study X key=value``): applied to
+    every cell after the recipe's own and the grid point's, so they win over both."""
     fraction_key: str = "data.boxed_fraction"
     seed_keys: list[str] = Field(default_factory=lambda: ["train.seed", "data.split_seed"])
     """Every seed sets these keys: by default a seed draws both the labeled subset and the initialisation."""
@@ -338,7 +341,8 @@ def _init_row(row: Row, rows: dict[str, Row]) -> str:
 
 
 def load_study(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> StudySpec:
-    """Read and validate a study YAML; `overrides` (``key=value``) are added to the study's own overrides."""
+    """Read and validate a study YAML; `overrides` (``key=value``, the command line's) apply to every
+    cell after the study's and the recipe's own (`StudySpec.command_line`)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -348,7 +352,7 @@ def load_study(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study must be a mapping")
-    raw["overrides"] = list(raw.get("overrides") or []) + list(overrides)
+    raw["command_line"] = list(raw.get("command_line") or []) + list(overrides)
     spec = make_study(raw, source=str(path))
     spec.source = path
     return spec
