@@ -45,6 +45,8 @@ def run_training(
     params = validate_method_params(cfg.method.name, cfg.method.params)
     run_dir = RunDirectory(cfg.output_dir)
     ctx = RunContext.create(cfg, run_dir, console)
+    if not ctx.fabric.is_global_zero:  # one copy of the progress, warnings and final table: rank 0's
+        ctx.console.quiet = True
     if ctx.fabric.is_global_zero:
         resolve_data_config(cfg.data)  # the synthetic world, built once, is named in config.yaml
     ctx.fabric.barrier()

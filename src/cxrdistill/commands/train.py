@@ -26,6 +26,7 @@ def train(
     try:
         metrics = run_training(config, overrides or [], resume=resume, output_dir=output_dir, console=console)
     except CxrDistillError as err:
+        console.quiet = False  # every rank says why it stopped (the others were quiet while training)
         print_error(console, err)
         raise typer.Exit(code=2) from None
     if getattr(console, "final_metrics_printed", False):  # the recipe printed its titled table
