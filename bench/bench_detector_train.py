@@ -38,6 +38,9 @@ MODELS = {
                  anchor_sizes=((12,), (24,), (48,)), aspect_ratios=(1.0,), head_convs=2),
     "r18": dict(depth=18),
     "r50": dict(depth=50),
+    # the real-data detector of configs/real/tbx11k_lite0.yaml (random weights: speed only)
+    "lite0": dict(backbone="efficientnet_lite0", base_width=32, freeze_bn=True, fpn_channels=64, head_convs=2,
+                  fpn_levels=(3, 4, 5), anchor_sizes=((24, 32), (44, 60), (80, 110))),
 }
 PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 
