@@ -124,6 +124,11 @@ def test_augmentations_keep_shape_and_range_and_depend_on_seed_and_step_only():
     assert not torch.equal(out, augment(images, aug, step_generator(0, 4)))
     v1, v2 = two_views(images, aug, seed=0, step=3)
     assert not torch.equal(v1, v2)
+    # rank 0 keeps streams 1 and 2 (single-process runs unchanged); another DDP rank draws its own views
+    assert torch.equal(v1, augment(images, aug, step_generator(0, 3, 1)))
+    w1, w2 = two_views(images, aug, seed=0, step=3, rank=1)
+    assert not torch.equal(w1, v1) and not torch.equal(w2, v2)
+    assert torch.equal(w1, two_views(images, aug, seed=0, step=3, rank=1)[0])
 
 
 def test_identity_and_flip_views_are_exact():
@@ -188,10 +193,10 @@ def test_resume_after_a_crash_is_exact(tmp_path, monkeypatch, algorithm):
 
     real = recipe.two_views
 
-    def crash_at_4(images, aug, seed, step):
+    def crash_at_4(images, aug, seed, step, rank=0):
         if step == 4:
             raise RuntimeError("simulated crash")
-        return real(images, aug, seed, step)
+        return real(images, aug, seed, step, rank)
 
     monkeypatch.setattr(recipe, "two_views", crash_at_4)
     crashed = runner.invoke(app, ["pretrain", "--config", "pretrain_moco", "-o", str(tmp_path / "resumed"), *TINY, *steps])

@@ -37,10 +37,10 @@ def reporting_embed_all(embedder, loader, device):
     os.write(1, line.encode())  # one write: the two ranks share the pipe
     return embed_all(embedder, loader, device)
 
-def crashing_two_views(images, aug, seed, step):
+def crashing_two_views(images, aug, seed, step, rank=0):
     if step == int(os.environ.get("CRASH_AT_STEP", "-1")):
         raise SystemExit(f"stopped at step {step}")
-    return two_views(images, aug, seed, step)
+    return two_views(images, aug, seed, step, rank)
 
 recipe.embed_all, recipe.two_views = reporting_embed_all, crashing_two_views
 from cxrdistill.cli import main

@@ -73,6 +73,10 @@ def augment(images: Tensor, aug: CXRAugment, generator: torch.Generator) -> Tens
     return ((out - mean) * contrast + mean + brightness).clamp(0.0, 1.0)
 
 
-def two_views(images: Tensor, aug: CXRAugment, seed: int, step: int) -> tuple[Tensor, Tensor]:
-    """Two independent views of the batch, drawn from streams 1 and 2 of ``(seed, step)``."""
-    return augment(images, aug, step_generator(seed, step, 1)), augment(images, aug, step_generator(seed, step, 2))
+def two_views(images: Tensor, aug: CXRAugment, seed: int, step: int, rank: int = 0) -> tuple[Tensor, Tensor]:
+    """Two independent views of the batch, drawn from streams 1 and 2 of ``(seed, step)`` on rank 0
+    and from streams of their own on every other DDP rank (so the ranks' images of one step are not
+    cropped, rotated and flipped alike)."""
+    first = 1 + 1000 * rank
+    return (augment(images, aug, step_generator(seed, step, first)),
+            augment(images, aug, step_generator(seed, step, first + 1)))

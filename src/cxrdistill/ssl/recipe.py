@@ -130,7 +130,7 @@ def run_pretrain(cfg: RunConfig, params: PretrainParams, ctx: RunContext) -> dic
     clock = {"t": time.perf_counter(), "warned": -10**9}
 
     def step_fn(batch: dict[str, Any], step: int) -> dict[str, Tensor]:
-        v1, v2 = two_views(batch["image"], aug, train.seed, step)
+        v1, v2 = two_views(batch["image"], aug, train.seed, step, ctx.rank)
         if isinstance(model, MoCo):  # the shuffle-BN permutation, from (seed, step) like the views
             loss, z = model(v1, v2, generator=step_generator(train.seed, step, 3 + ctx.rank))
         else:
