@@ -15,7 +15,7 @@ from cxrdistill.cli import app
 from cxrdistill.models.backbones import ResNetBackbone
 from cxrdistill.ssl.augment import CXRAugment, augment, step_generator, two_views
 from cxrdistill.ssl.losses import byol_regression, info_nce
-from cxrdistill.ssl.models import BYOL, MoCo, momentum_update
+from cxrdistill.ssl.models import BYOL, MoCo, momentum_update, queue_problem
 from cxrdistill.ssl.monitor import feature_std, is_collapsed, knn_balanced_accuracy
 
 runner = CliRunner()
@@ -172,7 +172,7 @@ def test_collapse_check():
 
 
 TINY = ["data.synthetic.n_images=40", "data.synthetic.image_size=32", "data.image_size=32", "model.base_width=4",
-        "train.batch_size=8", "train.progress=false", "train.tensorboard=false", "method.params.queue_size=32",
+        "train.batch_size=8", "train.progress=false", "train.tensorboard=false", "method.params.queue_size=16",
         "method.params.dim=8", "method.params.hidden=16", "train.eval_every=3"]
 
 
@@ -252,3 +252,14 @@ def test_output_loads_with_model_pretrained_run_dir_and_excludes_test(tmp_path):
 def test_pretrain_refuses_other_recipes(tmp_path):
     res = runner.invoke(app, ["pretrain", "--config", "supervised_classifier", "-o", str(tmp_path / "x")])
     assert res.exit_code == 2 and "method 'pretrain'" in res.output
+
+
+def test_a_queue_longer_than_one_pass_over_the_images_is_refused_with_the_limit(tmp_path):
+    """34 pretraining images read 8 at a time: 26 keys fit; 27 would hold keys of the batch's own images."""
+    assert queue_problem(26, 34, 8) is None
+    problem = queue_problem(27, 34, 8)
+    assert problem is not None and "at most 26" in problem and "34 pretraining images" in problem
+    res = runner.invoke(app, ["pretrain", "--config", "pretrain_moco", "-o", str(tmp_path / "run"), *TINY,
+                              "method.params.queue_size=27", "train.max_steps=1"])
+    assert res.exit_code == 2 and "method.params.queue_size" in res.output and "at most 26" in res.output
+    assert not (tmp_path / "run" / "model.safetensors").exists()

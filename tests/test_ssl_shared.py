@@ -17,7 +17,7 @@ from cxrdistill.cli import app
 runner = CliRunner()
 WORLD = ["data.synthetic={n_images: 40, image_size: 32, seed: 3}", "data.image_size=32", "model.depth=18",
          "model.base_width=4", "train.progress=false", "train.tensorboard=false"]
-PRETRAIN = [*WORLD, "train.max_steps=2", "train.batch_size=8", "method.params.queue_size=32", "method.params.dim=8",
+PRETRAIN = [*WORLD, "train.max_steps=2", "train.batch_size=8", "method.params.queue_size=16", "method.params.dim=8",
             "method.params.hidden=16"]
 
 

@@ -283,7 +283,7 @@ def test_a_pretraining_row_runs_once_per_seed_and_hands_its_backbone_to_every_fr
                               *[o for o in TINY if o.startswith(("method.params.", "model.options."))]]},
         "ssl": {"config": pretrain, "labeled_fraction": [0.3], "table": False,
                 "overrides": ["model.base_width=4", "train.max_steps=2", "train.batch_size=8",
-                              "method.params.queue_size=32", "method.params.dim=8", "method.params.hidden=16"]}}))
+                              "method.params.queue_size=16", "method.params.dim=8", "method.params.hidden=16"]}}))
     cells = study_cells(spec)
     assert [(c.recipe, c.fraction) for c in cells] == [("ssl", 0.3), ("sup", 0.3), ("sup", 0.5)]
     ssl_dir = cells[0].run_dir

@@ -86,6 +86,24 @@ def shuffled_split_forward(encoder: nn.Module, x: Tensor, groups: int,
     return split_forward(encoder, shuffled, groups)[inverse]
 
 
+def queue_problem(queue_size: int, n_images: int, global_batch: int) -> str | None:
+    """Why a MoCo queue of ``queue_size`` keys does not fit ``n_images`` read ``global_batch`` at a
+    time, or None when it fits.
+
+    The queue holds the keys of the last ``queue_size / global_batch`` steps. Once that is more than
+    one pass over the data (``queue_size > n_images - global_batch``), it holds older keys of the very
+    images in the batch, and InfoNCE pushes each query away from its own image: the loss rises again
+    as the features get better (measured: docs/results.md §9).
+    """
+    limit = n_images - global_batch
+    if queue_size <= limit:
+        return None
+    return (f"a queue of {queue_size} keys is more than one pass over the {n_images} pretraining images leaves "
+            f"({n_images} - a batch of {global_batch} = {limit}): it would hold older keys of the batch's own images "
+            f"as negatives. Use a queue of at most {max(limit, 0)} (MoCo-CXR: 65536 keys for 200k images), "
+            f"or pretrain on more images")
+
+
 class MoCo(nn.Module):
     """MoCo v2: query encoder (embedder + MLP head), momentum key encoder, queue of ``queue_size`` keys.
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from cxrdistill.models.backbones import ResNetBackbone
 from cxrdistill.ssl.augment import CXRAugment, two_views
-from cxrdistill.ssl.models import BYOL, Embedder, MoCo
+from cxrdistill.ssl.models import BYOL, Embedder, MoCo, queue_problem
 from cxrdistill.ssl.monitor import knn_auroc
 
 #: the probe's task: the two large lesions of the synthetic world, visible at 32 px
@@ -40,7 +40,7 @@ class ProbeSetting:
     batch_size: int = 64
     lr: float = 0.06
     optimizer: str = "sgd"
-    queue_size: int = 1024
+    queue_size: int = 256
     temperature: float = 0.2
     momentum: float = 0.99
     dim: int = 64
@@ -147,6 +147,9 @@ def pretrain(backbone: nn.Module, images: Tensor, setting: ProbeSetting, seed: i
     """``setting.steps`` steps of MoCo v2 / BYOL on ``images (N, 1, S, S)``; returns the model and its losses."""
     torch.manual_seed(seed)
     if setting.algorithm == "moco_v2":
+        problem = queue_problem(setting.queue_size, images.shape[0], setting.batch_size)
+        if problem is not None:
+            raise ValueError(f"queue_size: {problem}")
         model: MoCo | BYOL = MoCo(backbone, setting.dim, setting.hidden, setting.queue_size, setting.momentum,
                                   setting.temperature, shuffle_bn_groups=setting.shuffle_bn)
     else:

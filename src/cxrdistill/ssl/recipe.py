@@ -31,7 +31,7 @@ from cxrdistill.engine.sampler import RatioBatchSampler
 from cxrdistill.errors import ConfigError
 from cxrdistill.methods.registry import register_method
 from cxrdistill.ssl.augment import CXRAugment, step_generator, two_views
-from cxrdistill.ssl.models import BYOL, MoCo
+from cxrdistill.ssl.models import BYOL, MoCo, queue_problem
 from cxrdistill.ssl.monitor import embed_all, feature_std, is_collapsed, knn_balanced_accuracy
 
 WEIGHTS_FILE = "model.safetensors"
@@ -109,6 +109,10 @@ def run_pretrain(cfg: RunConfig, params: PretrainParams, ctx: RunContext) -> dic
     dataset = data.dataset(splits)
     if len(dataset) < 2:
         raise ConfigError(f"pretraining needs at least 2 images outside {params.exclude_splits}; found {len(dataset)}")
+    if params.algorithm == "moco_v2":
+        problem = queue_problem(params.queue_size, len(dataset), cfg.train.batch_size * ctx.world_size)
+        if problem is not None:
+            raise ConfigError(f"method.params.queue_size: {problem}")
     backbone = build_backbone_from_config(cfg.model)
     load_initial_weights(backbone, cfg.model.pretrained)
     if params.algorithm == "moco_v2":
