@@ -43,23 +43,26 @@ def test_recalibrated_features_ignore_the_old_statistics_and_leave_the_network_a
 
 # The probe's task is fixed in advance, not picked by outcome: the two large lesions of the world
 # (cardiomegaly, pleural effusion), the ones a 32 px image shows (a kNN on raw pixels scores them
-# 0.93 / 0.77 AUROC). At this budget its gain over random init is NOT reliable (+0.084, +0.034, -0.012
-# over seeds 0-2, docs/results.md section 9), so it is measured here but not asserted.
-TEST_SETTING = ProbeSetting(n_images=1000, image_size=32, splits=(0.5, 0.1, 0.4), width=8, steps=150,
+# 0.93 / 0.77 AUROC). Setting (docs/results.md section 9): 1000 MoCo v2 steps with a queue of 256
+# keys, less than one pass over the 600 pretraining images (the earlier 1024-key queue held keys of
+# each batch's own images, and 150 steps did not raise the label kNN reliably: +0.084, +0.034, -0.012).
+TEST_SETTING = ProbeSetting(n_images=1000, image_size=32, splits=(0.5, 0.1, 0.4), width=8, steps=1000,
                             batch_size=64, optimizer="adamw", lr=1e-3, queue_size=256, temperature=0.2,
                             momentum=0.99, knn_k=10)
-INSTANCE_MARGIN = 0.04  # measured gains +0.079, +0.084, +0.079 (seeds 0-2)
+TASK_MARGIN = 0.08  # measured label-kNN gains +0.181, +0.220, +0.131 (seeds 0-2)
+INSTANCE_MARGIN = 0.2  # measured instance gains +0.405, +0.343, +0.406 (seeds 0-2)
 
 
 @pytest.mark.slow
-def test_tiny_moco_pretraining_learns_instance_features_of_held_out_images(tmp_path):
-    """150 MoCo v2 steps (~40 s on one core) make the backbone tell held-out images apart across
-    augmented views better than the same network at random init."""
+def test_tiny_moco_pretraining_raises_the_held_out_knn_above_random_init(tmp_path):
+    """1000 MoCo v2 steps (~45 s on one core), labels never seen, make a kNN over the train images'
+    features score the large lesions of held-out images better than the same network at random
+    init, and tell the held-out images apart across augmented views."""
     assert LARGE_LESIONS == ("cardiomegaly", "pleural effusion")
     world = load_world_tensors(tmp_path, TEST_SETTING)
     assert world.split.count("test") >= 350  # queries never seen by pretraining
     result = run_probe(world, TEST_SETTING, seed=0)
-    assert result["loss_last"] < math.log(1 + TEST_SETTING.queue_size), result  # InfoNCE below chance
+    assert result["loss_last"] < math.log(1 + TEST_SETTING.queue_size) - 1.0, result  # InfoNCE well below chance
+    assert result["ssl_task"] > result["init_task"] + TASK_MARGIN, result
     assert result["ssl_instance_auroc"] > result["init_instance_auroc"] + INSTANCE_MARGIN, result
-    for key in ("init_task", "ssl_task", "init_all", "ssl_all"):  # the label kNN: measured, not asserted
-        assert 0.0 <= result[key] <= 1.0, result
+    assert result["ssl_all"] > result["init_all"], result  # every class, the small lesions included
