@@ -423,3 +423,47 @@ def test_command_line_overrides_win_over_the_recipes_own(tmp_path):
         assert load_config(cell.config, list(cell.overrides)).train.max_steps == 3, cell.recipe
     assert load_config(study_cells(load_study(study_file))[0].config,
                        list(study_cells(load_study(study_file))[0].overrides)).train.max_steps == 200
+
+
+# ----------------------------------------------------------------------------- compare_to
+
+
+def test_compare_to_pairs_a_row_with_the_row_it_names_besides_the_baseline(tmp_path):
+    """Three tiny runs: `b` names `c`; its `vs_reference` is the paired bootstrap of b − c over the same
+    test images (= `paired_over_seeds` on those two folders), shown in the Markdown and on the console."""
+    import io
+
+    from cxrdistill.study.table import paired_over_seeds, print_table
+
+    raw = _study(tmp_path / "s", baseline="a", recipes={
+        "a": {"config": DET}, "b": {"config": DET, "overrides": ["train.lr=0.01"], "compare_to": "c"},
+        "c": {"config": DET, "overrides": ["train.lr=0.003"], "label": "C run"}})
+    spec = make_study(raw)
+    run_study(spec, console=Console(quiet=True), keep_going=False, report=True)
+    table = json.loads((tmp_path / "s" / "table.json").read_text())
+    b = next(r for r in table["rows"] if r["recipe"] == "b")["fractions"]["f0.3"]
+    c = next(r for r in table["rows"] if r["recipe"] == "c")["fractions"]["f0.3"]
+    assert b["vs_reference"]["row"] == "c" and "vs_reference" not in c
+    assert b["vs_baseline"]["row"] == "a"
+    root = tmp_path / "s"
+    expected = paired_over_seeds([(root / "c/f0.3/seed0", root / "b/f0.3/seed0")], "mAP@0.5", spec.n_boot)
+    assert b["vs_reference"]["diff"] == pytest.approx(expected.diff)
+    assert b["vs_reference"]["diff"] == pytest.approx(b["mean"] - c["mean"], abs=1e-9)
+    text = (root / "table.md").read_text()
+    assert "vs the row each recipe names" in text and "| b | C run | Δ" in text
+    console = Console(file=io.StringIO(), width=200)
+    print_table(table, console)
+    assert "vs c Δ" in console.file.getvalue()
+    assert "vs c Δ" in next(root.glob("*.html")).read_text()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"a": {"config": DET, "compare_to": "nope"}}, "compare_to: 'nope' names no row"),
+    ({"a": {"config": DET}, "p": {"config": DET, "table": False}, "b": {"config": DET, "compare_to": "p"}},
+     "is not one of the table's rows"),
+    ({"a": {"config": DET, "labeled_fraction": [0.3]}, "b": {"config": DET, "compare_to": "a"}},
+     "does not run at every fraction"),
+])
+def test_bad_compare_to_is_refused(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        make_study(_study(tmp_path, labeled_fraction=[0.3, 0.5], recipes=bad))

@@ -108,6 +108,12 @@ def _html_table(table: dict[str, Any]) -> str:
                 p = cmp.get("p_boot")
                 cls = "" if p is None or p >= 0.05 else (" class='up'" if cmp["diff"] > 0 else " class='down'")
                 text += f"<br><span{cls}>{html.escape(format_delta(entry))}</span>"
+            ref = entry.get("vs_reference") or {}
+            if ref.get("diff") is not None:  # Δ vs the row the recipe names in compare_to
+                p = ref.get("p_boot")
+                cls = "" if p is None or p >= 0.05 else (" class='up'" if ref["diff"] > 0 else " class='down'")
+                text += (f"<br><span{cls}>vs {html.escape(str(ref.get('row')))} "
+                         f"{html.escape(format_delta(entry, 'vs_reference'))}</span>")
             own = entry.get("vs_teacher") or {}
             if own.get("diff") is not None:  # Δ vs the recipe's own teacher (same test images)
                 p = own.get("p_boot")

@@ -76,6 +76,10 @@ class RecipeEntry(BaseModel):
     table: bool = True
     """Whether the recipe's rows appear in the tables (``false`` for a pretraining cell whose own
     metrics are not the study's)."""
+    compare_to: str | None = None
+    """A row (or a recipe, resolved as for `init_from`) this recipe's rows are also compared with,
+    paired over the same test images at each fraction and seed, besides the baseline: e.g. the same
+    recipe without self-supervised pretraining, or a compute-matched control."""
 
 
 class DataSource(BaseModel):
@@ -108,6 +112,8 @@ class Row:
     fractions: tuple[float, ...] | None = None
     """The fractions this row runs at (None: every fraction of the study)."""
     in_table: bool = True
+    compare_to: str | None = None
+    """The row this row is also compared with (paired), besides the baseline."""
 
 
 class StudySpec(BaseModel):
@@ -184,6 +190,13 @@ class StudySpec(BaseModel):
         tabled = [name for name, row in rows.items() if row.in_table]
         if not tabled:
             raise ValueError("recipes: every recipe has table: false; keep at least one row in the table")
+        for row in rows.values():
+            if row.compare_to is not None and row.compare_to not in tabled:
+                raise ValueError(f"recipes.{row.recipe}.compare_to: {row.compare_to!r} is not one of the table's rows")
+            if row.compare_to is not None and set(self.row_fractions(row.name, rows)) - set(
+                    self.row_fractions(row.compare_to, rows)):
+                raise ValueError(f"recipes.{row.recipe}.compare_to: {row.compare_to!r} does not run at every "
+                                 f"fraction of {row.name!r}")
         if self.baseline is not None and self.baseline not in tabled:
             raise ValueError(f"baseline {self.baseline!r} is not one of the table's rows ({', '.join(tabled)})")
         return self
@@ -310,10 +323,14 @@ def _expand_rows(spec: StudySpec) -> dict[str, Row]:
                     raise ValueError(f"recipes.{recipe}: row {name!r} appears twice")
                 fractions = tuple(entry.labeled_fraction) if entry.labeled_fraction is not None else None
                 rows[name] = Row(name, recipe, label, overrides, point, entry.init_from, entry.init_as,
-                                 fractions, entry.table)
+                                 fractions, entry.table, entry.compare_to)
     resolved = {}
     for name, row in rows.items():
-        resolved[name] = row if row.init_from is None else replace(row, init_from=_init_row(row, rows))
+        if row.init_from is not None:
+            row = replace(row, init_from=_named_row(row, rows, row.init_from, "init_from"))
+        if row.compare_to is not None:
+            row = replace(row, compare_to=_named_row(row, rows, row.compare_to, "compare_to"))
+        resolved[name] = row
     for name in resolved:  # no cycle: following init_from ends at a row without one
         seen, at = {name}, resolved[name].init_from
         while at is not None:
@@ -324,17 +341,16 @@ def _expand_rows(spec: StudySpec) -> dict[str, Row]:
     return resolved
 
 
-def _init_row(row: Row, rows: dict[str, Row]) -> str:
-    """The row ``row.init_from`` names: a row, or the row of that recipe whose point agrees with ``row``'s."""
-    target = row.init_from
-    assert target is not None
+def _named_row(row: Row, rows: dict[str, Row], target: str, field: str) -> str:
+    """The row ``target`` (``row``'s `init_from` or `compare_to`) names: a row, or the row of that
+    recipe whose point agrees with ``row``'s."""
     if target in rows and target != row.name:
         return target
     mine = dict(row.point)
     candidates = [r.name for r in rows.values() if r.recipe == target and r.name != row.name
                   and all(k in mine and mine[k] == v for k, v in r.point)]
     if len(candidates) != 1:
-        raise ValueError(f"recipes.{row.recipe}.init_from: {target!r} names "
+        raise ValueError(f"recipes.{row.recipe}.{field}: {target!r} names "
                          + ("no row" if not candidates else f"{len(candidates)} rows ({', '.join(candidates)})")
                          + f" for row {row.name!r}; name a row or a recipe whose grid keys this row shares")
     return candidates[0]

@@ -263,6 +263,7 @@ def metric_table(spec: StudySpec, cells: Sequence[Cell], metric: str, replicates
     paired = pairable(metric)
     missing: list[MissingMetric] = []
     found = 0
+    compare_to = {name: r.compare_to for name, r in spec.table_rows.items()}
     for recipe in spec.table_rows:
         row: dict[str, Any] = {"recipe": recipe, "label": spec.label(recipe), "fractions": {}}
         for fraction in spec.fractions:
@@ -287,15 +288,18 @@ def metric_table(spec: StudySpec, cells: Sequence[Cell], metric: str, replicates
                                      "run_dirs": {s: str(by_key[(recipe, fraction, s)].run_dir) for s in done}}
             if lacking:
                 entry["missing"] = lacking
-            if recipe != base and paired:
-                pairs = [(by_key[(base, fraction, s)].run_dir, by_key[(recipe, fraction, s)].run_dir)
-                         for s in done if by_key[(base, fraction, s)].done]
+            references = {"vs_baseline": base, "vs_reference": compare_to[recipe]}
+            for key, other in references.items():
+                if other is None or other == recipe or not paired:
+                    continue
+                pairs = [(by_key[(other, fraction, s)].run_dir, by_key[(recipe, fraction, s)].run_dir)
+                         for s in done if by_key[(other, fraction, s)].done]
                 scored = [(a, b) for a, b in pairs if has_scores(a, metric) and has_scores(b, metric)]
                 if scored:
                     cmp = paired_over_seeds(scored, metric, spec.n_boot, cache=replicates)
-                    entry["vs_baseline"] = {**cmp.to_dict(), "seeds": len(scored)}
+                    entry[key] = {**cmp.to_dict(), "seeds": len(scored), "row": other}
                 elif pairs:  # e.g. a classifier task other than multi-label: no per-image scores to resample
-                    entry["vs_baseline_note"] = "no per-image scores of this metric to pair"
+                    entry[f"{key}_note"] = "no per-image scores of this metric to pair"
             compared = [by_key[(recipe, fraction, s)].run_dir for s in done
                         if (by_key[(recipe, fraction, s)].run_dir / "teacher_comparison.json").is_file()] if paired else []
             own = [(d, d) for d in compared if has_scores(d, metric, TEACHER_EVAL) and has_scores(d, metric)]
@@ -371,7 +375,7 @@ def format_mean(entry: dict[str, Any]) -> str:
 
 def format_delta(entry: dict[str, Any], against: str = "vs_baseline") -> str:
     """``Δ +d* [low, high], p=…`` of a table entry vs the baseline (``against="vs_teacher"``: vs its
-    own teacher; "" without that comparison)."""
+    own teacher; ``"vs_reference"``: vs its `compare_to` row; "" without that comparison)."""
     cmp = entry.get(against)
     if not cmp or cmp.get("diff") is None:
         return ""
@@ -408,6 +412,16 @@ def format_markdown(table: dict[str, Any]) -> str:
                 continue
             lines.append(f"| {row['label']} | " + " | ".join(format_delta(row["fractions"][f]) or "—" for f in fr)
                          + " |")
+    referenced = [row for row in table["rows"] if any("vs_reference" in row["fractions"][f] for f in fr)]
+    if referenced:
+        labels = {row["recipe"]: row["label"] for row in table["rows"]}
+        lines += ["", f"Δ {table['metric']} vs the row each recipe names (`compare_to`; paired bootstrap over test "
+                      "images, averaged over seeds; * p_boot < 0.05)", "", "| recipe | vs | " + head[len("| recipe | "):],
+                  "|---|---|" + "---|" * len(fr)]
+        for row in referenced:
+            other = next(row["fractions"][f]["vs_reference"]["row"] for f in fr if "vs_reference" in row["fractions"][f])
+            lines.append(f"| {row['label']} | {labels.get(other, other)} | " + " | ".join(
+                format_delta(row["fractions"][f], "vs_reference") or "—" for f in fr) + " |")
     own = [row for row in table["rows"] if any("vs_teacher" in row["fractions"][f] for f in fr)]
     if own:
         lines += ["", f"Δ {table['metric']} vs own teacher (student − the recipe's own supervised teacher, same test "
@@ -435,7 +449,9 @@ def print_table(table: dict[str, Any], console: Console) -> None:
             entry = row["fractions"][f]
             delta = format_delta(entry)
             own = format_delta(entry, "vs_teacher")
+            ref = format_delta(entry, "vs_reference")
             cells.append(format_mean(entry) + (f"\n{delta.split(' [')[0]}" if delta else "")
+                         + (f"\nvs {entry['vs_reference']['row']} {ref.split(' [')[0]}" if ref else "")
                          + (f"\nteacher {own.split(' [')[0]}" if own else ""))
         out.add_row(row["label"], *cells)
     console.print(out)
