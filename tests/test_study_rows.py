@@ -467,3 +467,23 @@ def test_compare_to_pairs_a_row_with_the_row_it_names_besides_the_baseline(tmp_p
 def test_bad_compare_to_is_refused(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
         make_study(_study(tmp_path, labeled_fraction=[0.3, 0.5], recipes=bad))
+
+
+def test_with_two_seeds_a_delta_also_gets_its_interval_over_seeds(tmp_path):
+    """Two seeds: each comparison carries every seed's own paired Δ and the t-interval of their mean,
+    besides the bootstrap over test images of the seed-averaged Δ."""
+    from cxrdistill.study.table import paired_over_seeds, seed_interval
+
+    raw = _study(tmp_path / "s", seeds=[0, 1], baseline="a",
+                 recipes={"a": {"config": DET}, "b": {"config": DET, "overrides": ["train.lr=0.01"]}})
+    spec = make_study(raw)
+    run_study(spec, console=Console(quiet=True), keep_going=False, report=False)
+    table = json.loads((tmp_path / "s" / "table.json").read_text())
+    cmp = table["rows"][1]["fractions"]["f0.3"]["vs_baseline"]
+    root = tmp_path / "s"
+    per_seed = [paired_over_seeds([(root / f"a/f0.3/seed{s}", root / f"b/f0.3/seed{s}")], "mAP@0.5", spec.n_boot).diff
+                for s in (0, 1)]
+    assert cmp["seed_diffs"] == pytest.approx(per_seed)
+    mean, low, high = seed_interval(per_seed, "t")
+    assert cmp["diff"] == pytest.approx(mean) and cmp["seed_ci"] == pytest.approx([low, high])
+    assert f"seeds [{low:+.3f}, {high:+.3f}]" in (root / "table.md").read_text()

@@ -239,6 +239,22 @@ def paired_over_seeds(pairs: Sequence[tuple[Path, Path]], metric: str, n_boot: i
                         np.mean(a_boot, axis=0), np.mean(b_boot, axis=0), seed)
 
 
+def paired_with_seed_interval(pairs: Sequence[tuple[Path, Path]], metric: str, spec: StudySpec, cache: dict,
+                              eval_names: tuple[str, str] = ("eval", "eval")) -> dict[str, Any]:
+    """`paired_over_seeds` of ``pairs`` as a table entry, plus each seed's own Δ (``seed_diffs``) and,
+    with two seeds or more, an interval over seeds of the mean Δ (``seed_ci``, the study's `ci`):
+    the first says how sure the Δ is over test images, the second over seeds."""
+    cmp = paired_over_seeds(pairs, metric, spec.n_boot, cache=cache, eval_names=eval_names)
+    out: dict[str, Any] = {**cmp.to_dict(), "seeds": len(pairs)}
+    if len(pairs) > 1:
+        diffs = [paired_over_seeds([pair], metric, spec.n_boot, cache=cache, eval_names=eval_names).diff
+                 for pair in pairs]
+        _, low, high = seed_interval(diffs, spec.ci, spec.n_boot)
+        out["seed_diffs"] = [_j(d) for d in diffs]
+        out["seed_ci"] = [_j(low), _j(high)]
+    return out
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -296,17 +312,15 @@ def metric_table(spec: StudySpec, cells: Sequence[Cell], metric: str, replicates
                          for s in done if by_key[(other, fraction, s)].done]
                 scored = [(a, b) for a, b in pairs if has_scores(a, metric) and has_scores(b, metric)]
                 if scored:
-                    cmp = paired_over_seeds(scored, metric, spec.n_boot, cache=replicates)
-                    entry[key] = {**cmp.to_dict(), "seeds": len(scored), "row": other}
+                    entry[key] = {**paired_with_seed_interval(scored, metric, spec, replicates), "row": other}
                 elif pairs:  # e.g. a classifier task other than multi-label: no per-image scores to resample
                     entry[f"{key}_note"] = "no per-image scores of this metric to pair"
             compared = [by_key[(recipe, fraction, s)].run_dir for s in done
                         if (by_key[(recipe, fraction, s)].run_dir / "teacher_comparison.json").is_file()] if paired else []
             own = [(d, d) for d in compared if has_scores(d, metric, TEACHER_EVAL) and has_scores(d, metric)]
             if own and len(own) == len(compared):  # student − its own teacher, on the same test images
-                cmp = paired_over_seeds(own, metric, spec.n_boot, cache=replicates,
-                                        eval_names=(TEACHER_EVAL, "eval"))
-                entry["vs_teacher"] = {**cmp.to_dict(), "seeds": len(own)}
+                entry["vs_teacher"] = paired_with_seed_interval(own, metric, spec, replicates,
+                                                                (TEACHER_EVAL, "eval"))
             elif compared:  # the recipe scored its teacher itself (no per-image files): its recorded Δ
                 recorded = recorded_teacher_delta(compared, metric, spec.ci, spec.n_boot)
                 if recorded is not None:
@@ -383,7 +397,9 @@ def format_delta(entry: dict[str, Any], against: str = "vs_baseline") -> str:
     star = "*" if p is not None and p < 0.05 else ""
     ci = f" [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}]" if cmp.get("ci_low") is not None else ""
     ptxt = f", p={p:.3f}" if p is not None else ""
-    return f"Δ {cmp['diff']:+.3f}{star}{ci}{ptxt}"
+    low, high = cmp.get("seed_ci") or (None, None)
+    seeds = f"; seeds [{low:+.3f}, {high:+.3f}]" if low is not None and high is not None else ""
+    return f"Δ {cmp['diff']:+.3f}{star}{ci}{ptxt}{seeds}"
 
 
 def axis_name(table: dict[str, Any]) -> str:
@@ -406,7 +422,8 @@ def format_markdown(table: dict[str, Any]) -> str:
         lines.append(f"| {row['label']} | " + " | ".join(format_mean(row["fractions"][f]) for f in fr) + " |")
     if pairable(table["metric"]):  # other metrics have no paired bootstrap: seed statistics only
         lines += ["", f"Δ {table['metric']} vs {table['baseline']} [95% CI], paired bootstrap over test images "
-                      f"({table['n_boot']} replicates, difference averaged over seeds; * p_boot < 0.05)", "", head, sep]
+                      f"({table['n_boot']} replicates, difference averaged over seeds; * p_boot < 0.05); with two "
+                      "seeds or more also `seeds [95% CI]` of the mean Δ over seeds", "", head, sep]
         for row in table["rows"]:
             if row["recipe"] == table["baseline"]:
                 continue
@@ -469,5 +486,5 @@ def write_table(table: dict[str, Any], out_dir: Path) -> Path:
 
 
 __all__ = ["MissingMetric", "axis_name", "build_table", "format_delta", "format_markdown", "format_mean",
-           "metric_table", "old_names", "pairable", "paired_over_seeds", "print_table", "read_metric", "seed_interval",
-           "write_table"]
+           "metric_table", "old_names", "pairable", "paired_over_seeds", "paired_with_seed_interval", "print_table",
+           "read_metric", "seed_interval", "write_table"]
