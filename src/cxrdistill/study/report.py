@@ -92,6 +92,17 @@ def delta_plot(table: dict[str, Any], fractions: Sequence[float]) -> bytes | Non
     return _png(fig)
 
 
+def _delta_span(entry: dict[str, Any], against: str, prefix: str) -> str:
+    """``<br><span>prefix Δ …</span>`` of one paired comparison of a table entry, coloured when p < 0.05
+    ("" without that comparison)."""
+    cmp = entry.get(against) or {}
+    if cmp.get("diff") is None:
+        return ""
+    p = cmp.get("p_boot")
+    cls = "" if p is None or p >= 0.05 else (" class='up'" if cmp["diff"] > 0 else " class='down'")
+    return f"<br><span{cls}>{html.escape(prefix + format_delta(entry, against))}</span>"
+
+
 def _html_table(table: dict[str, Any]) -> str:
     """The table as HTML: mean ± CI half-width per fraction and, below it, Δ vs the baseline
     (bold and coloured when p < 0.05)."""
@@ -103,22 +114,10 @@ def _html_table(table: dict[str, Any]) -> str:
         for f in fr:
             entry = row["fractions"][f]
             text = html.escape(format_mean(entry))
-            cmp = entry.get("vs_baseline") or {}
-            if cmp.get("diff") is not None:
-                p = cmp.get("p_boot")
-                cls = "" if p is None or p >= 0.05 else (" class='up'" if cmp["diff"] > 0 else " class='down'")
-                text += f"<br><span{cls}>{html.escape(format_delta(entry))}</span>"
-            ref = entry.get("vs_reference") or {}
-            if ref.get("diff") is not None:  # Δ vs the row the recipe names in compare_to
-                p = ref.get("p_boot")
-                cls = "" if p is None or p >= 0.05 else (" class='up'" if ref["diff"] > 0 else " class='down'")
-                text += (f"<br><span{cls}>vs {html.escape(str(ref.get('row')))} "
-                         f"{html.escape(format_delta(entry, 'vs_reference'))}</span>")
-            own = entry.get("vs_teacher") or {}
-            if own.get("diff") is not None:  # Δ vs the recipe's own teacher (same test images)
-                p = own.get("p_boot")
-                cls = "" if p is None or p >= 0.05 else (" class='up'" if own["diff"] > 0 else " class='down'")
-                text += f"<br><span{cls}>vs own teacher {html.escape(format_delta(entry, 'vs_teacher'))}</span>"
+            ref = (entry.get("vs_reference") or {}).get("row")
+            text += _delta_span(entry, "vs_baseline", "")  # Δ vs the baseline row
+            text += _delta_span(entry, "vs_reference", f"vs {ref} ")  # Δ vs the row named in compare_to
+            text += _delta_span(entry, "vs_teacher", "vs own teacher ")  # Δ vs the recipe's own teacher
             cells.append(f"<td>{text}</td>")
         body.append(f"<tr><td>{html.escape(row['label'])}</td>{''.join(cells)}</tr>")
     caption = (f"{html.escape(table['metric'])}: mean ± 95% CI half-width over seeds {table['seeds']} "
