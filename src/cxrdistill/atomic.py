@@ -1,8 +1,9 @@
 """Atomic file writes: a temp file in the same folder, flushed to disk, then `os.replace`d.
 
 A reader therefore sees the old file or the new one, never half of one; a writer killed midway
-leaves only a `.<name>.*.tmp` file, which is never read (and `atomic_write` deletes earlier ones
-after its own write succeeds).
+leaves only a `.<name>.*.tmp` file, which is never read. After its own write succeeds,
+`atomic_write` deletes the temp files of writers that died — never those of a writer still running
+(two processes may write the same file at once, e.g. two runs converting the same weights).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -24,13 +28,43 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+FOREIGN_TEMP_MAX_AGE_S = 24 * 3600  # a temp file of another host's writer older than this is stale
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def _is_stale_temp(tmp: Path, name: str) -> bool:
+    """Whether ``tmp`` (a ``.<name>.*.tmp`` file) was left by a writer that is no longer running.
+
+    Our temp files are named ``.<name>.w<host>-<pid>.<random>.tmp``: on this host the writer is
+    asked directly; another host's file is stale after a day; any other name (an older version's,
+    or a test's ``.<name>.killed.tmp``) is stale.
+    """
+    match = re.fullmatch(rf"\.{re.escape(name)}\.w(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\..*\.tmp", tmp.name)
+    if match is None:
+        return True
+    if match["host"] == _HOST:
+        return not _writer_alive(int(match["pid"]))
+    try:
+        return time.time() - tmp.stat().st_mtime > FOREIGN_TEMP_MAX_AGE_S
+    except FileNotFoundError:
+        return False
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call `write(binary_file)` on a temp file, fsync it and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.w{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as handle:
@@ -49,8 +83,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
             os.close(dir_fd)
     except OSError:
         pass
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
-        stale.unlink(missing_ok=True)
+    for other in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+        if _is_stale_temp(other, path.name):
+            other.unlink(missing_ok=True)
     return path
 
 

