@@ -41,3 +41,26 @@ def test_demo_table_prints_student_teacher_ci_and_says_when_distillation_did_not
     assert "CEIRD: " not in text  # a recipe that helped gets no warning line
     md = format_markdown(TABLE)
     assert "vs own teacher" in md and "Δ -0.010 [-0.040, +0.020]" in md
+
+
+def test_a_gain_is_claimed_only_when_the_seed_interval_agrees():
+    from cxrdistill.study.table import claimed_direction
+
+    images_only = {"diff": 0.05, "ci_low": 0.01, "ci_high": 0.09, "p_boot": 0.01}
+    assert claimed_direction(images_only) == 1  # one seed: the test-image CI decides
+    assert claimed_direction({**images_only, "seed_ci": [0.02, 0.08]}) == 1
+    assert claimed_direction({**images_only, "seed_ci": [-0.06, 0.16]}) == 0  # seeds disagree
+    assert claimed_direction({"diff": -0.05, "ci_low": -0.09, "ci_high": -0.01, "seed_ci": [-0.08, -0.02]}) == -1
+    assert claimed_direction({"diff": -0.05, "ci_low": -0.09, "ci_high": -0.01, "seed_ci": [0.01, 0.02]}) == 0
+    assert claimed_direction({"diff": 0.05, "ci_low": -0.01, "ci_high": 0.09, "seed_ci": [0.02, 0.08]}) == 0
+    assert claimed_direction({"diff": 0.05, "p_boot": 0.01}) == 1 and claimed_direction({"diff": 0.05}) == 0
+    assert claimed_direction(None) == 0
+
+    entry = _entry(0.20, 0.26, 0.01, 0.11)
+    entry["vs_teacher"]["seed_ci"] = [-0.05, 0.17]
+    table = {**TABLE, "rows": [TABLE["rows"][0], {"recipe": "ceird", "label": "CEIRD", "fractions": {"f0.2": entry}}]}
+    (verdict,) = teacher_verdicts(table)
+    assert verdict["verdict"] == "distillation did not help (not consistent over seeds)"
+    md = format_markdown(table)
+    assert "Δ +0.060 [+0.010, +0.110], p=0.500; seeds [-0.050, +0.170]" in md  # no star
+    assert "Δ +0.060* [" in format_markdown(TABLE)  # the same Δ with one seed is claimed

@@ -21,9 +21,12 @@ from cxrdistill.errors import CxrDistillError
 def teacher_verdicts(table: dict[str, Any]) -> list[dict[str, Any]]:
     """Per distillation recipe and fraction: student, own teacher, Δ with its CI, and a verdict.
 
-    ``helped``: the CI of Δ (student − own teacher) lies above zero; ``hurt``: below zero;
-    otherwise ``distillation did not help`` (the CI does not exclude zero above it).
+    ``helped``: Δ (student − own teacher) is claimed as a gain — its CI over test images lies above
+    zero and, with two seeds or more, its interval over seeds too (`study.table.claimed_direction`);
+    ``hurt``: claimed as a loss; otherwise ``distillation did not help``.
     """
+    from cxrdistill.study.table import claimed_direction
+
     out = []
     for row in table["rows"]:
         for fraction, entry in row["fractions"].items():
@@ -31,10 +34,13 @@ def teacher_verdicts(table: dict[str, Any]) -> list[dict[str, Any]]:
             if not cmp or cmp.get("diff") is None:
                 continue
             low, high = cmp.get("ci_low"), cmp.get("ci_high")
-            if low is not None and low > 0:
+            direction = claimed_direction(cmp)
+            if direction > 0:
                 verdict = "helped"
-            elif high is not None and high < 0:
+            elif direction < 0:
                 verdict = "hurt (worse than its teacher)"
+            elif (low is not None and low > 0) or (high is not None and high < 0):
+                verdict = "distillation did not help (not consistent over seeds)"
             else:
                 verdict = "distillation did not help"
             out.append({"label": row["label"], "fraction": fraction, "student": cmp["b"], "teacher": cmp["a"],

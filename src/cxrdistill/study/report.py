@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from cxrdistill.atomic import write_text_atomic  # noqa: E402
 from cxrdistill.errors import CxrDistillError  # noqa: E402
 from cxrdistill.study.spec import Cell, StudySpec, fraction_tag  # noqa: E402
-from cxrdistill.study.table import format_delta, format_markdown, format_mean  # noqa: E402
+from cxrdistill.study.table import claimed_direction, format_delta, format_markdown, format_mean  # noqa: E402
 
 
 def _png(fig: Any, fmt: str = "png") -> bytes:
@@ -64,7 +64,7 @@ def fraction_curve(table: dict[str, Any], fractions: Sequence[float], fmt: str =
 
 def delta_plot(table: dict[str, Any], fractions: Sequence[float]) -> bytes | None:
     """PNG: one panel per fraction, each recipe's Δ vs the baseline with its paired-bootstrap CI;
-    green / red when p < 0.05 above / below zero, grey otherwise. None when there is no comparison."""
+    green / red when claimed above / below zero (`claimed_direction`), grey otherwise. None when there is no comparison."""
     rows = [r for r in table["rows"] if r["recipe"] != table["baseline"]]
     if not rows:
         return None
@@ -75,8 +75,7 @@ def delta_plot(table: dict[str, Any], fractions: Sequence[float]) -> bytes | Non
             cmp = row["fractions"][fraction_tag(f)].get("vs_baseline") or {}
             if cmp.get("diff") is None:
                 continue
-            p = cmp.get("p_boot")
-            colour = "grey" if p is None or p >= 0.05 else ("tab:green" if cmp["diff"] > 0 else "tab:red")
+            colour = {1: "tab:green", -1: "tab:red", 0: "grey"}[claimed_direction(cmp)]
             low = cmp.get("ci_low", cmp["diff"])
             high = cmp.get("ci_high", cmp["diff"])
             ax.errorbar([cmp["diff"]], [y], xerr=[[cmp["diff"] - low], [high - cmp["diff"]]], fmt="o",
@@ -93,19 +92,18 @@ def delta_plot(table: dict[str, Any], fractions: Sequence[float]) -> bytes | Non
 
 
 def _delta_span(entry: dict[str, Any], against: str, prefix: str) -> str:
-    """``<br><span>prefix Δ …</span>`` of one paired comparison of a table entry, coloured when p < 0.05
+    """``<br><span>prefix Δ …</span>`` of one paired comparison of a table entry, coloured when claimed (`claimed_direction`)
     ("" without that comparison)."""
     cmp = entry.get(against) or {}
     if cmp.get("diff") is None:
         return ""
-    p = cmp.get("p_boot")
-    cls = "" if p is None or p >= 0.05 else (" class='up'" if cmp["diff"] > 0 else " class='down'")
+    cls = {1: " class='up'", -1: " class='down'", 0: ""}[claimed_direction(cmp)]
     return f"<br><span{cls}>{html.escape(prefix + format_delta(entry, against))}</span>"
 
 
 def _html_table(table: dict[str, Any]) -> str:
     """The table as HTML: mean ± CI half-width per fraction and, below it, Δ vs the baseline
-    (bold and coloured when p < 0.05)."""
+    (bold and coloured when claimed (`claimed_direction`))."""
     fr = table["fractions"]
     head = "<tr><th>recipe</th>" + "".join(f"<th>{html.escape(f[1:])}</th>" for f in fr) + "</tr>"
     body = []

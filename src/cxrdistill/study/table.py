@@ -24,6 +24,10 @@ Metric names are `methods.kit.headline`'s (the same for every recipe). A run fol
 the names were unified (issue 18) holds the old keys: :func:`old_names` maps a metric to them
 (:data:`RENAMED`), so a finished study still builds its table.
 
+A difference is **claimed** (``*`` in the tables, coloured in the report, "helped" / "hurt" in the
+demo) only when its paired CI over test images excludes zero *and*, with two seeds or more, its
+interval over seeds (``seed_ci``) excludes zero on the same side: :func:`claimed_direction`.
+
 A row whose finished cells lack a metric shows it as missing (``—``, ``"missing"`` in the JSON);
 a metric no finished cell has is an error (a typo in the study file).
 
@@ -387,6 +391,32 @@ def format_mean(entry: dict[str, Any]) -> str:
     return text + ("" if entry["n_seeds"] > 1 else f" (n={entry['n_seeds']})")
 
 
+def claimed_direction(cmp: dict[str, Any] | None) -> int:
+    """+1 / -1 when a paired Δ is claimed as a gain / a loss, else 0.
+
+    Claimed: the CI over test images (``ci_low``/``ci_high``; ``p_boot < 0.05`` where a comparison
+    has no CI) excludes zero, and, when the Δ has an interval over seeds (two seeds or more), that
+    excludes zero on the same side too.
+    """
+    if not cmp or cmp.get("diff") is None:
+        return 0
+    low, high = cmp.get("ci_low"), cmp.get("ci_high")
+    if low is not None and high is not None:
+        images = 1 if low > 0 else (-1 if high < 0 else 0)
+    else:
+        p = cmp.get("p_boot")
+        images = 0 if p is None or p >= 0.05 else (1 if cmp["diff"] > 0 else -1)
+    seed_low, seed_high = cmp.get("seed_ci") or (None, None)
+    if images == 0 or seed_low is None or seed_high is None:
+        return images
+    seeds = 1 if seed_low > 0 else (-1 if seed_high < 0 else 0)
+    return images if seeds == images else 0
+
+
+CLAIM_RULE = ("* the paired CI over test images excludes zero and, with two seeds or more, so does the "
+              "interval over seeds")
+
+
 def format_delta(entry: dict[str, Any], against: str = "vs_baseline") -> str:
     """``Δ +d* [low, high], p=…`` of a table entry vs the baseline (``against="vs_teacher"``: vs its
     own teacher; ``"vs_reference"``: vs its `compare_to` row; "" without that comparison)."""
@@ -394,7 +424,7 @@ def format_delta(entry: dict[str, Any], against: str = "vs_baseline") -> str:
     if not cmp or cmp.get("diff") is None:
         return ""
     p = cmp.get("p_boot")
-    star = "*" if p is not None and p < 0.05 else ""
+    star = "*" if claimed_direction(cmp) else ""
     ci = f" [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}]" if cmp.get("ci_low") is not None else ""
     ptxt = f", p={p:.3f}" if p is not None else ""
     low, high = cmp.get("seed_ci") or (None, None)
@@ -422,8 +452,8 @@ def format_markdown(table: dict[str, Any]) -> str:
         lines.append(f"| {row['label']} | " + " | ".join(format_mean(row["fractions"][f]) for f in fr) + " |")
     if pairable(table["metric"]):  # other metrics have no paired bootstrap: seed statistics only
         lines += ["", f"Δ {table['metric']} vs {table['baseline']} [95% CI], paired bootstrap over test images "
-                      f"({table['n_boot']} replicates, difference averaged over seeds; * p_boot < 0.05); with two "
-                      "seeds or more also `seeds [95% CI]` of the mean Δ over seeds", "", head, sep]
+                      f"({table['n_boot']} replicates, difference averaged over seeds); with two seeds or more also "
+                      f"`seeds [95% CI]` of the mean Δ over seeds; {CLAIM_RULE}", "", head, sep]
         for row in table["rows"]:
             if row["recipe"] == table["baseline"]:
                 continue
@@ -433,7 +463,7 @@ def format_markdown(table: dict[str, Any]) -> str:
     if referenced:
         labels = {row["recipe"]: row["label"] for row in table["rows"]}
         lines += ["", f"Δ {table['metric']} vs the row each recipe names (`compare_to`; paired bootstrap over test "
-                      "images, averaged over seeds; * p_boot < 0.05)", "", "| recipe | vs | " + head[len("| recipe | "):],
+                      f"images, averaged over seeds; {CLAIM_RULE})", "", "| recipe | vs | " + head[len("| recipe | "):],
                   "|---|---|" + "---|" * len(fr)]
         for row in referenced:
             other = next(row["fractions"][f]["vs_reference"]["row"] for f in fr if "vs_reference" in row["fractions"][f])
@@ -442,7 +472,7 @@ def format_markdown(table: dict[str, Any]) -> str:
     own = [row for row in table["rows"] if any("vs_teacher" in row["fractions"][f] for f in fr)]
     if own:
         lines += ["", f"Δ {table['metric']} vs own teacher (student − the recipe's own supervised teacher, same test "
-                      "images; paired bootstrap, averaged over seeds; * p_boot < 0.05)", "", head, sep]
+                      f"images; paired bootstrap, averaged over seeds; {CLAIM_RULE})", "", head, sep]
         for row in own:
             lines.append(f"| {row['label']} | " + " | ".join(
                 format_delta(row["fractions"][f], "vs_teacher") or "—" for f in fr) + " |")
@@ -456,7 +486,7 @@ def print_table(table: dict[str, Any], console: Console) -> None:
             print_table(sub, console)
         return
     out = Table(title=f"{table['study']}: {table['metric']} (mean ± 95% CI over seeds; Δ vs {table['baseline']}, "
-                      f"paired bootstrap over test images; 'teacher Δ': vs own teacher; * p<0.05)")
+                      f"paired bootstrap over test images; 'teacher Δ': vs own teacher; {CLAIM_RULE})")
     out.add_column("recipe")
     for f in table["fractions"]:
         out.add_column(f"{axis_name(table)} {f[1:]}", justify="right")
@@ -485,6 +515,6 @@ def write_table(table: dict[str, Any], out_dir: Path) -> Path:
     return path
 
 
-__all__ = ["MissingMetric", "axis_name", "build_table", "format_delta", "format_markdown", "format_mean",
+__all__ = ["CLAIM_RULE", "MissingMetric", "axis_name", "build_table", "claimed_direction", "format_delta", "format_markdown", "format_mean",
            "metric_table", "old_names", "pairable", "paired_over_seeds", "paired_with_seed_interval", "print_table",
            "read_metric", "seed_interval", "write_table"]
