@@ -487,3 +487,41 @@ def test_with_two_seeds_a_delta_also_gets_its_interval_over_seeds(tmp_path):
     mean, low, high = seed_interval(per_seed, "t")
     assert cmp["diff"] == pytest.approx(mean) and cmp["seed_ci"] == pytest.approx([low, high])
     assert f"seeds [{low:+.3f}, {high:+.3f}]" in (root / "table.md").read_text()
+
+
+# ----------------------------------------------------------------------------- a changed study file
+
+
+def test_a_finished_cell_is_not_reused_after_the_study_changed_its_settings(tmp_path):
+    """Edit a setting of a finished cell in the study file: the study names the cell and the key and
+    stops (the table too); --rerun-changed moves the old run aside and runs the cell again. A
+    setting that does not change numbers (train.progress) is not a change."""
+    from typer.testing import CliRunner
+
+    from cxrdistill.cli import app
+    from cxrdistill.study.runner import changed_cells
+
+    raw = _study(tmp_path / "s", recipes={"sup": {"config": DET}})
+    spec = load_study(_write(tmp_path / "study.yaml", raw))
+    first = run_study(spec, console=Console(quiet=True), report=False)
+    (cell,) = first.ran
+    assert changed_cells(study_cells(load_study(tmp_path / "study.yaml", ["train.progress=true"]))) == {}
+
+    edited = {**raw, "overrides": [*raw["overrides"], "train.lr=0.0123"]}
+    study_file = _write(tmp_path / "study.yaml", edited)
+    with pytest.raises(CxrDistillError, match=r"(?s)1 finished cell.*sup/f0.3/seed0: train.lr: .* -> 0.0123.*--rerun-changed"):
+        run_study(load_study(study_file), console=Console(quiet=True), report=False)
+    out = CliRunner().invoke(app, ["compare", "--study", str(study_file), "--table-only"])
+    assert out.exit_code == 2 and "different config" in out.output
+    assert json.loads((cell.run_dir / "run.json").read_text())["train.lr"] != 0.0123  # nothing was touched
+
+    again = run_study(load_study(study_file), console=Console(quiet=True), report=False, rerun_changed=True)
+    assert [c.run_dir for c in again.ran] == [cell.run_dir]
+    assert (cell.run_dir.parent / "seed0.old-1" / "final_metrics.json").is_file()  # kept, not deleted
+    assert json.loads((cell.run_dir / "run.json").read_text())["train.lr"] == 0.0123
+    assert run_study(load_study(study_file), console=Console(quiet=True), report=False).ran == []
+
+
+def _write(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path

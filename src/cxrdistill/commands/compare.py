@@ -21,11 +21,14 @@ def compare(
     report: bool = typer.Option(True, "--report/--no-report", help="Write the HTML report."),
     shard: Optional[str] = typer.Option(None, "--shard", help="K/N: run every N-th cell from the K-th, so N "
                                         "runners (K = 0..N-1) share the study, e.g. one per core or GPU."),
+    rerun_changed: bool = typer.Option(False, "--rerun-changed", help="Finished cells made with a different config "
+                                       "than the study now gives them are moved aside (<folder>.old-<k>/) and run "
+                                       "again (without it the study stops and lists them)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder of the study's data source "
                                              "(replaces its data.root, e.g. where the data set lives on this machine)."),
 ) -> None:
     """Run the missing cells of a study (finished ones are skipped), then print and save one table."""
-    from cxrdistill.study.runner import job_commands, parse_shard, run_study, study_cells
+    from cxrdistill.study.runner import check_finished, job_commands, parse_shard, run_study, study_cells
     from cxrdistill.study.spec import load_study
     from cxrdistill.study.table import build_table, print_table, write_table
 
@@ -47,6 +50,7 @@ def compare(
             from cxrdistill.study.runner import ready
 
             prepare_data(spec, Path(output_dir or spec.output_dir))
+            check_finished(study_cells(spec, output_dir), rerun_changed=rerun_changed)
             for line in job_commands(spec, output_dir):
                 typer.echo(line)
             waiting = [c for c in study_cells(spec, output_dir) if not c.done and not ready(c)]
@@ -57,11 +61,14 @@ def compare(
         if table_only:
             root = Path(output_dir or spec.output_dir)
             root.mkdir(parents=True, exist_ok=True)
-            table = build_table(spec, study_cells(spec, root))
+            cells = study_cells(spec, root)
+            check_finished(cells)  # a table never mixes in cells made with other settings
+            table = build_table(spec, cells)
             print_table(table, console)
             console.print(f"table: {write_table(table, root)}", highlight=False)
             return
-        result = run_study(spec, output_dir, console, isolate=isolate, report=report, shard=shard_of)
+        result = run_study(spec, output_dir, console, isolate=isolate, report=report, shard=shard_of,
+                           rerun_changed=rerun_changed)
     except CxrDistillError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None

@@ -92,7 +92,7 @@ class RunDirectory:
             if resume:
                 diff = fingerprint_diff(old, new)
                 if diff:
-                    lines = "; ".join(f"{key}: {_short(a)} -> {_short(b)}" for key, a, b in diff)
+                    lines = "; ".join(f"{key}: {short_value(a)} -> {short_value(b)}" for key, a, b in diff)
                     raise RunMismatchError(
                         f"{self.path}: holds a run made with a different config ({len(diff)} key(s) differ: "
                         f"{lines}). Its finished stages would be reused for the new settings. Rerun with "
@@ -100,7 +100,7 @@ class RunDirectory:
                         f"choose another --output-dir."
                     )
             elif move:
-                moved = self._move_aside()
+                moved = self.move_aside()
         if move:
             write_json_atomic(self.fingerprint_path, new, sort_keys=True)
         return moved
@@ -122,7 +122,8 @@ class RunDirectory:
         out[MANIFEST_KEY] = "unknown (run made before run.json)"
         return out
 
-    def _move_aside(self) -> Path:
+    def move_aside(self) -> Path:
+        """Rename the folder to ``<name>.old-<n>`` (the first free n), recreate it empty; returns the new name."""
         n = 1
         while (target := self.path.with_name(f"{self.path.name}.old-{n}")).exists():
             n += 1
@@ -233,7 +234,7 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str
     return diff
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short_value(value: Any, limit: int = 60) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -1,7 +1,10 @@
 """Run the cells of a study that are missing, skip the finished ones, then build the tables.
 
 A cell is finished when its ``final_metrics.json`` exists (`cxrdistill train` writes it last).
-An interrupted cell is simply run again: the engine resumes it from its stage checkpoints, and
+A finished cell is only reused by the config that made it: when the study file (or a command-line
+override, or a recipe config) now gives it different settings, :func:`check_finished` names the
+cell and the keys that differ and stops, or — ``rerun_changed`` — moves the old run aside
+(``<seedN>.old-<k>/``) so the cell runs again. An interrupted cell is simply run again: the engine resumes it from its stage checkpoints, and
 finished stages and stored pseudo-labels are not recomputed. So a study killed at any moment is
 continued by running the same command again.
 
@@ -12,13 +15,14 @@ Locally the cells run one after another, in this process (``isolate=False``, the
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 
@@ -85,6 +89,67 @@ def _dependency_order(spec: StudySpec) -> list[str]:
     for name in spec.rows:
         visit(name)
     return order
+
+
+def cell_fingerprint(cell: Cell) -> dict[str, Any]:
+    """The fingerprint (`engine.run_dir.run_fingerprint`) the cell's run would have if started now:
+    the same config resolution as `run.run_training` (split policy, data source)."""
+    from cxrdistill.config import load_config
+    from cxrdistill.data.split_policy import apply_split_policy
+    from cxrdistill.data.study import resolve_data_config
+    from cxrdistill.engine.run_dir import run_fingerprint
+
+    cfg = load_config(cell.config, list(cell.overrides))
+    apply_split_policy(cfg.data, cell.config, list(cell.overrides))
+    cfg.output_dir = cell.run_dir
+    resolve_data_config(cfg.data)
+    return run_fingerprint(cfg)
+
+
+def changed_cells(cells: list[Cell]) -> dict[Cell, list[tuple[str, Any, Any]]]:
+    """Finished cells whose saved ``run.json`` differs from the config the study gives them now, with
+    the differing ``(key, old, new)``. A key the old run did not record (a setting added to the code
+    after it ran) is not a difference; a run without ``run.json`` cannot be checked and is kept."""
+    from cxrdistill.engine.run_dir import fingerprint_diff
+
+    out: dict[Cell, list[tuple[str, Any, Any]]] = {}
+    for cell in cells:
+        saved = cell.run_dir / "run.json"
+        if not cell.done or not saved.is_file():
+            continue
+        old = cast(dict[str, Any], json.loads(saved.read_text(encoding="utf-8")))
+        diff = [(k, a, b) for k, a, b in fingerprint_diff(old, cell_fingerprint(cell)) if k in old]
+        if diff:
+            out[cell] = diff
+    return out
+
+
+def check_finished(cells: list[Cell], *, rerun_changed: bool = False, console: Console | None = None) -> list[Cell]:
+    """Refuse to reuse a finished cell made with a different config (`changed_cells`).
+
+    Raises `CxrDistillError` naming each such cell and its differing keys, unless ``rerun_changed``:
+    then each is moved aside to ``<folder>.old-<k>/`` (kept, not deleted) and will run again.
+    Returns the cells moved aside.
+    """
+    from cxrdistill.engine.run_dir import RunDirectory, short_value
+
+    changed = changed_cells(cells)
+    if not changed:
+        return []
+    if not rerun_changed:
+        lines = [f"  - {cell.run_dir}: " + "; ".join(f"{k}: {short_value(a)} -> {short_value(b)}" for k, a, b in diff[:4])
+                 + (f"; ... {len(diff) - 4} more" if len(diff) > 4 else "") for cell, diff in changed.items()]
+        raise CxrDistillError(
+            f"{len(changed)} finished cell(s) were made with a different config than the study now gives them; "
+            "their results would be reused for the new settings:\n" + "\n".join(lines[:20])
+            + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
+            + "\nRerun with --rerun-changed to move them aside (<folder>.old-<k>/) and run them again, "
+            "or choose another --output-dir.")
+    for cell in changed:
+        moved = RunDirectory(cell.run_dir).move_aside()
+        if console is not None:
+            console.print(f"config changed: {cell.run_dir} moved to {moved.name}; it runs again", highlight=False)
+    return list(changed)
 
 
 def ready(cell: Cell) -> bool:
@@ -155,13 +220,15 @@ def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
 
 def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | None = None, *,
               isolate: bool = False, keep_going: bool = True, report: bool = True,
-              shard: tuple[int, int] | None = None) -> StudyResult:
+              shard: tuple[int, int] | None = None, rerun_changed: bool = False) -> StudyResult:
     """Run the missing cells, skip the finished ones, write ``table.{json,md}`` (and the HTML report).
 
     ``keep_going``: a failing cell is recorded and the study goes on (the table leaves it out);
     otherwise the first failure raises. ``shard=(K, N)``: run only this runner's share of the
     cells (`shard_cells`), so N processes can work on one study side by side; the table covers
-    every finished cell. Returns a :class:`StudyResult`.
+    every finished cell. A finished cell made with a different config stops the study before
+    anything runs (`check_finished`; ``rerun_changed``: it is moved aside and run again).
+    Returns a :class:`StudyResult`.
     """
     from cxrdistill.study.data import prepare_data
     from cxrdistill.study.table import build_table, print_table, write_table
@@ -172,6 +239,7 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
     start = time.perf_counter()
     prepare_data(spec, root, console)
     cells = study_cells(spec, root)
+    check_finished(cells, rerun_changed=rerun_changed, console=console)
     result = StudyResult(spec, cells)
     mine = shard_cells(cells, shard)
     todo = [c for c in mine if not c.done]
@@ -207,5 +275,5 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
     return result
 
 
-__all__ = ["Cell", "StudyResult", "fraction_tag", "job_commands", "parse_shard", "ready", "run_cell", "run_study",
+__all__ = ["Cell", "StudyResult", "cell_fingerprint", "changed_cells", "check_finished", "fraction_tag", "job_commands", "parse_shard", "ready", "run_cell", "run_study",
            "shard_cells", "study_cells"]
