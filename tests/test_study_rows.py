@@ -525,3 +525,53 @@ def test_a_finished_cell_is_not_reused_after_the_study_changed_its_settings(tmp_
 def _write(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+# ----------------------------------------------------------------------------- the results archive
+
+
+def test_an_archived_study_rebuilds_its_table_after_its_folder_is_lost(tmp_path):
+    """`--archive DIR`: one small file per finished cell (no checkpoint); a wiped study folder gets its
+    finished cells back, runs nothing and builds the same table (paired Δ vs own teacher included);
+    an archived cell made with other settings is refused like any finished one."""
+    import gzip
+
+    from typer.testing import CliRunner
+
+    from cxrdistill.cli import app
+    from cxrdistill.study.archive import archive_path
+
+    archive = tmp_path / "archive"
+    raw = _study(tmp_path / "s", recipes={"sup": {"config": DET}, "tsd": {"config": str(ROOT / "configs/tsd.yaml")}})
+    study_file = _write(tmp_path / "study.yaml", raw)
+    first = run_study(load_study(study_file), console=Console(quiet=True), report=False, archive=archive)
+    assert len(first.ran) == 2
+    files = sorted(p.relative_to(archive).as_posix() for p in archive.rglob("*") if p.is_file())
+    assert files == ["sup/f0.3/seed0.json.gz", "tsd/f0.3/seed0.json.gz"]
+    payload = json.loads(gzip.decompress((archive / files[1]).read_bytes()))
+    names = set(payload["files"])
+    assert {"final_metrics.json", "run.json", "config.yaml", "metrics.csv", "teacher_comparison.json",
+            "eval/predictions.json", "eval_teacher/predictions.json"} <= names
+    assert not any(n.endswith((".pt", ".safetensors")) or n.startswith("checkpoints") for n in names)
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "s")
+    again = run_study(load_study(study_file), console=Console(quiet=True), report=False, archive=archive)
+    assert again.ran == [] and all(c.done for c in again.cells)
+    assert again.table == first.table
+    assert (tmp_path / "s" / "tsd" / "f0.3" / "seed0" / "eval_teacher" / "predictions.json").is_file()
+
+    shutil.rmtree(tmp_path / "s")
+    edited = _write(tmp_path / "study.yaml", {**raw, "overrides": [*raw["overrides"], "train.lr=0.0123"]})
+    out = CliRunner().invoke(app, ["compare", "--study", str(edited), "--table-only", "--archive", str(archive)])
+    assert out.exit_code == 2 and "different config" in out.output and "train.lr" in out.output
+
+    shutil.rmtree(tmp_path / "s")
+    cell = study_cells(load_study(study_file))[0]
+    archive_path(archive, tmp_path / "s", cell).write_bytes(gzip.compress(json.dumps(
+        {"format": "cxrdistill-cell/1", "files": {"../evil.json": "{}", "final_metrics.json": "{}",
+                                                   "run.json": "{}"}}).encode()))
+    with pytest.raises(CxrDistillError, match=r"seed0.json.gz: holds files an archive never writes"):
+        run_study(load_study(study_file), console=Console(quiet=True), report=False, archive=archive)
+    assert not (tmp_path / "evil.json").exists() and not (tmp_path / "s" / "sup" / "evil.json").exists()

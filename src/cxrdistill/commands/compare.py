@@ -24,11 +24,22 @@ def compare(
     rerun_changed: bool = typer.Option(False, "--rerun-changed", help="Finished cells made with a different config "
                                        "than the study now gives them are moved aside (<folder>.old-<k>/) and run "
                                        "again (without it the study stops and lists them)."),
+    archive: Optional[Path] = typer.Option(None, "--archive", help="Folder that keeps every finished cell's results "
+                                           "(no checkpoints; one small file per cell): restored into the study "
+                                           "folder first, updated as cells finish."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder of the study's data source "
                                              "(replaces its data.root, e.g. where the data set lives on this machine)."),
 ) -> None:
     """Run the missing cells of a study (finished ones are skipped), then print and save one table."""
-    from cxrdistill.study.runner import check_finished, job_commands, parse_shard, run_study, study_cells
+    from cxrdistill.study.runner import (
+        archive_finished,
+        check_finished,
+        job_commands,
+        parse_shard,
+        restore_from_archive,
+        run_study,
+        study_cells,
+    )
     from cxrdistill.study.spec import load_study
     from cxrdistill.study.table import build_table, print_table, write_table
 
@@ -49,8 +60,11 @@ def compare(
             from cxrdistill.study.data import prepare_data
             from cxrdistill.study.runner import ready
 
-            prepare_data(spec, Path(output_dir or spec.output_dir))
-            check_finished(study_cells(spec, output_dir), rerun_changed=rerun_changed)
+            root = Path(output_dir or spec.output_dir)
+            prepare_data(spec, root)
+            if archive is not None:
+                restore_from_archive(study_cells(spec, root), root, archive)
+            check_finished(study_cells(spec, root), rerun_changed=rerun_changed)
             for line in job_commands(spec, output_dir):
                 typer.echo(line)
             waiting = [c for c in study_cells(spec, output_dir) if not c.done and not ready(c)]
@@ -62,13 +76,17 @@ def compare(
             root = Path(output_dir or spec.output_dir)
             root.mkdir(parents=True, exist_ok=True)
             cells = study_cells(spec, root)
+            if archive is not None:
+                restore_from_archive(cells, root, archive, console)
             check_finished(cells)  # a table never mixes in cells made with other settings
+            if archive is not None:
+                archive_finished(cells, root, archive)
             table = build_table(spec, cells)
             print_table(table, console)
             console.print(f"table: {write_table(table, root)}", highlight=False)
             return
         result = run_study(spec, output_dir, console, isolate=isolate, report=report, shard=shard_of,
-                           rerun_changed=rerun_changed)
+                           rerun_changed=rerun_changed, archive=archive)
     except CxrDistillError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None

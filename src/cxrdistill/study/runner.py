@@ -22,12 +22,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.console import Console
 
 from cxrdistill.errors import CxrDistillError
 from cxrdistill.study.spec import Cell, StudySpec, fraction_tag
+
+if TYPE_CHECKING:
+    from cxrdistill.config import RunConfig
 
 
 @dataclass
@@ -91,19 +94,51 @@ def _dependency_order(spec: StudySpec) -> list[str]:
     return order
 
 
-def cell_fingerprint(cell: Cell) -> dict[str, Any]:
-    """The fingerprint (`engine.run_dir.run_fingerprint`) the cell's run would have if started now:
-    the same config resolution as `run.run_training` (split policy, data source)."""
+def cell_config(cell: Cell) -> RunConfig:
+    """The config the cell's run gets if started now: the same resolution as `run.run_training`
+    (split policy, data source)."""
     from cxrdistill.config import load_config
     from cxrdistill.data.split_policy import apply_split_policy
     from cxrdistill.data.study import resolve_data_config
-    from cxrdistill.engine.run_dir import run_fingerprint
 
     cfg = load_config(cell.config, list(cell.overrides))
     apply_split_policy(cfg.data, cell.config, list(cell.overrides))
     cfg.output_dir = cell.run_dir
     resolve_data_config(cfg.data)
-    return run_fingerprint(cfg)
+    return cfg
+
+
+def cell_fingerprint(cell: Cell) -> dict[str, Any]:
+    """The fingerprint (`engine.run_dir.run_fingerprint`) the cell's run would have if started now."""
+    from cxrdistill.engine.run_dir import run_fingerprint
+
+    return run_fingerprint(cell_config(cell))
+
+
+def restore_from_archive(cells: list[Cell], root: Path, archive: Path, console: Console | None = None) -> list[Cell]:
+    """`study.archive.restore_cells`, then point each restored ``config.yaml`` at this machine's
+    manifest and run folder (both compared by content / ignored by `check_finished`)."""
+    import yaml
+
+    from cxrdistill.atomic import write_text_atomic
+    from cxrdistill.study.archive import restore_cells
+
+    restored = restore_cells(cells, root, archive, console)
+    for cell in restored:
+        cfg = cell_config(cell)
+        path = cell.run_dir / "config.yaml"
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        saved.setdefault("data", {})["manifest"] = None if cfg.data.manifest is None else str(cfg.data.manifest)
+        saved["output_dir"] = str(cell.run_dir)
+        write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
+    return restored
+
+
+def archive_finished(cells: list[Cell], root: Path, archive: Path) -> int:
+    """Archive every finished cell (`study.archive.save_cell`); returns how many are archived."""
+    from cxrdistill.study.archive import save_cell
+
+    return sum(save_cell(cell, root, archive) is not None for cell in cells)
 
 
 def changed_cells(cells: list[Cell]) -> dict[Cell, list[tuple[str, Any, Any]]]:
@@ -220,7 +255,8 @@ def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
 
 def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | None = None, *,
               isolate: bool = False, keep_going: bool = True, report: bool = True,
-              shard: tuple[int, int] | None = None, rerun_changed: bool = False) -> StudyResult:
+              shard: tuple[int, int] | None = None, rerun_changed: bool = False,
+              archive: Path | None = None) -> StudyResult:
     """Run the missing cells, skip the finished ones, write ``table.{json,md}`` (and the HTML report).
 
     ``keep_going``: a failing cell is recorded and the study goes on (the table leaves it out);
@@ -228,6 +264,8 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
     cells (`shard_cells`), so N processes can work on one study side by side; the table covers
     every finished cell. A finished cell made with a different config stops the study before
     anything runs (`check_finished`; ``rerun_changed``: it is moved aside and run again).
+    ``archive``: first restore the finished cells archived there that the study folder lacks, and
+    archive each cell as it finishes, and every finished cell at the end (`study.archive`).
     Returns a :class:`StudyResult`.
     """
     from cxrdistill.study.data import prepare_data
@@ -239,6 +277,8 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
     start = time.perf_counter()
     prepare_data(spec, root, console)
     cells = study_cells(spec, root)
+    if archive is not None:
+        restore_from_archive(cells, root, archive, console)
     check_finished(cells, rerun_changed=rerun_changed, console=console)
     result = StudyResult(spec, cells)
     mine = shard_cells(cells, shard)
@@ -258,11 +298,15 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
         try:
             run_cell(cell, isolate=isolate, console=console)
             result.ran.append(cell)
+            if archive is not None:
+                archive_finished([cell], root, archive)
         except (CxrDistillError, ValueError, RuntimeError) as err:
             if not keep_going:
                 raise
             result.failed[cell] = f"{type(err).__name__}: {err}"
             console.print(f"[red]failed:[/] {cell.run_dir}: {err}", highlight=False)
+    if archive is not None:
+        console.print(f"archive: {archive_finished(cells, root, archive)} finished cell(s) in {archive}", highlight=False)
     result.table = build_table(spec, cells)
     result.table_path = write_table(result.table, root)
     print_table(result.table, console)
@@ -275,5 +319,5 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
     return result
 
 
-__all__ = ["Cell", "StudyResult", "cell_fingerprint", "changed_cells", "check_finished", "fraction_tag", "job_commands", "parse_shard", "ready", "run_cell", "run_study",
+__all__ = ["Cell", "StudyResult", "archive_finished", "cell_config", "cell_fingerprint", "changed_cells", "check_finished", "fraction_tag", "job_commands", "parse_shard", "ready", "restore_from_archive", "run_cell", "run_study",
            "shard_cells", "study_cells"]
