@@ -575,3 +575,25 @@ def test_an_archived_study_rebuilds_its_table_after_its_folder_is_lost(tmp_path)
     with pytest.raises(CxrDistillError, match=r"seed0.json.gz: holds files an archive never writes"):
         run_study(load_study(study_file), console=Console(quiet=True), report=False, archive=archive)
     assert not (tmp_path / "evil.json").exists() and not (tmp_path / "s" / "sup" / "evil.json").exists()
+
+
+def test_an_init_from_study_restored_into_another_folder_is_not_a_changed_config(tmp_path, monkeypatch):
+    """`init_from` puts the source cell's path in the config; the same cell under another study folder
+    (an archive restored elsewhere) is the same setting, another cell is not."""
+    import shutil
+
+    from cxrdistill.study.runner import changed_cells
+
+    monkeypatch.setenv("CXRDISTILL_STAGE_STORE", "off")
+    raw = _study(tmp_path / "s", recipes={"a": {"config": DET}, "b": {"config": DET, "init_from": "a"}})
+    archive = tmp_path / "archive"
+    run_study(make_study(raw), console=Console(quiet=True), report=False, archive=archive)
+    moved = {**raw, "output_dir": str(tmp_path / "elsewhere")}
+    again = run_study(make_study(moved), console=Console(quiet=True), report=False, archive=archive)
+    assert again.ran == [] and all(c.done for c in again.cells)
+    b = study_cells(make_study(moved))[1]
+    assert json.loads((b.run_dir / "run.json").read_text())["init_from"] == str(tmp_path / "s/a/f0.3/seed0")
+    shutil.rmtree(tmp_path / "elsewhere" / "a")
+    other = {**moved, "recipes": {"a": {"config": DET}, "c": {"config": DET}, "b": {"config": DET, "init_from": "c"}}}
+    (cell,) = [c for c in study_cells(make_study(other)) if c.recipe == "b"]
+    assert [k for k, _, _ in changed_cells([cell])[cell]] == ["init_from"]

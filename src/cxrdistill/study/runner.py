@@ -143,8 +143,10 @@ def archive_finished(cells: list[Cell], root: Path, archive: Path) -> int:
 
 def changed_cells(cells: list[Cell]) -> dict[Cell, list[tuple[str, Any, Any]]]:
     """Finished cells whose saved ``run.json`` differs from the config the study gives them now, with
-    the differing ``(key, old, new)``. A key the old run did not record (a setting added to the code
-    after it ran) is not a difference; a run without ``run.json`` cannot be checked and is kept."""
+    the differing ``(key, old, new)``. Not a difference: a key the old run did not record (a setting
+    added to the code after it ran), and a path to the same cell of the study in another study folder
+    (an ``init_from`` of a study restored elsewhere, `study.archive`). A run without ``run.json``
+    cannot be checked and is kept."""
     from cxrdistill.engine.run_dir import fingerprint_diff
 
     out: dict[Cell, list[tuple[str, Any, Any]]] = {}
@@ -153,10 +155,24 @@ def changed_cells(cells: list[Cell]) -> dict[Cell, list[tuple[str, Any, Any]]]:
         if not cell.done or not saved.is_file():
             continue
         old = cast(dict[str, Any], json.loads(saved.read_text(encoding="utf-8")))
-        diff = [(k, a, b) for k, a, b in fingerprint_diff(old, cell_fingerprint(cell)) if k in old]
+        root = cell.run_dir.parents[2]  # <root>/<row>/<fraction>/seed<k>
+        diff = [(k, a, b) for k, a, b in fingerprint_diff(old, cell_fingerprint(cell))
+                if k in old and not _same_cell_elsewhere(a, b, root)]
         if diff:
             out[cell] = diff
     return out
+
+
+def _same_cell_elsewhere(old: Any, new: Any, root: Path) -> bool:
+    """``new`` is a path under the study folder ``root`` and ``old`` the same path under another one."""
+    if not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    try:
+        relative = Path(new).relative_to(root).parts
+    except ValueError:
+        return False
+    parts = Path(old).parts
+    return len(parts) > len(relative) and parts[-len(relative):] == relative
 
 
 def check_finished(cells: list[Cell], *, rerun_changed: bool = False, console: Console | None = None) -> list[Cell]:
