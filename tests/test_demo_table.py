@@ -64,3 +64,17 @@ def test_a_gain_is_claimed_only_when_the_seed_interval_agrees():
     md = format_markdown(table)
     assert "Δ +0.060 [+0.010, +0.110], p=0.500; seeds [-0.050, +0.170]" in md  # no star
     assert "Δ +0.060* [" in format_markdown(TABLE)  # the same Δ with one seed is claimed
+
+
+def test_a_recipe_that_did_not_help_says_how_many_pseudo_boxes_its_teacher_gave():
+    entry = _entry(0.20, 0.19, -0.04, 0.02)
+    entry["pseudo"] = {"source": "offline", "n_runs": 1, "boxes_per_image": 2.1,
+                       "per_class": {"active": 1.65, "obsolete": 0.45}, "images_with_box": 0.956}
+    table = {**TABLE, "rows": [TABLE["rows"][0], {"recipe": "tsd", "label": "TSD", "fractions": {"f0.2": entry}}]}
+    console = Console(record=True, width=250)
+    print_teacher_table(table, console)
+    text = " ".join(console.export_text().split())
+    assert "TSD: distillation did not help" in text
+    assert "pseudo-boxes from its teacher: 2.10 per image (active 1.65, obsolete 0.45); 96% of images with one" in text
+    md = format_markdown(table)
+    assert "Pseudo-boxes the teacher gave the student" in md and "| TSD | 2.10 per image (active 1.65" in md

@@ -168,3 +168,33 @@ def test_recipes_scored_on_the_same_evaluation_write_the_same_headline_keys(tiny
         for stage in STAGES.get(recipe, ()):
             keys = {k.split("/", 1)[1] for k in written[recipe] if k.startswith(f"{stage}/")}
             assert keys >= reference, f"{recipe} {stage}/: lacks {sorted(reference - keys)}"
+
+
+PSEUDO_BOXES = {"tsd": "offline", "stac": "online", "ceird": "offline", "unbiased_teacher": "online",
+                "soft_teacher": "online", "oxnet": "online"}
+
+
+@pytest.mark.parametrize("recipe", sorted(PSEUDO_BOXES) + ["mean_teacher", "supervised_detector"])
+def test_every_pseudo_box_recipe_leaves_its_pseudo_label_counts_for_the_study_table(tiny_runs_root, recipe):
+    """What the study table shows beside Δ vs own teacher: boxes per unlabeled image, from the run folder
+    (offline: pseudo_selection.json; online: the logged per-step rate), none for soft-target recipes."""
+    import csv
+
+    from cxrdistill.study.pseudo_counts import pseudo_label_summary
+
+    run = shared_run(tiny_runs_root, recipe)
+    summary = pseudo_label_summary(run)
+    if recipe not in PSEUDO_BOXES:
+        assert summary is None
+        return
+    assert summary is not None and summary["source"] == PSEUDO_BOXES[recipe], summary
+    assert summary["boxes_per_image"] >= 0 and sum(summary["per_class"].values()) == pytest.approx(summary["boxes_per_image"])
+    if summary["source"] == "offline":
+        name = "pseudo_selection.json" if recipe == "tsd" else "pseudo_selection_gen2.json"  # CEIRD: the last generation
+        selection = json.loads((run / name).read_text())
+        n = selection["collapse"]["n_images"]
+        assert summary["boxes_per_image"] == pytest.approx(sum(selection["kept_per_class"].values()) / n)
+    else:
+        with (run / "metrics.csv").open() as handle:
+            rates = [float(r["log_pseudo_boxes_per_image"]) for r in csv.DictReader(handle) if r["log_pseudo_boxes_per_image"]]
+        assert rates and summary["boxes_per_image"] == pytest.approx(sum(rates) / len(rates))

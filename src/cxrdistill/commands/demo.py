@@ -25,6 +25,7 @@ def teacher_verdicts(table: dict[str, Any]) -> list[dict[str, Any]]:
     zero and, with two seeds or more, its interval over seeds too (`study.table.claimed_direction`);
     ``hurt``: claimed as a loss; otherwise ``distillation did not help``.
     """
+    from cxrdistill.study.pseudo_counts import format_summary
     from cxrdistill.study.table import claimed_direction
 
     out = []
@@ -44,7 +45,8 @@ def teacher_verdicts(table: dict[str, Any]) -> list[dict[str, Any]]:
             else:
                 verdict = "distillation did not help"
             out.append({"label": row["label"], "fraction": fraction, "student": cmp["b"], "teacher": cmp["a"],
-                        "diff": cmp["diff"], "ci_low": low, "ci_high": high, "verdict": verdict})
+                        "diff": cmp["diff"], "ci_low": low, "ci_high": high, "verdict": verdict,
+                        "pseudo": format_summary(entry.get("pseudo"))})
     return out
 
 
@@ -67,7 +69,8 @@ def print_teacher_table(table: dict[str, Any], console: Console) -> list[dict[st
     for v in verdicts:
         if not v["verdict"].startswith("helped"):
             ci = "" if v["ci_low"] is None else f", 95% CI [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
-            console.print(f"{v['label']}: {v['verdict']} (Δ {v['diff']:+.3f} vs its own teacher{ci}).",
+            why = f"; pseudo-boxes from its teacher: {v['pseudo']}" if v.get("pseudo") else ""
+            console.print(f"{v['label']}: {v['verdict']} (Δ {v['diff']:+.3f} vs its own teacher{ci}{why}).",
                           highlight=False)
     return verdicts
 

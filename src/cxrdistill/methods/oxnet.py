@@ -263,6 +263,7 @@ def omni_supervised(cfg: RunConfig, params: OXnetParams, ctx: RunContext, train:
             losses |= distilled
             labels = torch.cat([d["labels"] for d in t_boxes]).cpu()
             trainer.log_counts("teacher_boxes", {name: int((labels == c).sum()) for c, name in enumerate(class_names)})
+            trainer.log_metrics({"log_pseudo_boxes_per_image": len(labels) / max(len(t_boxes), 1)})
         return losses
 
     steps = cfg.train.max_steps if params.steps is None else params.steps

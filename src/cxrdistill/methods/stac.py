@@ -122,6 +122,7 @@ def run(cfg: RunConfig, params: StacParams, ctx: RunContext) -> dict[str, float]
         unsup = student.loss(student(unlabeled.strong.images), unlabeled.strong.targets)
         trainer.log_counts("pseudo_boxes", {data.class_names[c]: int(sum((p["labels"] == c).sum() for p in pseudo))
                                             for c in range(data.num_classes)})
+        trainer.log_metrics({"log_pseudo_boxes_per_image": sum(len(p["labels"]) for p in pseudo) / max(len(pseudo), 1)})
         return semi_losses(sup, unsup, params.unsup_weight)
 
     trainer.fit(step_fn, {"student": student}, build_optimizer(student.parameters(), t), loader, t.max_steps,

@@ -232,6 +232,7 @@ def _run(cfg: RunConfig, params: UnbiasedTeacherParams, ctx: RunContext, title: 
             trainer.log_metrics({"jitter_kept_fraction": sum(len(r["labels"]) for r in reg) / max(n_all, 1)})
         trainer.log_counts("pseudo_boxes", {data.class_names[c]: int(sum((p["labels"] == c).sum() for p in pseudo))
                                             for c in range(data.num_classes)})
+        trainer.log_metrics({"log_pseudo_boxes_per_image": sum(len(p["labels"]) for p in pseudo) / max(len(pseudo), 1)})
         return semi_losses(sup, unsup, params.unsup_weight)
 
     trainer.fit(step_fn, {"student": student, "teacher": teacher}, build_optimizer(student.parameters(), t), loader,

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cxrdistill.atomic import write_text_atomic  # noqa: E402
 from cxrdistill.errors import CxrDistillError  # noqa: E402
+from cxrdistill.study.pseudo_counts import format_summary  # noqa: E402
 from cxrdistill.study.spec import Cell, StudySpec, fraction_tag  # noqa: E402
 from cxrdistill.study.table import claimed_direction, format_delta, format_markdown, format_mean  # noqa: E402
 
@@ -116,11 +117,15 @@ def _html_table(table: dict[str, Any]) -> str:
             text += _delta_span(entry, "vs_baseline", "")  # Δ vs the baseline row
             text += _delta_span(entry, "vs_reference", f"vs {ref} ")  # Δ vs the row named in compare_to
             text += _delta_span(entry, "vs_teacher", "vs own teacher ")  # Δ vs the recipe's own teacher
+            pseudo = format_summary(entry.get("pseudo"))
+            if pseudo:
+                text += f"<br><span class='note'>pseudo-boxes: {html.escape(pseudo)}</span>"
             cells.append(f"<td>{text}</td>")
         body.append(f"<tr><td>{html.escape(row['label'])}</td>{''.join(cells)}</tr>")
     caption = (f"{html.escape(table['metric'])}: mean ± 95% CI half-width over seeds {table['seeds']} "
                f"({'Student t' if table['ci'] == 't' else 'bootstrap'}); Δ vs {html.escape(table['baseline'])}: "
-               f"paired bootstrap over test images ({table['n_boot']} replicates), coloured when p &lt; 0.05; "
+               f"paired bootstrap over test images ({table['n_boot']} replicates), coloured when claimed (its CI over "
+               "test images and, with two seeds or more, over seeds excludes zero); "
                "&quot;vs own teacher&quot;: student − the recipe's own supervised teacher")
     return (f"<table><caption>{caption}</caption><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>")
 
@@ -192,7 +197,7 @@ def build_study_report(spec: StudySpec, cells: Sequence[Cell], table: dict[str, 
                     "table{border-collapse:collapse;margin:16px 0;font-size:13px}"
                     "td,th{border:1px solid #ddd;padding:4px 8px;text-align:right;vertical-align:top}"
                     "td:first-child{text-align:left}caption{text-align:left;padding:4px 0;color:#555}"
-                    ".up{color:#1a7f37;font-weight:600}.down{color:#c62828;font-weight:600}</style></head><body>"
+                    ".up{color:#1a7f37;font-weight:600}.down{color:#c62828;font-weight:600}.note{color:#555;font-size:12px}</style></head><body>"
                     + "\n".join(body) + "</body></html>\n")
     return path
 

@@ -12,6 +12,8 @@ Numbers, per (row, fraction):
   bootstrap between the run's final model and its own supervised teacher on the same test images.
   Since the teacher is the shared supervised stage, it is the baseline row's checkpoint when the
   schedules match, and the two Δ agree.
+- **pseudo-boxes per unlabeled image** of the distillation rows (``pseudo``), the seed mean of
+  `study.pseudo_counts.pseudo_label_summary`: why a recipe did or did not help.
 - **Δ vs baseline**: a paired bootstrap over *test images* (`eval.compare.paired_stats`). For each
   seed the baseline and the recipe ran on the same labeled subset and are scored on the same
   resampled image sets; the replicate difference is averaged over the seeds both have, so Δ is
@@ -62,6 +64,7 @@ from cxrdistill.eval.predictions import (
     load_image_scores,
     load_predictions,
 )
+from cxrdistill.study.pseudo_counts import format_summary, mean_summary, pseudo_label_summary
 from cxrdistill.study.spec import Cell, StudySpec, fraction_tag
 
 
@@ -329,6 +332,9 @@ def metric_table(spec: StudySpec, cells: Sequence[Cell], metric: str, replicates
                 recorded = recorded_teacher_delta(compared, metric, spec.ci, spec.n_boot)
                 if recorded is not None:
                     entry["vs_teacher"] = recorded
+            pseudo = mean_summary([pseudo_label_summary(by_key[(recipe, fraction, s)].run_dir) for s in done])
+            if pseudo is not None:
+                entry["pseudo"] = pseudo
             row["fractions"][fraction_tag(fraction)] = entry
         rows.append(row)
     if missing and not found:
@@ -476,6 +482,14 @@ def format_markdown(table: dict[str, Any]) -> str:
         for row in own:
             lines.append(f"| {row['label']} | " + " | ".join(
                 format_delta(row["fractions"][f], "vs_teacher") or "—" for f in fr) + " |")
+    counted = [row for row in table["rows"] if any("pseudo" in row["fractions"][f] for f in fr)]
+    if counted:
+        lines += ["", "Pseudo-boxes the teacher gave the student, per unlabeled image (mean over seeds; offline "
+                      "recipes: the boxes kept once and the share of unlabeled images with one; online: mean over "
+                      "the training steps)", "", head, sep]
+        for row in counted:
+            lines.append(f"| {row['label']} | " + " | ".join(
+                format_summary(row["fractions"][f].get("pseudo")) or "—" for f in fr) + " |")
     return "\n".join(lines)
 
 
