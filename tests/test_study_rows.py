@@ -597,3 +597,26 @@ def test_an_init_from_study_restored_into_another_folder_is_not_a_changed_config
     other = {**moved, "recipes": {"a": {"config": DET}, "c": {"config": DET}, "b": {"config": DET, "init_from": "c"}}}
     (cell,) = [c for c in study_cells(make_study(other)) if c.recipe == "b"]
     assert [k for k, _, _ in changed_cells([cell])[cell]] == ["init_from"]
+
+
+def test_cells_patterns_run_only_the_chosen_cells_and_a_typo_is_an_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from cxrdistill.cli import app
+    from cxrdistill.study.runner import cell_key, select_cells
+
+    raw = _study(tmp_path / "s", seeds=[0, 1], labeled_fraction=[0.3, 0.5],
+                 recipes={"sup": {"config": DET}, "other": {"config": DET}})
+    spec = make_study(raw)
+    cells = study_cells(spec)
+    assert [cell_key(c) for c in select_cells(cells, ["sup/*/seed1"])] == ["sup/f0.3/seed1", "sup/f0.5/seed1"]
+    assert len(select_cells(cells, ["*/f0.5/*", "other/f0.3/seed0"])) == 5 and select_cells(cells, None) == cells
+    with pytest.raises(CxrDistillError, match=r"--cells 'sup/f0.2/\*' matches no cell .*sup/f0.3/seed0"):
+        select_cells(cells, ["sup/f0.2/*"])
+    result = run_study(spec, console=Console(quiet=True), report=False, only=["other/f0.3/seed0"])
+    assert [cell_key(c) for c in result.ran] == ["other/f0.3/seed0"]
+    study_file = _write(tmp_path / "study.yaml", raw)
+    out = CliRunner().invoke(app, ["compare", "--study", str(study_file), "--print-jobs", "--cells", "sup/f0.5/*"])
+    assert out.exit_code == 0, out.output
+    jobs = [line for line in out.output.splitlines() if line.startswith("cxrdistill train")]
+    assert [j.split("--output-dir ")[1] for j in jobs] == [str(tmp_path / "s/sup/f0.5/seed0"), str(tmp_path / "s/sup/f0.5/seed1")]

@@ -24,6 +24,9 @@ def compare(
     rerun_changed: bool = typer.Option(False, "--rerun-changed", help="Finished cells made with a different config "
                                        "than the study now gives them are moved aside (<folder>.old-<k>/) and run "
                                        "again (without it the study stops and lists them)."),
+    cells: Optional[list[str]] = typer.Option(None, "--cells", help="Run only the cells matching this shell "
+                                              "pattern over row/f<fraction>/seed<k> (repeatable), e.g. "
+                                              "'tsd/*/seed0' or '*/f0.1/*'; the table covers every finished cell."),
     archive: Optional[Path] = typer.Option(None, "--archive", help="Folder that keeps every finished cell's results "
                                            "(no checkpoints; one small file per cell): restored into the study "
                                            "folder first, updated as cells finish."),
@@ -65,7 +68,7 @@ def compare(
             if archive is not None:
                 restore_from_archive(study_cells(spec, root), root, archive)
             check_finished(study_cells(spec, root), rerun_changed=rerun_changed)
-            for line in job_commands(spec, output_dir):
+            for line in job_commands(spec, output_dir, only=cells):
                 typer.echo(line)
             waiting = [c for c in study_cells(spec, output_dir) if not c.done and not ready(c)]
             if waiting:  # on stderr: stdout stays one command per line
@@ -86,7 +89,7 @@ def compare(
             console.print(f"table: {write_table(table, root)}", highlight=False)
             return
         result = run_study(spec, output_dir, console, isolate=isolate, report=report, shard=shard_of,
-                           rerun_changed=rerun_changed, archive=archive)
+                           rerun_changed=rerun_changed, archive=archive, only=cells)
     except CxrDistillError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None

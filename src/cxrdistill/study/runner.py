@@ -208,10 +208,12 @@ def ready(cell: Cell) -> bool:
     return cell.after is None or (cell.after / "final_metrics.json").is_file()
 
 
-def job_commands(spec: StudySpec, out_dir: Path | None = None, program: str = "cxrdistill") -> list[str]:
+def job_commands(spec: StudySpec, out_dir: Path | None = None, program: str = "cxrdistill",
+                 only: list[str] | None = None) -> list[str]:
     """One shell command per missing cell that can start now (for a job array); finished cells are
-    left out, and so are cells whose ``init_from`` cell is not finished yet (print again after it)."""
-    return [shlex.join([program, *cell.train_args()]) for cell in study_cells(spec, out_dir)
+    left out, and so are cells whose ``init_from`` cell is not finished yet (print again after it).
+    ``only``: just the cells matching these patterns (`select_cells`)."""
+    return [shlex.join([program, *cell.train_args()]) for cell in select_cells(study_cells(spec, out_dir), only)
             if not cell.done and ready(cell)]
 
 
@@ -228,6 +230,27 @@ def run_cell(cell: Cell, *, isolate: bool = False, console: Console | None = Non
     from cxrdistill.run import run_training
 
     run_training(cell.config, list(cell.overrides), output_dir=cell.run_dir, console=console)
+
+
+def cell_key(cell: Cell) -> str:
+    """``row/f<fraction>/seed<k>``: the cell's folder under the study folder, what ``--cells`` matches."""
+    return f"{cell.recipe}/{fraction_tag(cell.fraction)}/seed{cell.seed}"
+
+
+def select_cells(cells: list[Cell], patterns: list[str] | None) -> list[Cell]:
+    """The cells whose `cell_key` matches one of the shell patterns (e.g. ``tsd/*/seed0``,
+    ``*/f0.1/*``), in study order; all cells without patterns. A pattern that matches no cell is an
+    error (a typo would otherwise run nothing)."""
+    if not patterns:
+        return cells
+    from fnmatch import fnmatchcase
+
+    unmatched = [p for p in patterns if not any(fnmatchcase(cell_key(c), p) for c in cells)]
+    if unmatched:
+        examples = ", ".join(cell_key(c) for c in cells[:3])
+        raise CxrDistillError(f"--cells {unmatched[0]!r} matches no cell of the study (cells are named like "
+                              f"{examples}; use shell patterns such as 'tsd/*/seed0')")
+    return [c for c in cells if any(fnmatchcase(cell_key(c), p) for p in patterns)]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -272,7 +295,7 @@ def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
 def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | None = None, *,
               isolate: bool = False, keep_going: bool = True, report: bool = True,
               shard: tuple[int, int] | None = None, rerun_changed: bool = False,
-              archive: Path | None = None) -> StudyResult:
+              archive: Path | None = None, only: list[str] | None = None) -> StudyResult:
     """Run the missing cells, skip the finished ones, write ``table.{json,md}`` (and the HTML report).
 
     ``keep_going``: a failing cell is recorded and the study goes on (the table leaves it out);
@@ -280,7 +303,8 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
     cells (`shard_cells`), so N processes can work on one study side by side; the table covers
     every finished cell. A finished cell made with a different config stops the study before
     anything runs (`check_finished`; ``rerun_changed``: it is moved aside and run again).
-    ``archive``: first restore the finished cells archived there that the study folder lacks, and
+    ``only``: run just the cells matching these patterns (`select_cells`; the table still covers
+    every finished cell). ``archive``: first restore the finished cells archived there that the study folder lacks, and
     archive each cell as it finishes, and every finished cell at the end (`study.archive`).
     Returns a :class:`StudyResult`.
     """
@@ -297,10 +321,11 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
         restore_from_archive(cells, root, archive, console)
     check_finished(cells, rerun_changed=rerun_changed, console=console)
     result = StudyResult(spec, cells)
-    mine = shard_cells(cells, shard)
+    mine = shard_cells(select_cells(cells, only), shard)
     todo = [c for c in mine if not c.done]
     result.skipped = [c for c in mine if c.done]
-    share = f" (shard {shard[0]}/{shard[1]}: {len(mine)} of them)" if shard else ""
+    share = f" (shard {shard[0]}/{shard[1]}: {len(mine)} of them)" if shard else \
+        (f" ({len(mine)} chosen by --cells)" if only else "")
     console.print(f"study {spec.name!r}: {len(cells)} cells{share}, {len(result.skipped)} finished, "
                   f"{len(todo)} to run → {root}", highlight=False)
     for n, cell in enumerate(todo, 1):
@@ -335,5 +360,5 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
     return result
 
 
-__all__ = ["Cell", "StudyResult", "archive_finished", "cell_config", "cell_fingerprint", "changed_cells", "check_finished", "fraction_tag", "job_commands", "parse_shard", "ready", "restore_from_archive", "run_cell", "run_study",
+__all__ = ["Cell", "StudyResult", "archive_finished", "cell_config", "cell_fingerprint", "cell_key", "changed_cells", "check_finished", "fraction_tag", "job_commands", "parse_shard", "ready", "restore_from_archive", "run_cell", "run_study", "select_cells",
            "shard_cells", "study_cells"]
