@@ -22,13 +22,14 @@ def world(tmp_path_factory):
                       normal_fraction=0.2)
 
 
-def _run(world, out, method: str, params: dict | None = None, steps: int = 3, lr: float = 1e-3):
+def _run(world, out, method: str, params: dict | None = None, steps: int = 3, lr: float = 1e-3,
+         weak_fraction: float | str = 0.0):
     from cxrdistill.data.study import resolve_data_config
     from cxrdistill.engine.context import RunContext
     from cxrdistill.engine.run_dir import RunDirectory
 
     cfg = validate_config({
-        "data": {"manifest": str(world), "image_size": 32, "boxed_fraction": 0.3,
+        "data": {"manifest": str(world), "image_size": 32, "boxed_fraction": 0.3, "weak_fraction": weak_fraction,
                  "cache_dir": str(out.parent / "cache")},
         "model": {"kind": "detector", "base_width": 4,
                   "options": {"fpn_channels": 8, "fpn_levels": [3, 4], "head_convs": 1}},
@@ -91,6 +92,27 @@ def test_supervised_row_is_bit_identical_to_the_teacher_trained_separately(world
     b = _weights(tmp_path / "tsd" / "checkpoints" / "supervised" / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert metrics["teacher/mAP@0.5"] == base["mAP@0.5"]
+
+
+def test_a_recipe_that_also_reads_image_labels_shares_the_box_trained_teacher(world, tmp_path, monkeypatch, fits):
+    """The boxed images do not depend on data.weak_fraction (`make_semi_split`), so the detector stage
+    of a boxes + image-labels run (OXnet's base, `weak_fraction=rest`) is the same model as the
+    supervised row's: trained with the store off it is the same bits, and with the store on it is
+    loaded, not trained again."""
+    monkeypatch.setenv("CXRDISTILL_STAGE_STORE", "off")
+    _run(world, tmp_path / "sup", "supervised_detector", {"predict_batch_size": 32})
+    _run(world, tmp_path / "weak", "supervised_detector", {"predict_batch_size": 32}, weak_fraction="rest")
+    a = _weights(tmp_path / "sup" / "checkpoints" / "supervised" / "last.pt")
+    b = _weights(tmp_path / "weak" / "checkpoints" / "supervised" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.setenv("CXRDISTILL_STAGE_STORE", str(tmp_path / "store"))
+    fits.clear()
+    _run(world, tmp_path / "sup2", "supervised_detector", {"predict_batch_size": 32})
+    _run(world, tmp_path / "weak2", "supervised_detector", {"predict_batch_size": 32}, weak_fraction="rest")
+    assert fits == ["supervised"]  # the second run loaded the first one's stage
+    keys = {json.loads((tmp_path / d / "checkpoints" / "supervised" / "stage_key.json").read_text())["key"]
+            for d in ("sup2", "weak2")}
+    assert len(keys) == 1
 
 
 def test_a_teacher_that_passes_no_box_is_reported_and_can_stop_the_run(world, tmp_path, monkeypatch):

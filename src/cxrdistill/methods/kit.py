@@ -348,7 +348,9 @@ def stage_store_root() -> Path | None:
 def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: str,
               stage: str = SUPERVISED_STAGE, head: str | None = None) -> tuple[str, dict[str, Any]]:
     """The hash of everything that determines a supervised stage's weights, and what was hashed
-    (the stage name too: it seeds the loader)."""
+    (the stage name too: it seeds the loader). A detector stage leaves out ``data.weak_fraction``:
+    it trains on the boxed images only, the same at any weak fraction, so a boxes + image-labels
+    recipe at a fraction and seed shares the supervised row's model."""
     cfg = ctx.cfg
     data = cfg.data
     manifest = Path(data.manifest) if data.manifest is not None else None
@@ -358,12 +360,15 @@ def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: s
         "rollback_lr_factor", "max_rollbacks"})
     if cfg.train.schedule == "exp":  # the per-epoch decay (other schedules ignore both)
         train.update(exp_gamma=cfg.train.exp_gamma, steps_per_epoch=cfg.train.steps_per_epoch)
-    payload = {
+    data_key: dict[str, Any] = {
+        "manifest_sha256": file_sha256(manifest) if manifest is not None and manifest.is_file() else None,
+        "image_size": data.image_size, "boxed_fraction": data.boxed_fraction,
+        "weak_fraction": data.weak_fraction, "split_seed": data.split_seed, "on_error": data.on_error}
+    if kind == "detector":  # trained on the boxed images only, which do not depend on weak_fraction
+        del data_key["weak_fraction"]  # (`data.splits.make_semi_split`): OXnet's base is the supervised row
+    payload: dict[str, Any] = {
         "version": STAGE_VERSION, "kind": kind, "stage": stage, "steps": int(steps), "augment": augment,
-        "split": split,
-        "data": {"manifest_sha256": file_sha256(manifest) if manifest is not None and manifest.is_file() else None,
-                 "image_size": data.image_size, "boxed_fraction": data.boxed_fraction,
-                 "weak_fraction": data.weak_fraction, "split_seed": data.split_seed, "on_error": data.on_error},
+        "split": split, "data": data_key,
         "model": cfg.model.model_dump(mode="json"), "train": train, "world_size": ctx.world_size,
     }
     if head is not None:  # a classifier trained for another task than the classes' multi-label BCE
