@@ -499,7 +499,7 @@ def test_a_finished_cell_is_not_reused_after_the_study_changed_its_settings(tmp_
     from typer.testing import CliRunner
 
     from cxrdistill.cli import app
-    from cxrdistill.study.runner import changed_cells
+    from cxrdistill.study.finished import changed_cells
 
     raw = _study(tmp_path / "s", recipes={"sup": {"config": DET}})
     spec = load_study(_write(tmp_path / "study.yaml", raw))
@@ -582,7 +582,7 @@ def test_an_init_from_study_restored_into_another_folder_is_not_a_changed_config
     (an archive restored elsewhere) is the same setting, another cell is not."""
     import shutil
 
-    from cxrdistill.study.runner import changed_cells
+    from cxrdistill.study.finished import changed_cells
 
     monkeypatch.setenv("CXRDISTILL_STAGE_STORE", "off")
     raw = _study(tmp_path / "s", recipes={"a": {"config": DET}, "b": {"config": DET, "init_from": "a"}})

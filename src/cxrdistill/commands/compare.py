@@ -34,15 +34,9 @@ def compare(
                                              "(replaces its data.root, e.g. where the data set lives on this machine)."),
 ) -> None:
     """Run the missing cells of a study (finished ones are skipped), then print and save one table."""
-    from cxrdistill.study.runner import (
-        archive_finished,
-        check_finished,
-        job_commands,
-        parse_shard,
-        restore_from_archive,
-        run_study,
-        study_cells,
-    )
+    from cxrdistill.study.archive import archive_finished, restore_from_archive
+    from cxrdistill.study.finished import check_finished
+    from cxrdistill.study.runner import job_commands, parse_shard, run_study, study_cells
     from cxrdistill.study.spec import load_study
     from cxrdistill.study.table import build_table, print_table, write_table
 

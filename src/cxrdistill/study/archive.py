@@ -114,4 +114,29 @@ def restore_cells(cells: list[Cell], study_root: Path, archive: Path, console: C
     return restored
 
 
-__all__ = ["FORMAT", "archive_path", "restore_cells", "result_files", "save_cell"]
+def restore_from_archive(cells: list[Cell], root: Path, archive: Path, console: Console | None = None) -> list[Cell]:
+    """`study.archive.restore_cells`, then point each restored ``config.yaml`` at this machine's
+    manifest and run folder (both compared by content / ignored by `check_finished`)."""
+    import yaml
+
+    from cxrdistill.atomic import write_text_atomic
+    from cxrdistill.study.finished import cell_config
+
+    restored = restore_cells(cells, root, archive, console)
+    for cell in restored:
+        cfg = cell_config(cell)
+        path = cell.run_dir / "config.yaml"
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        saved.setdefault("data", {})["manifest"] = None if cfg.data.manifest is None else str(cfg.data.manifest)
+        saved["output_dir"] = str(cell.run_dir)
+        write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
+    return restored
+
+
+def archive_finished(cells: list[Cell], root: Path, archive: Path) -> int:
+    """Archive every finished cell (`study.archive.save_cell`); returns how many are archived."""
+    return sum(save_cell(cell, root, archive) is not None for cell in cells)
+
+
+__all__ = ["FORMAT", "archive_finished", "archive_path", "restore_cells", "restore_from_archive", "result_files",
+           "save_cell"]

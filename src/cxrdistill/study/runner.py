@@ -1,10 +1,7 @@
 """Run the cells of a study that are missing, skip the finished ones, then build the tables.
 
 A cell is finished when its ``final_metrics.json`` exists (`cxrdistill train` writes it last).
-A finished cell is only reused by the config that made it: when the study file (or a command-line
-override, or a recipe config) now gives it different settings, :func:`check_finished` names the
-cell and the keys that differ and stops, or — ``rerun_changed`` — moves the old run aside
-(``<seedN>.old-<k>/``) so the cell runs again. An interrupted cell is simply run again: the engine resumes it from its stage checkpoints, and
+A finished cell is only reused by the config that made it (`study.finished`). An interrupted cell is simply run again: the engine resumes it from its stage checkpoints, and
 finished stages and stored pseudo-labels are not recomputed. So a study killed at any moment is
 continued by running the same command again.
 
@@ -15,22 +12,20 @@ Locally the cells run one after another, in this process (``isolate=False``, the
 
 from __future__ import annotations
 
-import json
 import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from rich.console import Console
 
 from cxrdistill.errors import CxrDistillError
+from cxrdistill.study.archive import archive_finished, restore_from_archive
+from cxrdistill.study.finished import check_finished
 from cxrdistill.study.spec import Cell, StudySpec, fraction_tag
-
-if TYPE_CHECKING:
-    from cxrdistill.config import RunConfig
 
 
 @dataclass
@@ -92,115 +87,6 @@ def _dependency_order(spec: StudySpec) -> list[str]:
     for name in spec.rows:
         visit(name)
     return order
-
-
-def cell_config(cell: Cell) -> RunConfig:
-    """The config the cell's run gets if started now: the same resolution as `run.run_training`
-    (split policy, data source)."""
-    from cxrdistill.config import load_config
-    from cxrdistill.data.split_policy import apply_split_policy
-    from cxrdistill.data.study import resolve_data_config
-
-    cfg = load_config(cell.config, list(cell.overrides))
-    apply_split_policy(cfg.data, cell.config, list(cell.overrides))
-    cfg.output_dir = cell.run_dir
-    resolve_data_config(cfg.data)
-    return cfg
-
-
-def cell_fingerprint(cell: Cell) -> dict[str, Any]:
-    """The fingerprint (`engine.run_dir.run_fingerprint`) the cell's run would have if started now."""
-    from cxrdistill.engine.run_dir import run_fingerprint
-
-    return run_fingerprint(cell_config(cell))
-
-
-def restore_from_archive(cells: list[Cell], root: Path, archive: Path, console: Console | None = None) -> list[Cell]:
-    """`study.archive.restore_cells`, then point each restored ``config.yaml`` at this machine's
-    manifest and run folder (both compared by content / ignored by `check_finished`)."""
-    import yaml
-
-    from cxrdistill.atomic import write_text_atomic
-    from cxrdistill.study.archive import restore_cells
-
-    restored = restore_cells(cells, root, archive, console)
-    for cell in restored:
-        cfg = cell_config(cell)
-        path = cell.run_dir / "config.yaml"
-        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        saved.setdefault("data", {})["manifest"] = None if cfg.data.manifest is None else str(cfg.data.manifest)
-        saved["output_dir"] = str(cell.run_dir)
-        write_text_atomic(path, yaml.safe_dump(saved, sort_keys=False))
-    return restored
-
-
-def archive_finished(cells: list[Cell], root: Path, archive: Path) -> int:
-    """Archive every finished cell (`study.archive.save_cell`); returns how many are archived."""
-    from cxrdistill.study.archive import save_cell
-
-    return sum(save_cell(cell, root, archive) is not None for cell in cells)
-
-
-def changed_cells(cells: list[Cell]) -> dict[Cell, list[tuple[str, Any, Any]]]:
-    """Finished cells whose saved ``run.json`` differs from the config the study gives them now, with
-    the differing ``(key, old, new)``. Not a difference: a key the old run did not record (a setting
-    added to the code after it ran), and a path to the same cell of the study in another study folder
-    (an ``init_from`` of a study restored elsewhere, `study.archive`). A run without ``run.json``
-    cannot be checked and is kept."""
-    from cxrdistill.engine.run_dir import fingerprint_diff
-
-    out: dict[Cell, list[tuple[str, Any, Any]]] = {}
-    for cell in cells:
-        saved = cell.run_dir / "run.json"
-        if not cell.done or not saved.is_file():
-            continue
-        old = cast(dict[str, Any], json.loads(saved.read_text(encoding="utf-8")))
-        root = cell.run_dir.parents[2]  # <root>/<row>/<fraction>/seed<k>
-        diff = [(k, a, b) for k, a, b in fingerprint_diff(old, cell_fingerprint(cell))
-                if k in old and not _same_cell_elsewhere(a, b, root)]
-        if diff:
-            out[cell] = diff
-    return out
-
-
-def _same_cell_elsewhere(old: Any, new: Any, root: Path) -> bool:
-    """``new`` is a path under the study folder ``root`` and ``old`` the same path under another one."""
-    if not (isinstance(old, str) and isinstance(new, str)):
-        return False
-    try:
-        relative = Path(new).relative_to(root).parts
-    except ValueError:
-        return False
-    parts = Path(old).parts
-    return len(parts) > len(relative) and parts[-len(relative):] == relative
-
-
-def check_finished(cells: list[Cell], *, rerun_changed: bool = False, console: Console | None = None) -> list[Cell]:
-    """Refuse to reuse a finished cell made with a different config (`changed_cells`).
-
-    Raises `CxrDistillError` naming each such cell and its differing keys, unless ``rerun_changed``:
-    then each is moved aside to ``<folder>.old-<k>/`` (kept, not deleted) and will run again.
-    Returns the cells moved aside.
-    """
-    from cxrdistill.engine.run_dir import RunDirectory, short_value
-
-    changed = changed_cells(cells)
-    if not changed:
-        return []
-    if not rerun_changed:
-        lines = [f"  - {cell.run_dir}: " + "; ".join(f"{k}: {short_value(a)} -> {short_value(b)}" for k, a, b in diff[:4])
-                 + (f"; ... {len(diff) - 4} more" if len(diff) > 4 else "") for cell, diff in changed.items()]
-        raise CxrDistillError(
-            f"{len(changed)} finished cell(s) were made with a different config than the study now gives them; "
-            "their results would be reused for the new settings:\n" + "\n".join(lines[:20])
-            + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
-            + "\nRerun with --rerun-changed to move them aside (<folder>.old-<k>/) and run them again, "
-            "or choose another --output-dir.")
-    for cell in changed:
-        moved = RunDirectory(cell.run_dir).move_aside()
-        if console is not None:
-            console.print(f"config changed: {cell.run_dir} moved to {moved.name}; it runs again", highlight=False)
-    return list(changed)
 
 
 def ready(cell: Cell) -> bool:
@@ -360,5 +246,5 @@ def run_study(spec: StudySpec, out_dir: Path | None = None, console: Console | N
     return result
 
 
-__all__ = ["Cell", "StudyResult", "archive_finished", "cell_config", "cell_fingerprint", "cell_key", "changed_cells", "check_finished", "fraction_tag", "job_commands", "parse_shard", "ready", "restore_from_archive", "run_cell", "run_study", "select_cells",
-           "shard_cells", "study_cells"]
+__all__ = ["Cell", "StudyResult", "cell_key", "fraction_tag", "job_commands", "parse_shard", "ready", "run_cell",
+           "run_study", "select_cells", "shard_cells", "study_cells"]
