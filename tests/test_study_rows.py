@@ -620,3 +620,18 @@ def test_cells_patterns_run_only_the_chosen_cells_and_a_typo_is_an_error(tmp_pat
     assert out.exit_code == 0, out.output
     jobs = [line for line in out.output.splitlines() if line.startswith("cxrdistill train")]
     assert [j.split("--output-dir ")[1] for j in jobs] == [str(tmp_path / "s/sup/f0.5/seed0"), str(tmp_path / "s/sup/f0.5/seed1")]
+
+
+def test_a_cell_others_start_from_is_not_restored_while_one_of_them_still_has_to_run(tmp_path, monkeypatch):
+    """An archive holds no weights: when a cell starting from `a` (init_from) is not archived, `a`
+    runs again rather than being restored without its checkpoint."""
+    import shutil
+
+    monkeypatch.setenv("CXRDISTILL_STAGE_STORE", "off")
+    raw = _study(tmp_path / "s", recipes={"a": {"config": DET}, "b": {"config": DET, "init_from": "a"}})
+    archive = tmp_path / "archive"
+    run_study(make_study(raw), console=Console(quiet=True), report=False, archive=archive)
+    (archive / "b" / "f0.3" / "seed0.json.gz").unlink()
+    shutil.rmtree(tmp_path / "s")
+    again = run_study(make_study(raw), console=Console(quiet=True), report=False, archive=archive)
+    assert [c.recipe for c in again.ran] == ["a", "b"] and not again.failed

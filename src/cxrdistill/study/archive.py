@@ -91,13 +91,23 @@ def restore_cells(cells: list[Cell], study_root: Path, archive: Path, console: C
     """Write back the archived result files of every unfinished cell whose run folder holds no run.
 
     A cell whose folder already holds a run (an interrupted one, perhaps being resumed) is left
-    alone and named. ``final_metrics.json`` is written last, so a restore cut short leaves an
-    unfinished cell, not a half one. Returns the restored cells.
+    alone and named. A cell that another cell starts from (``init_from``: a pretraining, a shared
+    stage) is restored only when every cell starting from it is finished or restored too: an archive
+    holds no weights, so a cell still to run needs its source run again (to the same weights).
+    ``final_metrics.json`` is written last, so a restore cut short leaves an unfinished cell, not a
+    half one. Returns the restored cells.
     """
     restored = []
+    available = {c.run_dir for c in cells if c.done or archive_path(archive, study_root, c).is_file()}
+    needed = {c.after for c in cells if c.after is not None and c.run_dir not in available}
     for cell in cells:
         source = archive_path(archive, study_root, cell)
         if cell.done or not source.is_file():
+            continue
+        if cell.run_dir in needed:
+            if console is not None:
+                console.print(f"archive: {source} not restored: a cell still to run starts from its weights "
+                              "(not archived); it runs again", highlight=False)
             continue
         if (cell.run_dir / "run.json").is_file() or (cell.run_dir / "config.yaml").is_file():
             if console is not None:
