@@ -72,13 +72,13 @@ def compare(
         if table_only:
             root = Path(output_dir or spec.output_dir)
             root.mkdir(parents=True, exist_ok=True)
-            cells = study_cells(spec, root)
+            every_cell = study_cells(spec, root)  # the table covers every finished cell, whatever --cells says
             if archive is not None:
-                restore_from_archive(cells, root, archive, console)
-            check_finished(cells)  # a table never mixes in cells made with other settings
+                restore_from_archive(every_cell, root, archive, console)
+            check_finished(every_cell)  # a table never mixes in cells made with other settings
             if archive is not None:
-                archive_finished(cells, root, archive)
-            table = build_table(spec, cells)
+                archive_finished(every_cell, root, archive)
+            table = build_table(spec, every_cell)
             print_table(table, console)
             console.print(f"table: {write_table(table, root)}", highlight=False)
             return

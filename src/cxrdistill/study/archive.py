@@ -7,7 +7,7 @@ its ``eval*/`` folders (final metrics, fingerprint, config, ``metrics.csv``, pse
 bootstraps and the report read, never a checkpoint. Before running,
 it restores the archived cells the study folder lacks. So a study whose run folders live on scratch
 space wiped between sessions, or that is split over machines, keeps what it finished; a restored
-cell is then checked like any finished one (`runner.check_finished`): one made with other
+cell is then checked like any finished one (`study.finished.check_finished`): one made with other
 settings is never reused.
 
 File layout (``format: cxrdistill-cell/1``)::
