@@ -603,6 +603,26 @@ class _Validator:
         return out
 
 
+def manifest_records_sha256(path: str | Path) -> str:
+    """SHA-256 of what a manifest says about the data: its JSON with ``info.image_root`` left out and
+    keys sorted. ``image_root`` only says where the images are from the file (it changes when the
+    checkout or the data moves, `Manifest.save`), so the same records hash the same anywhere; a file
+    that is not a JSON object hashes by its bytes."""
+    import hashlib
+
+    data = Path(path).read_bytes()
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return hashlib.sha256(data).hexdigest()
+    if not isinstance(raw, dict):
+        return hashlib.sha256(data).hexdigest()
+    if isinstance(raw.get("info"), dict):
+        raw = {**raw, "info": {k: v for k, v in raw["info"].items() if k != "image_root"}}
+    text = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _content_hash(path: Path) -> str | None:
     import hashlib
 

@@ -33,7 +33,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cxrdistill.atomic import file_sha256, write_json_atomic
+from cxrdistill.atomic import write_json_atomic
+from cxrdistill.data.manifest import manifest_records_sha256
 from cxrdistill.errors import CxrDistillError
 
 if TYPE_CHECKING:
@@ -42,10 +43,14 @@ if TYPE_CHECKING:
 DEFAULT_MIN_FREE_BYTES = 1 << 30  # 1 GiB
 
 # Keys that do not change a run's numbers: where it is written, whether it resumes, how it shows
-# progress, where the image cache lives. `data.manifest` is compared by content (sha256), not path.
+# progress, where the image cache lives. `data.manifest` is compared by its records (sha256,
+# `data.manifest.manifest_records_sha256`), not by its path or where it says the images are.
 VOLATILE_KEYS = frozenset({"output_dir", "train.resume", "train.progress", "train.tensorboard",
                            "data.cache_dir", "data.manifest"})
-MANIFEST_KEY = "data.manifest (sha256 of its content)"
+MANIFEST_KEY = "data.manifest (sha256 of its records)"
+# Runs made before 3 Dec 2026 recorded the sha256 of the whole file, `info.image_root` included,
+# which changes with where the checkout is (`upgrade_fingerprint`).
+LEGACY_MANIFEST_KEY = "data.manifest (sha256 of its content)"
 
 
 class RunMismatchError(CxrDistillError):
@@ -88,7 +93,7 @@ class RunDirectory:
         new = run_fingerprint(cfg)
         moved: Path | None = None
         if self.holds_run():
-            old = self._saved_fingerprint()
+            old = upgrade_fingerprint(self._saved_fingerprint(), cfg.data.manifest)
             if resume:
                 diff = fingerprint_diff(old, new)
                 if diff:
@@ -216,9 +221,54 @@ def run_fingerprint(cfg: RunConfig) -> dict[str, Any]:
     """The config keys that decide a run's results (flat, JSON values) plus the manifest's sha256."""
     flat = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if k not in VOLATILE_KEYS}
     manifest = cfg.data.manifest
-    flat[MANIFEST_KEY] = file_sha256(Path(manifest)) if manifest is not None and Path(manifest).is_file() \
+    flat[MANIFEST_KEY] = manifest_records_sha256(manifest) if manifest is not None and Path(manifest).is_file() \
         else str(manifest)
     return flat
+
+
+def upgrade_fingerprint(old: dict[str, Any], manifest: str | Path | None) -> dict[str, Any]:
+    """A saved fingerprint in today's terms: an older run's whole-file manifest sha256
+    (`LEGACY_MANIFEST_KEY`) becomes the records' sha256 when it is the sha256 of the file now at
+    `manifest`, or of that file with only `info.image_root` pointing to the same folder from
+    another depth (`../` × k + the same tail: the checkout was elsewhere); otherwise it is kept,
+    under `MANIFEST_KEY` and marked, so the difference is listed."""
+    if LEGACY_MANIFEST_KEY not in old or MANIFEST_KEY in old:
+        return old
+    out = {k: v for k, v in old.items() if k != LEGACY_MANIFEST_KEY}
+    legacy = old[LEGACY_MANIFEST_KEY]
+    path = Path(manifest) if manifest is not None else None
+    if path is not None and path.is_file() and legacy in _whole_file_sha256s(path):
+        out[MANIFEST_KEY] = manifest_records_sha256(path)
+    elif isinstance(legacy, str) and legacy.startswith("unknown"):
+        out[MANIFEST_KEY] = legacy
+    else:
+        out[MANIFEST_KEY] = f"whole-file sha256 (recorded before 3 Dec 2026) {legacy}"
+    return out
+
+
+def _whole_file_sha256s(path: Path, max_depth: int = 12) -> set[str]:
+    """sha256 of the manifest's bytes, and of the same bytes with its relative ``info.image_root``
+    (``../`` × k + tail) written from each depth k ≤ `max_depth` (`Manifest.save` writes it so)."""
+    import hashlib
+
+    data = path.read_bytes()
+    out = {hashlib.sha256(data).hexdigest()}
+    try:
+        declared = json.loads(data).get("info", {}).get("image_root")
+    except (ValueError, AttributeError):
+        return out
+    if not isinstance(declared, str) or os.path.isabs(declared):
+        return out
+    tail = declared
+    while tail.startswith("../"):
+        tail = tail[3:]
+    written = json.dumps(declared).encode()
+    if data.count(written) != 1:
+        return out
+    for depth in range(max_depth + 1):
+        other = json.dumps("../" * depth + tail).encode()
+        out.add(hashlib.sha256(data.replace(written, other)).hexdigest())
+    return out
 
 
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:

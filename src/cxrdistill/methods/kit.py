@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from cxrdistill.atomic import file_sha256, write_json_atomic
 from cxrdistill.config import ModelConfig
 from cxrdistill.data.dataset import CXRDataset, collate
+from cxrdistill.data.manifest import manifest_records_sha256
 from cxrdistill.data.study import StudyData, default_cache_root
 from cxrdistill.data.views import View, ViewConfig, random_view
 from cxrdistill.engine.checkpoint import load_module_weights, save_checkpoint
@@ -361,7 +362,8 @@ def stage_key(ctx: RunContext, kind: str, steps: int, augment: Augment, split: s
     if cfg.train.schedule == "exp":  # the per-epoch decay (other schedules ignore both)
         train.update(exp_gamma=cfg.train.exp_gamma, steps_per_epoch=cfg.train.steps_per_epoch)
     data_key: dict[str, Any] = {
-        "manifest_sha256": file_sha256(manifest) if manifest is not None and manifest.is_file() else None,
+        "manifest_records_sha256": manifest_records_sha256(manifest) if manifest is not None and manifest.is_file()
+        else None,
         "image_size": data.image_size, "boxed_fraction": data.boxed_fraction,
         "weak_fraction": data.weak_fraction, "split_seed": data.split_seed, "on_error": data.on_error}
     if kind == "detector":  # trained on the boxed images only, which do not depend on weak_fraction

@@ -49,16 +49,18 @@ def changed_cells(cells: list[Cell]) -> dict[Cell, list[tuple[str, Any, Any]]]:
     added to the code after it ran), and a path to the same cell of the study in another study folder
     (an ``init_from`` of a study restored elsewhere, `study.archive`). A run without ``run.json``
     cannot be checked and is kept."""
-    from cxrdistill.engine.run_dir import fingerprint_diff
+    from cxrdistill.engine.run_dir import fingerprint_diff, run_fingerprint, upgrade_fingerprint
 
     out: dict[Cell, list[tuple[str, Any, Any]]] = {}
     for cell in cells:
         saved = cell.run_dir / "run.json"
         if not cell.done or not saved.is_file():
             continue
-        old = cast(dict[str, Any], json.loads(saved.read_text(encoding="utf-8")))
+        config = cell_config(cell)
+        old = upgrade_fingerprint(cast(dict[str, Any], json.loads(saved.read_text(encoding="utf-8"))),
+                                  config.data.manifest)
         root = cell.run_dir.parents[2]  # <root>/<row>/<fraction>/seed<k>
-        diff = [(k, a, b) for k, a, b in fingerprint_diff(old, cell_fingerprint(cell))
+        diff = [(k, a, b) for k, a, b in fingerprint_diff(old, run_fingerprint(config))
                 if k in old and not _same_cell_elsewhere(a, b, root)]
         if diff:
             out[cell] = diff
