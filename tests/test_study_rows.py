@@ -588,9 +588,11 @@ def test_an_init_from_study_restored_into_another_folder_is_not_a_changed_config
     raw = _study(tmp_path / "s", recipes={"a": {"config": DET}, "b": {"config": DET, "init_from": "a"}})
     archive = tmp_path / "archive"
     run_study(make_study(raw), console=Console(quiet=True), report=False, archive=archive)
+    archived = {p: p.read_bytes() for p in archive.rglob("*.json.gz")}
     moved = {**raw, "output_dir": str(tmp_path / "elsewhere")}
     again = run_study(make_study(moved), console=Console(quiet=True), report=False, archive=archive)
     assert again.ran == [] and all(c.done for c in again.cells)
+    assert {p: p.read_bytes() for p in archive.rglob("*.json.gz")} == archived  # restored, not rewritten
     b = study_cells(make_study(moved))[1]
     assert json.loads((b.run_dir / "run.json").read_text())["init_from"] == str(tmp_path / "s/a/f0.3/seed0")
     shutil.rmtree(tmp_path / "elsewhere" / "a")

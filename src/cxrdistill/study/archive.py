@@ -59,17 +59,34 @@ def result_files(run_dir: Path) -> dict[str, str]:
 
 
 def save_cell(cell: Cell, study_root: Path, archive: Path) -> Path | None:
-    """Archive a finished cell (rewritten only when its files changed); None when it is not finished."""
+    """Archive a finished cell (rewritten only when its results changed: not when only the paths that
+    `restore_from_archive` points at this machine differ); None when it is not finished."""
     if not cell.done:
         return None
     payload = {"format": FORMAT, "cell": {"row": cell.recipe, "fraction": cell.fraction, "seed": cell.seed},
                "files": result_files(cell.run_dir)}
     target = archive_path(archive, study_root, cell)
-    if target.is_file() and _read(target) == payload:
+    if target.is_file() and _without_local_paths(_read(target)) == _without_local_paths(payload):
         return target
     data = gzip.compress(json.dumps(payload, sort_keys=True).encode("utf-8"), mtime=0)
     atomic_write(target, lambda f: f.write(data))
     return target
+
+
+def _without_local_paths(payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` with its ``config.yaml``'s ``output_dir`` and ``data.manifest`` left out: where the
+    run folder and the manifest are on one machine, rewritten on restore (`restore_from_archive`)."""
+    import yaml
+
+    files = dict(payload.get("files", {}))
+    if "config.yaml" in files:
+        config = yaml.safe_load(files["config.yaml"]) or {}
+        if isinstance(config, dict):
+            config.pop("output_dir", None)
+            if isinstance(config.get("data"), dict):
+                config["data"] = {k: v for k, v in config["data"].items() if k != "manifest"}
+            files["config.yaml"] = config
+    return {**payload, "files": files}
 
 
 def _read(path: Path) -> dict[str, Any]:
