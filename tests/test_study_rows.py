@@ -147,6 +147,13 @@ def test_several_metrics_give_one_table_each_from_the_run_files(tmp_path):
     text = (tmp_path / "s" / "table.md").read_text()
     assert text.count("\n## ") + text.startswith("## ") == 3 and "labeled_fraction 0.3" in text
     assert "## froc" in text and "froc on the test split" in text
+    for cell in result.cells:  # the header names the split the runs scored (a grid selected on val)
+        config = yaml.safe_load((cell.run_dir / "config.yaml").read_text())
+        config["method"]["params"]["eval_split"] = "val"
+        (cell.run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    val_text = format_markdown(build_table(spec, result.cells))
+    assert "mAP@0.5 on the val split" in val_text and "paired bootstrap over val images" in val_text
+    assert "test split" not in val_text
     assert result.report_path.read_text().count("<caption>") == 3
     # a metric no cell has is a typo: refused with the keys the runs do have
     typo = make_study({**_study(tmp_path / "s", recipes={"sup": {"config": DET}}), "metrics": ["mAP@0.5", "mAp"]})

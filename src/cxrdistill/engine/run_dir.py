@@ -239,8 +239,6 @@ def upgrade_fingerprint(old: dict[str, Any], manifest: str | Path | None) -> dic
     path = Path(manifest) if manifest is not None else None
     if path is not None and path.is_file() and legacy in _whole_file_sha256s(path):
         out[MANIFEST_KEY] = manifest_records_sha256(path)
-    elif isinstance(legacy, str) and legacy.startswith("unknown"):
-        out[MANIFEST_KEY] = legacy
     else:
         out[MANIFEST_KEY] = f"whole-file sha256 (recorded before 3 Dec 2026) {legacy}"
     return out

@@ -339,12 +339,24 @@ def metric_table(spec: StudySpec, cells: Sequence[Cell], metric: str, replicates
         rows.append(row)
     if missing and not found:
         raise missing[0]
+    splits = sorted({eval_split(c.run_dir) for c in cells if c.done})
     out = {"study": spec.name, "metric": metric, "baseline": base, "ci": spec.ci, "n_boot": spec.n_boot,
            "fractions": [fraction_tag(f) for f in spec.fractions], "fraction_key": spec.fraction_key,
-           "seeds": list(spec.seeds), "rows": rows}
+           "seeds": list(spec.seeds), "rows": rows, "eval_split": " / ".join(splits) or "test"}
     if spec.axis is not None:
         out["axis"] = spec.axis
     return out
+
+
+def eval_split(run_dir: Path) -> str:
+    """The split a finished run scored (its ``config.yaml``'s ``method.params.eval_split``; ``test``
+    when it names none)."""
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        split = config.get("method", {}).get("params", {}).get("eval_split")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return "test"
+    return str(split) if split else "test"
 
 
 def has_scores(run_dir: Path, metric: str, eval_name: str = "eval") -> bool:
@@ -451,13 +463,14 @@ def format_markdown(table: dict[str, Any]) -> str:
     fr = table["fractions"]
     head = "| recipe | " + " | ".join(f"{axis_name(table)} {f[1:]}" for f in fr) + " |"
     sep = "|---|" + "---|" * len(fr)
-    lines = [f"{table['metric']} on the test split: mean ± 95% CI half-width over seeds "
+    split = table.get("eval_split", "test")
+    lines = [f"{table['metric']} on the {split} split: mean ± 95% CI half-width over seeds "
              f"({'Student t' if table['ci'] == 't' else 'bootstrap over seeds'}; seeds {table['seeds']})", "",
              head, sep]
     for row in table["rows"]:
         lines.append(f"| {row['label']} | " + " | ".join(format_mean(row["fractions"][f]) for f in fr) + " |")
     if pairable(table["metric"]):  # other metrics have no paired bootstrap: seed statistics only
-        lines += ["", f"Δ {table['metric']} vs {table['baseline']} [95% CI], paired bootstrap over test images "
+        lines += ["", f"Δ {table['metric']} vs {table['baseline']} [95% CI], paired bootstrap over {split} images "
                       f"({table['n_boot']} replicates, difference averaged over seeds); with two seeds or more also "
                       f"`seeds [95% CI]` of the mean Δ over seeds; {CLAIM_RULE}", "", head, sep]
         for row in table["rows"]:
